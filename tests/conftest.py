@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random-initialised decoder models built from configs (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+)
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+LLM_ADAPTERS = SHARED_DATA / "llm-adapters"
+
+_COMMON = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+ARCHITECTURES = {
+    "llama": (LlamaConfig, {}),
+    "mistral": (MistralConfig, {}),
+    "qwen2": (Qwen2Config, {}),
+    "gemma3": (Gemma3TextConfig, {"head_dim": 8, "sliding_window": 16}),
+    "phi3": (Phi3Config, {}),
+}
+
+
+def make_tiny_model(arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
+    """A 2-layer, hidden-32 random model of `arch`, in eval mode, float32."""
+    config_cls, extra = ARCHITECTURES[arch]
+    config = config_cls(**{**_COMMON, **extra, **overrides})
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_model("llama")
+
+
+@pytest.fixture(params=sorted(ARCHITECTURES))
+def tiny_model_any(request):
+    return make_tiny_model(request.param)
+
+
+@pytest.fixture
+def llm_adapters_dir():
+    if not LLM_ADAPTERS.is_dir():
+        pytest.skip(f"real benchmark data not found at {LLM_ADAPTERS} (it lives in ../shared/data beside the repo)")
+    return LLM_ADAPTERS
