@@ -169,3 +169,21 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def linear_names(module: nn.Module) -> list[str]:
     """Qualified names of every nn.Linear inside `module`."""
     return [name for name, child in module.named_modules() if isinstance(child, nn.Linear)]
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of the base model's type and every base parameter's (name, shape).
+
+    Adapters and runs record it so that a later stage can refuse a base of another architecture or
+    size. Adapter parameters (PEFT's `lora_` tensors) and wrapper prefixes are ignored, so a PEFT-wrapped
+    model has the fingerprint of its base."""
+    import hashlib
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    digest = hashlib.sha256(str(getattr(base.config, "model_type", type(base).__name__)).encode())
+    for name, param in base.named_parameters():
+        if "lora_" in name:
+            continue
+        name = name.replace(".base_layer.", ".")
+        digest.update(f"{name}:{tuple(param.shape)};".encode())
+    return digest.hexdigest()[:16]
