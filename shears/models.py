@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -104,14 +105,25 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
         if not (path / "config.json").is_file():
             raise ShearsError(f"{path} is not a Hugging Face model folder (no config.json)")
         return str(path)
+    if not _looks_like_hub_id(name):  # a typo'd local path must not turn into minutes of hub retries
+        raise ShearsError(f"model folder not found: {path} (pass an existing folder, a .gguf file, a hub id "
+                          f"or {SMOLLM2_ALIAS!r})")
     return name  # a hub id
 
 
+def _looks_like_hub_id(name: str) -> bool:
+    """`name` or `org/name` of letters, digits, `-`, `_`, `.` (not starting with `.`): a hub repo id."""
+    return re.fullmatch(r"[\w-][\w.-]*(/[\w-][\w.-]*)?", name) is not None
+
+
 def _hub_error(name: str, err: Exception) -> ShearsError:
+    from huggingface_hub import is_offline_mode
+
+    # Name the cause: offline mode, or the first line of what the hub client said.
+    cause = "HF_HUB_OFFLINE is set" if is_offline_mode() else (str(err).splitlines() or [type(err).__name__])[0]
     return ShearsError(
         f"could not load {name!r}: it is not a local folder, .gguf file or the alias {SMOLLM2_ALIAS!r}, and the "
-        f"hub is unreachable or has no such model ({type(err).__name__}); download it where the hub is "
-        f"reachable and pass the folder")
+        f"hub could not provide it ({cause}); download it where the hub is reachable and pass the folder")
 
 
 def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = "float32",
@@ -182,8 +194,8 @@ def model_fingerprint(model: nn.Module) -> str:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     digest = hashlib.sha256(str(getattr(base.config, "model_type", type(base).__name__)).encode())
     for name, param in base.named_parameters():
-        if "lora_" in name:
+        if "lora_" in name or ".modules_to_save." in name:  # PEFT's trainable copies are not the base
             continue
-        name = name.replace(".base_layer.", ".")
+        name = name.replace(".base_layer.", ".").replace(".original_module.", ".")
         digest.update(f"{name}:{tuple(param.shape)};".encode())
     return digest.hexdigest()[:16]

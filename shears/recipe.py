@@ -71,7 +71,6 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     bf16: bool = False
     seed: int = 42
-    squeeze_schedule: list[int] = field(default_factory=list)  # In-Squeeze: r_max annealed through these ranks
     val_limit: Optional[int] = 64  # validation examples for the end-of-training loss report
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ class SearchSpace:
     lora_alpha: float
     lora_dropout: float
     groups: tuple[Group, ...]
-    source: str = "<dict>"
+    source: str = field(default="<dict>", compare=False)  # where it came from, for messages
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<dict>") -> "SearchSpace":
@@ -97,8 +97,9 @@ class SearchSpace:
 
     def _check_groups(self, where: str) -> None:
         owner: dict[str, str] = {}
+        names = [g.name for g in self.groups]
         for group in self.groups:
-            if group.name in {g.name for g in self.groups if g is not group}:
+            if names.count(group.name) > 1:
                 raise ShearsError(f"{where}: group name {group.name!r} is used twice; give each group its own name")
             for module in group.modules:
                 if module in owner:

@@ -63,3 +63,34 @@ def llm_adapters_dir():
     if not LLM_ADAPTERS.is_dir():
         pytest.skip(f"real benchmark data not found at {LLM_ADAPTERS} (it lives in ../shared/data beside the repo)")
     return LLM_ADAPTERS
+
+
+def make_tiny_tokenizer():
+    """A character-level tokenizer (< 128 ids, so it fits the tiny models' vocabulary)."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A tiny Llama + its tokenizer saved as an ordinary HF folder (what `load_model` reads)."""
+    folder = tmp_path / "tiny-llama"
+    make_tiny_model("llama", max_position_embeddings=512).save_pretrained(folder)
+    make_tiny_tokenizer().save_pretrained(folder)
+    return folder
