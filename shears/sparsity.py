@@ -1,0 +1,438 @@
+"""Wanda and magnitude pruning of a decoder LM's block linears, unstructured or N:M.
+
+Wanda (Sun et al., 2023) scores each weight of a linear layer by its magnitude times the norm of
+the input feature it multiplies,
+
+    S_ij = |W_ij| * ||X_j||_2        (X: every calibration token's input to the layer, column j)
+
+and, within each output row (the paper's per-output comparison group), zeroes the lowest-scoring
+floor(in_features * sparsity) weights; for an N:M pattern ("2:4") it zeroes the N lowest of every
+M consecutive inputs of a row. "magnitude" is the same with S_ij = |W_ij| (no calibration).
+
+Pruning is sequential, block by block, so block i is scored on the outputs of the already
+pruned blocks < i:
+
+  1. capture: one forward per calibration batch, with a pre-hook on every block recording the
+     arguments it receives (attention masks, rotary position_embeddings, ... which depend only on
+     token positions, and differ per block in models such as Gemma 3 with sliding/global layers),
+     plus block 0's hidden states; the last block's hook stops the forward;
+  2. per block: run the calibration through it with a hook on each nn.Linear accumulating
+     ||X_j||^2 in fp32, score, mask, zero the weights, then run it again so the next block sees
+     the pruned outputs.
+
+Nothing is architecture specific: the blocks come from `models.decoder_layers` and are called
+with exactly the arguments the model itself gave them (minus any KV cache). Hidden states live
+on `offload_device` (CPU by default); memory grows with nsamples * seqlen, never with the
+model's max_position_embeddings.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import ShearsError
+from .models import decoder_layers, linear_names
+
+METHODS = ("wanda", "magnitude")
+SPARSITY_JSON = "sparsity.json"
+DEFAULT_CALIBRATION = "builtin:arithmetic"
+# Block arguments that carry a KV cache: never replayed, so no block attends to stale keys/values.
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+
+
+# --------------------------------------------------------------------------- settings and masks
+
+def parse_pattern(pattern: str, sparsity: float) -> tuple[int, int] | None:
+    """Validate (sparsity, pattern); return (N, M) for an N:M pattern, None for unstructured."""
+    if not 0.0 <= float(sparsity) < 1.0:
+        raise ShearsError(f"sparsity must be in [0, 1), got {sparsity}: pass e.g. --sparsity 0.5")
+    if pattern == "unstructured":
+        return None
+    match = re.fullmatch(r"(\d+):(\d+)", str(pattern))
+    if not match or not 0 < int(match[1]) < int(match[2]):
+        raise ShearsError(f"bad sparsity pattern {pattern!r}: use 'unstructured' or N:M with 0 < N < M, e.g. 2:4")
+    n, m = int(match[1]), int(match[2])
+    if abs(float(sparsity) - n / m) > 1e-9:
+        raise ShearsError(f"pattern {pattern} prunes {n}/{m} = {n / m:g} of the weights, not {sparsity}: "
+                          f"pass --sparsity {n / m:g}")
+    return n, m
+
+
+def keep_mask(score: torch.Tensor, sparsity: float, nm: tuple[int, int] | None) -> torch.Tensor:
+    """True where a weight survives: the lowest scores of each comparison group are pruned.
+
+    Unstructured: the group is an output row, int(in_features * sparsity) pruned per row.
+    N:M: the group is M consecutive inputs of a row, N pruned per group. Ties go to the lower index."""
+    rows, cols = score.shape
+    if nm is None:
+        groups, n_pruned = score, int(cols * sparsity)
+    else:
+        n_pruned, m = nm
+        groups = score.reshape(rows, cols // m, m)
+    keep = torch.ones(groups.shape, dtype=torch.bool, device=score.device)
+    lowest = groups.argsort(dim=-1, stable=True)[..., :n_pruned]
+    keep.scatter_(-1, lowest, False)
+    return keep.reshape(rows, cols)
+
+
+def target_linears(model: nn.Module, exclude: Sequence[str] = ()) -> list[dict[str, nn.Linear]]:
+    """Per decoder block, {qualified name: nn.Linear} of the linears to prune.
+
+    `exclude` holds fnmatch (shell-style) patterns matched against the qualified module name,
+    e.g. "*.mlp.down_proj" or "model.layers.0.*"; a pattern that matches nothing is an error."""
+    layers_name, blocks = decoder_layers(model)
+    unused = set(exclude)
+    targets: list[dict[str, nn.Linear]] = []
+    for index, block in enumerate(blocks):
+        chosen = {}
+        for name in linear_names(block):
+            qualified = f"{layers_name}.{index}.{name}" if layers_name else f"{index}.{name}"
+            hits = {p for p in exclude if fnmatch.fnmatchcase(qualified, p)}
+            unused -= hits
+            if not hits:
+                chosen[qualified] = block.get_submodule(name)
+        targets.append(chosen)
+    if unused:
+        raise ShearsError(f"exclude pattern(s) {sorted(unused)} match no linear in the decoder blocks: "
+                          f"patterns are fnmatch on qualified names such as '{layers_name}.0.mlp.down_proj'")
+    if not any(targets):
+        raise ShearsError("every decoder-block linear is excluded: nothing to prune (narrow --exclude)")
+    return targets
+
+
+def _check_divisible(targets: list[dict[str, nn.Linear]], nm: tuple[int, int] | None) -> None:
+    if nm is None:
+        return
+    for block in targets:
+        for name, linear in block.items():
+            if linear.in_features % nm[1]:
+                raise ShearsError(f"pattern {nm[0]}:{nm[1]} needs in_features divisible by {nm[1]}, but {name} has "
+                                  f"{linear.in_features}: use another pattern or --exclude it")
+
+
+def _prune_linear(linear: nn.Linear, score: torch.Tensor, sparsity: float, nm) -> torch.Tensor:
+    mask = keep_mask(score, sparsity, nm)
+    linear.weight.data.masked_fill_(~mask.to(linear.weight.device), 0)
+    return mask.cpu()
+
+
+# --------------------------------------------------------------------------- capturing block inputs
+
+class _StopForward(Exception):
+    """Raised by the last block's pre-hook: the capture pass needs nothing after it."""
+
+
+@dataclass
+class BlockInputs:
+    """What one block receives for one calibration batch, besides the hidden states."""
+    args: tuple
+    kwargs: dict
+
+
+class _Interner:
+    """Stores each distinct tensor once: every block of every batch usually gets the same mask and
+    rotary tables, and keeping a copy per (block, batch) would cost nsamples * layers * seqlen^2."""
+
+    def __init__(self):
+        self.seen: dict[tuple, list[torch.Tensor]] = {}
+
+    def __call__(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+            bucket = self.seen.setdefault((value.shape, value.dtype, value.device), [])
+            for stored in bucket:
+                if stored is value or torch.equal(stored, value):
+                    return stored
+            bucket.append(value)
+            return value
+        if isinstance(value, (tuple, list)):
+            return type(value)(self(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self(v) for k, v in value.items()}
+        return value
+
+
+def _without_cache(kwargs: dict) -> dict:
+    from transformers import Cache
+
+    kept = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS and not isinstance(v, Cache)}
+    if "use_cache" in kept:
+        kept["use_cache"] = False
+    return kept
+
+
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: Sequence[torch.Tensor],
+                         offload_device: str | torch.device = "cpu") -> tuple[list[torch.Tensor], list[list[BlockInputs]]]:
+    """Block 0's hidden states per batch (on offload_device) and, per block, per batch, the other
+    arguments the model passes to that block. One forward per batch, stopped at the last block."""
+    hidden: list[torch.Tensor] = []
+    received: list[list[BlockInputs]] = [[] for _ in blocks]
+    intern = _Interner()
+
+    def recorder(index: int):
+        def hook(module, args, kwargs):
+            kwargs = dict(kwargs)
+            states, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
+            if index == 0:
+                hidden.append(states.detach().to(offload_device))
+            received[index].append(BlockInputs(intern(tuple(rest)), intern(_without_cache(kwargs))))
+            if index == len(blocks) - 1:
+                raise _StopForward
+        return hook
+
+    handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    device = model.get_input_embeddings().weight.device
+    try:
+        for ids in tqdm(batches, desc="capturing block inputs", unit="batch"):
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except _StopForward:
+                pass
+            if any(len(r) != len(hidden) for r in received):
+                raise ShearsError(f"{type(model).__name__}'s forward did not call every decoder block: "
+                                  "shears can only prune models whose forward runs all blocks in order")
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hidden, received
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def run_block(block: nn.Module, hidden: list[torch.Tensor], inputs: list[BlockInputs],
+              offload_device: str | torch.device = "cpu", keep_outputs: bool = True) -> list[torch.Tensor]:
+    """The block's output hidden states for every batch (no cache: each batch is a fresh sequence)."""
+    device = next(block.parameters()).device
+    outputs = []
+    for states, given in zip(hidden, inputs):
+        out = block(states.to(device), *_to(given.args, device), **_to(given.kwargs, device))
+        if isinstance(out, (tuple, list)):  # older/other blocks return (hidden_states, ...)
+            out = out[0]
+        if keep_outputs:
+            outputs.append(out.to(offload_device))
+    return outputs
+
+
+# --------------------------------------------------------------------------- pruning
+
+class _InputSquaredNorms:
+    """Forward hook on an nn.Linear: per input column j, sum over every calibration token of X_j^2,
+    in fp32. (The Wanda reference keeps the mean instead; a per-layer constant factor does not
+    change any row's ranking.)"""
+
+    def __init__(self, linear: nn.Linear):
+        self.sum_sq = torch.zeros(linear.in_features, dtype=torch.float32, device=linear.weight.device)
+
+    def __call__(self, module, args, output):
+        x = args[0].detach().reshape(-1, module.in_features).float()
+        self.sum_sq += x.pow(2).sum(dim=0)
+
+
+def _check_calibration(ids: torch.Tensor | None, max_positions: int | None = None) -> torch.Tensor:
+    if ids is None or not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.numel() == 0:
+        shape = None if ids is None else tuple(getattr(ids, "shape", ()))
+        raise ShearsError(f"the calibration set is empty or malformed (shape {shape}): Wanda needs a LongTensor "
+                          "[nsamples, seqlen] of token ids with nsamples, seqlen > 0")
+    if max_positions and ids.shape[1] > max_positions:
+        raise ShearsError(f"calibration seqlen {ids.shape[1]} exceeds the model's max_position_embeddings "
+                          f"{max_positions}: lower seqlen")
+    return ids.long()
+
+
+def _max_positions(config) -> int | None:
+    return getattr(config, "max_position_embeddings", None)
+
+
+def wanda_prune(model: nn.Module, calibration_input_ids: torch.Tensor | None = None, sparsity: float = 0.5,
+                pattern: str = "unstructured", method: str = "wanda", exclude: Sequence[str] = (),
+                batch_size: int = 1, offload_device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Prune the decoder-block linears of `model` in place.
+
+    Returns {qualified module name: BoolTensor mask of weight's shape (on CPU)}, True = weight kept.
+    `calibration_input_ids` ([nsamples, seqlen]) is needed for method="wanda", ignored for
+    "magnitude"; it runs `batch_size` samples at a time. `exclude`: fnmatch patterns on names."""
+    if method not in METHODS:
+        raise ShearsError(f"unknown pruning method {method!r}: use one of {', '.join(METHODS)}")
+    nm = parse_pattern(pattern, sparsity)
+    targets = target_linears(model, exclude)
+    _check_divisible(targets, nm)
+    masks: dict[str, torch.Tensor] = {}
+    if method == "magnitude":
+        with torch.no_grad():
+            for block in tqdm(targets, desc="magnitude pruning", unit="block"):
+                for name, linear in block.items():
+                    masks[name] = _prune_linear(linear, linear.weight.detach().float().abs(), sparsity, nm)
+        return masks
+
+    ids = _check_calibration(calibration_input_ids, _max_positions(getattr(model, "config", None)))
+    _, blocks = decoder_layers(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            hidden, received = capture_block_inputs(model, blocks, ids.split(max(1, batch_size)), offload_device)
+            for index, block in enumerate(tqdm(blocks, desc="wanda pruning", unit="block")):
+                linears = targets[index]
+                norms = {name: _InputSquaredNorms(linear) for name, linear in linears.items()}
+                handles = [linear.register_forward_hook(norms[name]) for name, linear in linears.items()]
+                try:
+                    run_block(block, hidden, received[index], offload_device, keep_outputs=False)
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                for name, linear in linears.items():
+                    score = linear.weight.detach().float().abs() * norms[name].sum_sq.sqrt().unsqueeze(0)
+                    masks[name] = _prune_linear(linear, score, sparsity, nm)
+                # The next block must be scored on what this block outputs once pruned.
+                hidden = run_block(block, hidden, received[index], offload_device)
+    finally:
+        model.train(was_training)
+    return masks
+
+
+# --------------------------------------------------------------------------- reporting and saving
+
+def sparsity_report(model: nn.Module) -> dict:
+    """Fraction of exactly-zero weights in every decoder-block linear, per module, per layer, total."""
+    layers_name, blocks = decoder_layers(model)
+    modules: dict[str, float] = {}
+    layers: dict[str, float] = {}
+    zeros_all = params_all = 0
+    for index, block in enumerate(blocks):
+        zeros_block = params_block = 0
+        for name in linear_names(block):
+            weight = block.get_submodule(name).weight
+            zeros, params = int((weight == 0).sum()), weight.numel()
+            modules[f"{layers_name}.{index}.{name}"] = zeros / params
+            zeros_block, params_block = zeros_block + zeros, params_block + params
+        layers[str(index)] = zeros_block / max(params_block, 1)
+        zeros_all, params_all = zeros_all + zeros_block, params_all + params_block
+    return {"total": zeros_all / max(params_all, 1), "zeros": zeros_all, "params": params_all,
+            "layers": layers, "modules": modules}
+
+
+def _replace_dir(tmp: Path, out: Path, force: bool) -> None:
+    """Move the finished temp folder onto `out`; an existing `out` is swapped out only with force."""
+    if out.exists():
+        if not force:
+            raise ShearsError(f"{out} already exists: choose another output or pass --force")
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        os.replace(out, trash / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def save_pruned(model: nn.Module, tokenizer, output_dir: str | os.PathLike, info: dict, force: bool = False) -> Path:
+    """Write `model` (safetensors) + `tokenizer` + sparsity.json (`info` plus the measured sparsity)
+    as an ordinary HF folder, atomically."""
+    out = Path(output_dir)
+    if out.exists() and not force:
+        raise ShearsError(f"{out} already exists: choose another output or pass --force")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        record = {**info, **sparsity_report(model)}
+        (tmp / SPARSITY_JSON).write_text(json.dumps(record, indent=2) + "\n")
+        _replace_dir(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# --------------------------------------------------------------------------- the stage entry point
+
+def _sha256(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
+_SETTINGS = ("base_model", "method", "pattern", "sparsity", "exclude", "calibration")
+
+
+def _recorded_settings(folder: Path) -> dict | None:
+    """The settings a folder's sparsity.json records (None if it has none)."""
+    try:
+        record = json.loads((folder / SPARSITY_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+    return {key: record.get(key) for key in _SETTINGS} if isinstance(record, dict) else None
+
+
+def prune_to_folder(model_name_or_path: str | os.PathLike, output_dir: str | os.PathLike, *,
+                    sparsity: float = 0.5, pattern: str = "unstructured", method: str = "wanda",
+                    calibration_records: Iterable[dict] | None = None,
+                    calibration_input_ids: torch.Tensor | None = None, calibration_source: str | None = None,
+                    nsamples: int = 128, seqlen: int = 2048, seed: int = 0, exclude: Sequence[str] = (),
+                    batch_size: int = 1, dtype: str = "float32", force: bool = False) -> Path:
+    """Load a model, prune it, write RUN/sparse_base-style folder; reuse a folder pruned alike.
+
+    Calibration (method "wanda" only): `calibration_input_ids` if given, else `nsamples` windows of
+    min(seqlen, max_position_embeddings) tokens from `calibration_records` (default: the records of
+    builtin:arithmetic). `calibration_source` names the records in sparsity.json."""
+    from transformers import AutoConfig
+
+    from . import data
+    from .models import load_model, load_tokenizer, resolve_model_path
+
+    if method not in METHODS:
+        raise ShearsError(f"unknown pruning method {method!r}: use one of {', '.join(METHODS)}")
+    parse_pattern(pattern, sparsity)
+    out = Path(output_dir)
+    calibration = None
+    records = None
+    if method == "wanda":
+        if calibration_input_ids is not None:
+            ids = _check_calibration(calibration_input_ids)
+            calibration = {"source": calibration_source or "input_ids", "nsamples": ids.shape[0],
+                           "seqlen": ids.shape[1], "seed": None, "sha256": _sha256(ids.numpy().tobytes())}
+        else:
+            if calibration_records is None:
+                calibration_source = calibration_source or DEFAULT_CALIBRATION
+                calibration_records = data.load_records(DEFAULT_CALIBRATION)
+            records = list(calibration_records)
+            limit = _max_positions(AutoConfig.from_pretrained(resolve_model_path(model_name_or_path)))
+            calibration = {"source": calibration_source or "records", "nsamples": int(nsamples),
+                           "seqlen": int(min(seqlen, limit) if limit else seqlen), "seed": int(seed),
+                           "sha256": _sha256(json.dumps(records, sort_keys=True, default=str).encode())}
+    settings = {"base_model": str(model_name_or_path), "method": method, "pattern": pattern,
+                "sparsity": float(sparsity), "exclude": list(exclude), "calibration": calibration}
+    if out.exists() and not force:
+        if _recorded_settings(out) == settings:
+            return out
+        raise ShearsError(f"{out} exists but was not pruned with these settings: remove it, choose another "
+                          "output, or pass force")
+
+    model = load_model(model_name_or_path, dtype=dtype)
+    tokenizer = load_tokenizer(model_name_or_path)
+    ids = calibration_input_ids
+    if records is not None:
+        ids = data.calibration_input_ids(tokenizer, records, calibration["nsamples"], calibration["seqlen"], seed)
+    wanda_prune(model, ids, sparsity=sparsity, pattern=pattern, method=method, exclude=exclude,
+                batch_size=batch_size)
+    return save_pruned(model, tokenizer, out, settings, force=True)
