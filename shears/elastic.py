@@ -1,0 +1,286 @@
+"""Elastic LoRA: one super-network whose every subnet is a stock LoRA of a smaller rank.
+
+Each adapted linear layer holds LoRA factors at the maximal rank, A (r_max x in) and B (out x r_max).
+A subnet of rank r uses the leading slices A[:r, :] and B[:, :r] (views, no copies), so compute falls
+with r and switching subnets touches no weights. The scaling stays lora_alpha / r_max for every active
+rank: an exported subnet of rank r therefore carries alpha = lora_alpha * r / r_max (PEFT's scaling
+is alpha / r), which reproduces the super-network's output exactly.
+
+`ElasticLoraLinear` is a `peft.tuners.lora.layer.Linear` registered through LoraConfig's custom-module
+API, so state-dict keys, saving and merging stay PEFT's: `save_pretrained` writes an ordinary adapter
+at r_max (the maximal subnet), and merge/merge_and_unload merge the *active* subnet.
+
+SparsePEFT (sparse_adapter=True, SQFT): the adapter update is masked by the base weight's non-zero
+pattern, (B A) * mask, so merging keeps the sparse base exactly sparse. Cost per step and module:
+one B[:, :r] @ A[:r] product (out*r*in MACs) and an out x in mask multiply on top of the base matmul.
+When dropout is inactive the masked update is folded into the base weight, so only one tokens x out x
+in matmul runs; with active dropout a second one runs on the dropped-out input. A masked update is in
+general not low-rank, so a sparse-adapter subnet is exported faithfully by merging, not as factors.
+
+`SuperNet` ties the PEFT model to its `BoundSpace`: activate / sample / save / load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
+from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.utils.other import transpose
+from torch import nn
+
+from .errors import ShearsError
+from .models import model_fingerprint
+from .search_space import BoundSpace, Config, SearchSpace, load_search_space
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+SEARCH_SPACE_FILE = "search_space.json"
+SHEARS_FILE = "shears.json"
+SUPERNET_FORMAT = "shears-supernet/1"
+SCALING_RULE = "lora_alpha / r_max for every active rank (export: alpha_pattern = lora_alpha * r / r_max)"
+
+
+class ElasticLoraLinear(LoraLinear):
+    """A PEFT LoRA Linear whose rank can be cut to `active_rank` <= r at run time."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any) -> None:
+        super().__init__(base_layer, adapter_name, config=config, **kwargs)
+        if self.lora_variant or any(self.lora_bias.values()):
+            raise ShearsError("elastic LoRA supports plain LoRA only: turn off DoRA, lora_bias and other variants")
+        self.active_rank: int = self.r[adapter_name]
+        # (base weight != 0), set by enable_sparse_mask(); not saved: it is recomputed from the base
+        self.register_buffer("sparse_mask", None, persistent=False)
+
+    def enable_sparse_mask(self) -> None:
+        self.sparse_mask = self.get_base_layer().weight.detach() != 0
+
+    def set_active_rank(self, rank: int) -> None:
+        r_max = min(self.r[a] for a in self.lora_A)
+        if not 1 <= rank <= r_max:
+            raise ShearsError(f"active rank {rank} is outside [1, {r_max}]")
+        if self.merged and rank != self.active_rank:
+            # unmerge subtracts get_delta_weight at the active rank: it must be the rank that was merged
+            raise ShearsError("cannot switch subnets while the adapter is merged: unmerge_adapter() first")
+        self.active_rank = rank
+
+    def _factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        r = self.active_rank
+        return self.lora_A[adapter].weight[:r], self.lora_B[adapter].weight[:, :r]
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """The active subnet's update, scaling * B[:, :r] @ A[:r] (masked under SparsePEFT)."""
+        weight_A, weight_B = self._factors(adapter)
+        dtype = weight_B.dtype
+        # like PEFT: half-precision matmuls are slow on CPU, so compute those in fp32
+        cast_to_fp32 = weight_B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+        if cast_to_fp32:
+            weight_A, weight_B = weight_A.float(), weight_B.float()
+        delta = transpose(weight_B @ weight_A, self.fan_in_fan_out) * self.scaling[adapter]
+        if self.sparse_mask is not None:
+            delta = delta * self.sparse_mask
+        return delta.to(dtype) if cast_to_fp32 else delta
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        special = (self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None
+                   or any(kwargs.get(k) is not None for k in VARIANT_KWARG_KEYS))
+        if special:
+            if kwargs.get("adapter_names") is not None and self.active_rank < min(self.r.values()):
+                raise ShearsError("mixed-adapter batches (adapter_names) run at full rank only: activate the "
+                                  "maximal subnet, or export the subnet as its own adapter")
+            return super().forward(x, *args, **kwargs)
+        for key in VARIANT_KWARG_KEYS:
+            kwargs.pop(key, None)
+        adapters = [a for a in self.active_adapters if a in self.lora_A]
+        if self.sparse_mask is not None:
+            return self._sparse_forward(x, adapters, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        result_dtype = result.dtype
+        for adapter in adapters:
+            weight_A, weight_B = self._factors(adapter)
+            h = self.lora_dropout[adapter](self._cast_input_dtype(x, weight_A.dtype))
+            result = result + F.linear(F.linear(h, weight_A), weight_B) * self.scaling[adapter]
+        return result.to(result_dtype)
+
+    def _sparse_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        base = self.get_base_layer()
+        dropout_off = all(not self.training or isinstance(self.lora_dropout[a], nn.Identity) for a in adapters)
+        plain_base = not args and not kwargs
+        same_dtype = all(self.lora_A[a].weight.dtype == base.weight.dtype for a in adapters)
+        if dropout_off and plain_base and same_dtype:
+            # one matmul: (W + sum of masked updates) x; W is frozen, so gradients reach only A and B
+            weight = base.weight
+            for adapter in adapters:
+                weight = weight + self.get_delta_weight(adapter)
+            return F.linear(x, weight, base.bias)
+        result = self.base_layer(x, *args, **kwargs)
+        result_dtype = result.dtype
+        for adapter in adapters:
+            h = self.lora_dropout[adapter](self._cast_input_dtype(x, self.lora_A[adapter].weight.dtype))
+            result = result + F.linear(h, self.get_delta_weight(adapter))
+        return result.to(result_dtype)
+
+    def __repr__(self) -> str:
+        return f"elastic-{super().__repr__()}"
+
+
+def lora_config_for(space: BoundSpace) -> LoraConfig:
+    """A stock LoraConfig at r_max over the space's modules, with ElasticLoraLinear registered."""
+    s = space.space
+    config = LoraConfig(r=s.r_max, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
+                        target_modules=space.module_names(), bias="none", task_type="CAUSAL_LM")
+    config._register_custom_module({nn.Linear: ElasticLoraLinear})
+    return config
+
+
+@dataclass
+class SuperNet:
+    model: PeftModel
+    space: BoundSpace
+    sparse_adapter: bool
+    fingerprint: str  # of the base model
+    layers: dict[str, ElasticLoraLinear] = field(repr=False)  # base-model module name -> layer
+    _active: Config = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_base(cls, base_model: nn.Module, space: SearchSpace | BoundSpace | str,
+                  sparse_adapter: bool = False) -> "SuperNet":
+        """Wrap `base_model` (in place, as get_peft_model does) into a super-network at r_max."""
+        if isinstance(base_model, PeftModel):
+            raise ShearsError("SuperNet.from_base needs the plain base model, not a PeftModel: pass "
+                              "peft_model.get_base_model() or a freshly loaded model")
+        if isinstance(space, (str, os.PathLike)):
+            space = load_search_space(space)
+        bound = space.bind(base_model) if isinstance(space, SearchSpace) else space
+        if isinstance(space, BoundSpace) and bound.to_dict() != bound.space.bind(base_model).to_dict():
+            raise ShearsError("the search space was bound to another model: bind it to this base model")
+        fingerprint = model_fingerprint(base_model)
+        model = get_peft_model(base_model, lora_config_for(bound))
+        layers = {name: model.get_base_model().get_submodule(name) for name in bound.module_names()}
+        for name, layer in layers.items():
+            if not isinstance(layer, ElasticLoraLinear):
+                raise ShearsError(f"{name} became {type(layer).__name__}, not an elastic LoRA layer: shears "
+                                  "adapts plain nn.Linear modules only (no quantised bases)")
+            if sparse_adapter:
+                layer.enable_sparse_mask()
+        net = cls(model, bound, sparse_adapter, fingerprint, layers)
+        net.activate(bound.maximal())
+        return net
+
+    # ---- configs
+
+    def activate(self, config: Config) -> None:
+        """Make `config` the active subnet (validated; sets each layer's rank, copies no weights)."""
+        ranks = self.space.module_ranks(config)
+        for name, rank in ranks.items():
+            self.layers[name].set_active_rank(rank)
+        self._active = self.space.validate(config)
+
+    @property
+    def active_config(self) -> Config:
+        return dict(self._active)
+
+    def sample(self, rng: np.random.Generator) -> Config:
+        """A uniformly random config (not activated), deterministic given the state of `rng`."""
+        return self.space.sample(rng)
+
+    def maximal(self) -> Config:
+        return self.space.maximal()
+
+    def minimal(self) -> Config:
+        return self.space.minimal()
+
+    def heuristic(self) -> Config:
+        return self.space.heuristic()
+
+    def config_to_module_ranks(self, config: Config) -> dict[str, int]:
+        return self.space.module_ranks(config)
+
+    def adapter_params(self, config: Config) -> int:
+        return self.space.adapter_params(config)
+
+    def subnet_state_dict(self, config: Config) -> dict[str, torch.Tensor]:
+        """PEFT-keyed LoRA tensors of the subnet, each sliced to its module's rank (fresh copies)."""
+        ranks = self.space.module_ranks(config)
+        out = {}
+        for key, tensor in get_peft_model_state_dict(self.model).items():
+            module, _, kind = key.removeprefix("base_model.model.").rpartition(".lora_")
+            if not kind.startswith(("A.", "B.")) or module not in ranks:
+                raise ShearsError(f"unexpected adapter tensor {key}: the super-network holds LoRA A/B weights only")
+            r = ranks[module]
+            sliced = tensor[:r] if kind == "A.weight" else tensor[:, :r] if kind == "B.weight" else tensor
+            out[key] = sliced.detach().clone(memory_format=torch.contiguous_format)
+        return out
+
+    # ---- disk
+
+    def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the stock-PEFT adapter at r_max + search_space.json + shears.json, atomically."""
+        out = Path(directory)
+        if out.exists() and not overwrite:
+            raise ShearsError(f"{out} already exists: choose another folder or pass overwrite=True")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            (tmp / SEARCH_SPACE_FILE).write_text(json.dumps(self.space.to_dict(), indent=1))
+            (tmp / SHEARS_FILE).write_text(json.dumps(self._metadata(), indent=1))
+            _replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out
+
+    def _metadata(self) -> dict:
+        base = self.model.get_base_model()
+        return {"format": SUPERNET_FORMAT, "base_model": getattr(base.config, "_name_or_path", "") or "",
+                "fingerprint": self.fingerprint, "sparse_adapter": self.sparse_adapter,
+                "r_max": self.space.r_max, "lora_alpha": self.space.space.lora_alpha, "scaling": SCALING_RULE}
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, base_model: nn.Module) -> "SuperNet":
+        """A super-network saved by `save`, on `base_model` (refused if its fingerprint differs)."""
+        folder = Path(directory)
+        for name in (SHEARS_FILE, SEARCH_SPACE_FILE, ADAPTER_WEIGHTS):
+            if not (folder / name).is_file():
+                raise ShearsError(f"{folder} is not a shears super-network (no {name}): point at RUN/supernet")
+        meta = json.loads((folder / SHEARS_FILE).read_text())
+        if meta.get("format") != SUPERNET_FORMAT:
+            raise ShearsError(f"{folder / SHEARS_FILE} has format {meta.get('format')!r}, expected {SUPERNET_FORMAT}")
+        fingerprint = model_fingerprint(base_model)
+        if fingerprint != meta["fingerprint"]:
+            raise ShearsError(f"base model fingerprint {fingerprint} differs from the super-network's "
+                              f"{meta['fingerprint']} ({meta.get('base_model') or 'unnamed base'}): load the base it "
+                              "was trained on")
+        bound = BoundSpace.from_dict(json.loads((folder / SEARCH_SPACE_FILE).read_text()),
+                                     source=str(folder / SEARCH_SPACE_FILE))
+        net = cls.from_base(base_model, bound, sparse_adapter=bool(meta["sparse_adapter"]))
+        from safetensors.torch import load_file
+
+        weights = load_file(folder / ADAPTER_WEIGHTS, device=str(next(net.model.parameters()).device))
+        result = set_peft_model_state_dict(net.model, weights)
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if result.unexpected_keys or missing:
+            raise ShearsError(f"{folder / ADAPTER_WEIGHTS} does not match the search space "
+                              f"(unexpected {result.unexpected_keys[:3]}, missing {missing[:3]}): re-save it")
+        return net
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished folder `tmp` to `out`; an existing `out` is moved aside first, then deleted."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+    os.replace(out, old / out.name)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
