@@ -1,0 +1,59 @@
+"""Read a run directory: what the stages after training (evaluate, search, export) start from.
+
+RUN is the only thing stages share. `load_run(RUN)` rebuilds the trained super-network on its base
+(RUN/sparse_base when the run pruned, else the recipe's model) and the validation split the recipe
+carved out of the training data — the same records every later stage scores on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .data import load_records, split_validation
+from .elastic import SuperNet
+from .errors import ShearsError
+from .models import load_model, load_tokenizer
+from .recipe import Recipe, load_recipe
+
+
+@dataclass
+class Run:
+    path: Path
+    recipe: Recipe
+    supernet: SuperNet
+    tokenizer: Any
+    base_source: str  # the folder or name the base model was loaded from
+    _val: list[dict] | None = field(default=None, repr=False)
+
+    @property
+    def validation_records(self) -> list[dict]:
+        """The recipe's deterministic validation split of its training data (never a test file)."""
+        if self._val is None:
+            d = self.recipe.data
+            records = load_records(d.sources(), fields=d.fields or None, limit=d.train_limit, seed=d.val_seed)
+            self._val = split_validation(records, d.val_size, d.val_seed)[1]
+        return self._val
+
+
+def base_source(run_dir: Path, recipe: Recipe) -> str:
+    sparse = run_dir / "sparse_base"
+    return str(sparse) if (sparse / "config.json").is_file() else recipe.model
+
+
+def load_run(run_dir: str | Path, dtype: str | None = None, device: str | None = None) -> Run:
+    """The trained super-network of RUN, on its base model, ready for `activate(config)`."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.yaml").is_file():
+        raise ShearsError(f"{run_dir} is not a shears run (no recipe.yaml): train one with "
+                          "`python -m shears.train_supernet --output RUN`")
+    if not (run_dir / "supernet" / "adapter_config.json").is_file():
+        raise ShearsError(f"{run_dir} has no trained super-network yet (no supernet/): finish "
+                          f"`python -m shears.train_supernet --output {run_dir} --resume` first")
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    source = base_source(run_dir, recipe)
+    base = load_model(source, dtype=dtype or recipe.dtype, device=device)
+    supernet = SuperNet.load(run_dir / "supernet", base)
+    supernet.model.eval()
+    return Run(run_dir, recipe, supernet, load_tokenizer(source), source)

@@ -1,0 +1,228 @@
+"""NLS training: one subnet per optimizer step, frozen sparse base, resume, DDP, CLI run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from shears.elastic import ElasticLoraLinear
+from shears.errors import ShearsError
+from shears.recipe import load_recipe
+from shears.search_space import canonical
+from shears.train_supernet import SubnetSampler, main, train_supernet
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_SPACE = {
+    "target_modules": ["q_proj", "v_proj", "up_proj"],
+    "r_max": 8,
+    "lora_alpha": 16,
+    "lora_dropout": 0.0,
+    "groups": [
+        {"name": "qv", "modules": ["q_proj", "v_proj"], "choices": [8, 4, 2], "scope": "per_layer"},
+        {"name": "up", "modules": ["up_proj"], "choices": [8, 2], "scope": "global"},
+    ],
+}
+
+
+def tiny_recipe(model_dir: Path, tmp_path: Path, **training) -> Path:
+    recipe = {
+        "model": str(model_dir),
+        "output_dir": str(tmp_path / "run"),
+        "search_space": TINY_SPACE,
+        "data": {"train": "builtin:arithmetic?n=48&seed=0", "val_size": 8, "cutoff_len": 320},
+        "training": {"max_steps": 4, "per_device_train_batch_size": 2, "learning_rate": 1e-3,
+                     "logging_steps": 1, "save_steps": 2, "val_limit": 4, "seed": 3, **training},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def record_active_ranks(model) -> list:
+    """Forward hooks that log (module, active rank) on every call, recomputations included."""
+    seen = []
+    for name, module in model.named_modules():
+        if isinstance(module, ElasticLoraLinear):
+            module.register_forward_hook(lambda mod, args, out, name=name: seen.append((name, mod.active_rank)))
+    return seen
+
+
+def test_sampler_is_a_pure_function_of_seed_and_step(tiny_llama):
+    from shears.search_space import SearchSpace
+
+    space = SearchSpace.from_dict(TINY_SPACE).bind(tiny_llama)
+    a, b = SubnetSampler(space, seed=1), SubnetSampler(space, seed=1)
+    assert [canonical(a.configs_for_step(s)[0]) for s in range(20)] == \
+           [canonical(b.configs_for_step(s)[0]) for s in range(20)]
+    assert len({canonical(a.configs_for_step(s)[0]) for s in range(20)}) > 1
+    maximal, minimal, random_one = SubnetSampler(space, "sandwich", seed=1).configs_for_step(5)
+    assert maximal == space.maximal() and minimal == space.minimal()
+    assert random_one == a.configs_for_step(5)[0]
+    with pytest.raises(ShearsError, match="uniform"):
+        SubnetSampler(space, "greedy")
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_one_subnet_per_optimizer_step(tiny_model_dir, tmp_path, monkeypatch, checkpointing):
+    """Under accumulation 4 (and gradient checkpointing, whose backward recomputes the forward),
+    every forward of a step — recomputations included — runs the step's sampled subnet."""
+    import shears.train_supernet as ts
+
+    seen_by_step: dict[int, list] = {}
+    original = ts.NLSTrainer.training_step
+
+    def spy(self, model, inputs, num_items_in_batch=None):
+        if not hasattr(self, "_hooked"):
+            self._hooked = record_active_ranks(model)
+        start = len(self._hooked)
+        loss = original(self, model, inputs, num_items_in_batch)
+        seen_by_step.setdefault(self.state.global_step, []).append(self._hooked[start:])
+        return loss
+
+    monkeypatch.setattr(ts.NLSTrainer, "training_step", spy)
+    recipe = load_recipe(tiny_recipe(tiny_model_dir, tmp_path, max_steps=3, gradient_accumulation_steps=4,
+                                     gradient_checkpointing=checkpointing))
+    train_supernet(recipe, tmp_path / "run")
+    run_space = json.loads((tmp_path / "run" / "supernet" / "search_space.json").read_text())
+    from shears.search_space import BoundSpace
+
+    sampler = SubnetSampler(BoundSpace.from_dict(run_space), seed=3)
+    assert sorted(seen_by_step) == [0, 1, 2]
+    for step, micro_batches in seen_by_step.items():
+        assert len(micro_batches) == 4
+        expected = sampler.space.module_ranks(sampler.configs_for_step(step)[0])
+        for calls in micro_batches:
+            n_modules = len(expected)
+            # a checkpointed backward re-runs every layer's forward: twice the calls
+            assert len(calls) == n_modules * (2 if checkpointing else 1)
+            for name, rank in calls:
+                key = name.removeprefix("base_model.model.")
+                assert rank == expected[key], (step, name)
+
+
+def test_base_is_frozen_and_keeps_its_zeros(tiny_model_dir, tmp_path):
+    recipe = load_recipe(tiny_recipe(tiny_model_dir, tmp_path), {"sparsity.sparsity": 0.5, "sparsity.nsamples": 2,
+                                                                 "sparsity.seqlen": 64})
+    run = tmp_path / "run"
+    train_supernet(recipe, run)
+    sparse = load_file(run / "sparse_base" / "model.safetensors")
+    from shears.run import load_run
+
+    loaded = load_run(run)
+    base = loaded.supernet.model.get_base_model()
+    for name, weight in sparse.items():
+        if "layers" in name and name.endswith("proj.weight"):
+            module = base.get_submodule(name.removesuffix(".weight"))
+            current = getattr(module, "base_layer", module).weight
+            assert torch.equal(current, weight), name
+            assert (weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+
+
+def test_sparse_adapter_merge_keeps_exact_sparsity(tiny_model_dir, tmp_path):
+    recipe = load_recipe(tiny_recipe(tiny_model_dir, tmp_path, sparse_adapter=True),
+                         {"sparsity.sparsity": 0.5, "sparsity.nsamples": 2, "sparsity.seqlen": 64})
+    train_supernet(recipe, tmp_path / "run")
+    from shears.run import load_run
+
+    run = load_run(tmp_path / "run")
+    zeros_before = {n: (p == 0) for n, p in run.supernet.model.get_base_model().named_parameters()
+                    if "base_layer" in n}
+    run.supernet.activate(run.supernet.heuristic())
+    merged = run.supernet.model.merge_and_unload()
+    for name, was_zero in zeros_before.items():
+        weight = merged.get_parameter(name.replace(".base_layer", ""))
+        assert torch.equal(weight == 0, was_zero), name
+
+
+def test_resume_continues_the_same_sampling_order(tiny_model_dir, tmp_path, monkeypatch):
+    import shears.train_supernet as ts
+
+    overrides = {"training.max_steps": 6, "training.save_steps": 3}
+    full = tmp_path / "full"
+    train_supernet(load_recipe(tiny_recipe(tiny_model_dir, tmp_path), overrides), full)
+
+    # The same run killed during step 4 (its last checkpoint is step 3), then resumed.
+    cut = tmp_path / "cut"
+    original = ts.NLSTrainer.training_step
+
+    def killed_at_step_4(self, *args, **kwargs):
+        if self.state.global_step == 4:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ts.NLSTrainer, "training_step", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train_supernet(load_recipe(tiny_recipe(tiny_model_dir, tmp_path), overrides), cut)
+    monkeypatch.setattr(ts.NLSTrainer, "training_step", original)
+    train_supernet(load_recipe(tiny_recipe(tiny_model_dir, tmp_path), overrides), cut, resume=True)
+
+    def steps(run):
+        return json.loads((run / "train_summary.json").read_text())["trained_configs"]
+
+    assert steps(cut) == [s for s in steps(full) if s["step"] >= 3]
+    a = load_file(full / "supernet" / "adapter_model.safetensors")
+    b = load_file(cut / "supernet" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_cli_writes_a_run_directory_stock_peft_loads(tiny_model_dir, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    main(["--recipe", str(tiny_recipe(tiny_model_dir, tmp_path)), "--output", str(run), "training.max_steps=2"])
+    out = capsys.readouterr().out
+    assert "maximal" in out and "heuristic" in out and "minimal" in out and str(run / "supernet") in out
+    assert load_recipe(run / "recipe.yaml").training.max_steps == 2
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert set(summary["validation"]) == {"maximal", "heuristic", "minimal"}
+    assert all(np.isfinite(v["loss"]) for v in summary["validation"].values())
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run / "supernet")
+    assert type(model.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "Linear"  # stock PEFT layer
+    # A finished run is not overwritten without --force.
+    with pytest.raises(SystemExit):
+        main(["--recipe", str(tiny_recipe(tiny_model_dir, tmp_path)), "--output", str(run)])
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_one_line(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    broken = tmp_path / "broken"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(broken)
+    (broken / "tokenizer.json").write_bytes((tiny_model_dir / "tokenizer.json").read_bytes())
+    for extra in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_model_dir / extra).exists():
+            (broken / extra).write_bytes((tiny_model_dir / extra).read_bytes())
+    with pytest.raises(ShearsError, match="NaN|nan"):
+        train_supernet(load_recipe(tiny_recipe(broken, tmp_path)), tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_two_process_ddp_trains_the_same_configs(tiny_model_dir, tmp_path):
+    recipe = tiny_recipe(tiny_model_dir, tmp_path)
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+         "-m", "shears.train_supernet", "--recipe", str(recipe), "--output", str(run)],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = (run / "trace" / "rank0.jsonl").read_text().splitlines()
+    rank1 = (run / "trace" / "rank1.jsonl").read_text().splitlines()
+    assert len(rank0) == 4 and rank0 == rank1
