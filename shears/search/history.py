@@ -1,0 +1,192 @@
+"""Every evaluation of a search, its non-dominated front and hypervolume.
+
+RUN/search/history.jsonl holds one JSON line per evaluated config, appended (under an exclusive
+file lock, so several local search processes may share it) the moment the evaluation finishes:
+
+    {"n": 7, "config": {...}, "objectives": {"accuracy": 0.61, "adapter_params": 1.2e5},
+     "seconds": 3.2, "backend": "optuna:tpe", "trial": 9, "label": null,
+     "front_size": 4, "hypervolume": 0.8123, "worker": "host:pid", "time": "..."}
+
+The front is kept incrementally: a new point dominated by a front member changes nothing;
+otherwise it joins and evicts the members it dominates (dominance is transitive, so this is exactly
+the non-dominated subset of everything seen). Hypervolume is measured on the normalised objectives
+(see objectives.py) against the reference point 1.1 in every objective: an exact sweep in 2-D,
+pymoo's HV indicator beyond.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ShearsError
+from ..search_space import canonical
+from .objectives import REFERENCE, Objective
+
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def dominates(a, b) -> bool:
+    """a dominates b (both minimised): no worse anywhere, better somewhere."""
+    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+
+def hypervolume_2d(points, reference=(REFERENCE, REFERENCE)) -> float:
+    """Exact area dominated by minimised 2-D `points` and bounded by `reference`."""
+    inside = sorted((float(x), float(y)) for x, y in points if x < reference[0] and y < reference[1])
+    area, ceiling = 0.0, reference[1]
+    for x, y in inside:  # by x ascending; each point adds the strip under the lowest y so far
+        if y < ceiling:
+            area += (reference[0] - x) * (ceiling - y)
+            ceiling = y
+    return area
+
+
+def hypervolume(points, reference: float = REFERENCE) -> float:
+    points = np.asarray(points, dtype=float)
+    if len(points) == 0:
+        return 0.0
+    if points.shape[1] == 2:
+        return hypervolume_2d(points, (reference, reference))
+    from pymoo.indicators.hv import HV
+
+    return float(HV(ref_point=np.full(points.shape[1], reference))(points))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary sibling, then rename it over `path`."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class History:
+    """The evaluations in `path` (a JSON-lines file), as a cache keyed by canonical config."""
+
+    def __init__(self, path: str | os.PathLike, objectives: tuple[Objective, ...]):
+        self.path = Path(path)
+        self.objectives = tuple(objectives)
+        self.records: list[dict] = []
+        self._by_config: dict[str, dict] = {}
+        self._front: list[dict] = []
+        self._offset = 0  # bytes of the file already read
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.refresh()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __contains__(self, config) -> bool:
+        return self.get(config) is not None
+
+    def configs(self) -> set[str]:
+        return set(self._by_config)
+
+    def get(self, config: dict | str) -> dict | None:
+        return self._by_config.get(config if isinstance(config, str) else canonical(config))
+
+    # ---- objectives as vectors
+
+    def minimised(self, record: dict) -> tuple[float, ...]:
+        return tuple(o.minimised(record["objectives"][o.name]) for o in self.objectives)
+
+    def normalised(self, record: dict) -> tuple[float, ...]:
+        return tuple(o.normalised(record["objectives"][o.name]) for o in self.objectives)
+
+    def front(self) -> list[dict]:
+        """The non-dominated records, by the first size objective ascending."""
+        size = next((i for i, o in enumerate(self.objectives) if o.is_size), 0)
+        return sorted(self._front, key=lambda r: (self.minimised(r)[size], self.minimised(r)))
+
+    def hypervolume(self) -> float:
+        return hypervolume([self.normalised(r) for r in self._front])
+
+    # ---- reading and appending
+
+    def _add(self, record: dict) -> None:
+        key = canonical(record["config"])
+        if key in self._by_config:  # first evaluation wins; a second never happens through Evaluator
+            return
+        missing = [o.name for o in self.objectives if o.name not in record.get("objectives", {})]
+        if missing:
+            raise ShearsError(f"{self.path} holds evaluations without {missing}: search with the objectives "
+                              "it was made with, or move it aside to start a new search")
+        self.records.append(record)
+        self._by_config[key] = record
+        point = self.minimised(record)
+        if any(dominates(self.minimised(r), point) for r in self._front):
+            return
+        self._front = [r for r in self._front if not dominates(point, self.minimised(r))] + [record]
+
+    def _read_new(self, f) -> None:
+        f.seek(self._offset)
+        data = f.read()
+        end = data.rfind(b"\n") + 1  # a line without its newline is still being written
+        for line in data[:end].splitlines():
+            if line.strip():
+                try:
+                    self._add(json.loads(line))
+                except json.JSONDecodeError:  # torn by a kill mid-write: skip it, it was never counted
+                    continue
+        self._offset += end
+
+    def refresh(self) -> None:
+        """Read evaluations appended since the last read (by this or another process)."""
+        if self.path.exists():
+            with open(self.path, "rb") as f:
+                self._read_new(f)
+
+    def append(self, config: dict, values: dict, seconds: float, backend: str, trial: int | None = None,
+               label: str | None = None) -> dict:
+        """Record a fresh evaluation: read what others appended, add it, write one line, fsync."""
+        with open(self.path, "a+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                self._read_new(f)
+                record = {"n": len(self.records), "config": dict(config), "objectives": dict(values),
+                          "seconds": round(seconds, 4), "backend": backend, "trial": trial, "label": label,
+                          "worker": WORKER, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                self._add(record)
+                record["front_size"] = len(self._front)
+                record["hypervolume"] = self.hypervolume()
+                f.seek(0, os.SEEK_END)
+                if f.tell() > self._offset:  # a torn line at the end: start ours on a fresh line
+                    f.write(b"\n")
+                f.write((json.dumps(record) + "\n").encode())
+                f.flush()
+                os.fsync(f.fileno())
+                self._offset = f.tell()
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+        return record
+
+
+def write_front(history: History, out_dir: Path) -> list[Path]:
+    """front.json and front.csv: the non-dominated records, by size ascending (written atomically)."""
+    front = history.front()
+    names = [o.name for o in history.objectives]
+    rows = [{"config": r["config"], "objectives": r["objectives"], "label": r.get("label"),
+             "trial": r.get("trial"), "backend": r.get("backend"), "n": r.get("n")} for r in front]
+    json_path, csv_path = out_dir / "front.json", out_dir / "front.csv"
+    write_atomic(json_path, json.dumps({"objectives": names, "hypervolume": history.hypervolume(),
+                                        "evaluations": len(history), "front": rows}, indent=1) + "\n")
+    lines = [",".join([*names, "label", "n", "trial", "backend", "config"])]
+    for r in rows:
+        config = canonical(r["config"]).replace('"', '""')
+        values = [repr(float(r["objectives"][n])) for n in names]
+        lines.append(",".join([*values, r["label"] or "", str(r["n"]), str(r["trial"]), r["backend"] or "",
+                               f'"{config}"']))
+    write_atomic(csv_path, "\n".join(lines) + "\n")
+    return [json_path, csv_path]

@@ -1,0 +1,137 @@
+"""What a subnet is scored on: one quality objective measured by running the model, and size
+objectives computed analytically from the config (never by a model run).
+
+    accuracy        validation accuracy (maximise)         -> normalised 1 - accuracy
+    loss            validation loss (minimise)             -> normalised 1 - exp(-loss)
+    adapter_params  LoRA parameters of the subnet          -> normalised (s - s_min) / (s_max - s_min)
+    nonzero_params  non-zeros of the merged model          -> normalised the same way
+
+Normalised values are minimised and lie in [0, 1] (s_min/s_max are the minimal and maximal subnets'
+sizes, known before any evaluation; exp(-loss) is the geometric-mean probability of the target
+tokens), so one reference point, 1.1 in every objective, serves every hypervolume of every run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..errors import ShearsError
+
+Config = dict[str, int]
+
+QUALITY = {"accuracy": True, "loss": False}  # name -> maximise?
+SIZES = ("adapter_params", "nonzero_params")
+REFERENCE = 1.1  # hypervolume reference point, in every normalised objective
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    maximize: bool
+    low: float = 0.0  # size objectives: the minimal subnet's size ...
+    high: float = 1.0  # ... and the maximal subnet's
+
+    @property
+    def is_size(self) -> bool:
+        return self.name in SIZES
+
+    def normalised(self, value: float) -> float:
+        """The value as a minimised number in [0, 1] (see the module docstring)."""
+        if self.name == "accuracy":
+            return 1.0 - value
+        if self.name == "loss":
+            return 1.0 - math.exp(-value)
+        span = self.high - self.low
+        return (value - self.low) / span if span > 0 else 0.0
+
+    def minimised(self, value: float) -> float:
+        """The raw value, sign-flipped when maximised: dominance is checked on these."""
+        return -value if self.maximize else value
+
+
+def parse_objectives(names: str | list[str], size_of: Callable[[str, Config], float],
+                     minimal: Config, maximal: Config) -> tuple[Objective, ...]:
+    """Objectives from names like "accuracy,adapter_params"; sizes get their [min, max] range."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    known = [*QUALITY, *SIZES]
+    for name in names:
+        if name not in known:
+            raise ShearsError(f"unknown objective {name!r}: choose from {', '.join(known)}")
+    if len(set(names)) != len(names):
+        raise ShearsError(f"objectives {names} name one twice: list each once")
+    if not any(n in QUALITY for n in names) or not any(n in SIZES for n in names):
+        raise ShearsError(f"objectives {names} need one quality (accuracy or loss) and one size "
+                          "(adapter_params or nonzero_params), e.g. --objectives accuracy,adapter_params")
+    out = []
+    for name in names:
+        if name in QUALITY:
+            out.append(Objective(name, QUALITY[name]))
+        else:
+            out.append(Objective(name, False, float(size_of(name, minimal)), float(size_of(name, maximal))))
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------- from a super-network
+
+
+def nonzero_counter(supernet) -> Callable[[Config], float]:
+    """Non-zeros of the merged model of a config: the base's non-zeros, with every adapted module
+    (rank > 0) counted dense, since B @ A fills the pruned entries — unless the super-network was
+    trained with sparse_adapter, whose update is masked and keeps the base's zeros."""
+    base = supernet.model.get_base_model()
+    base_nonzeros = sum(int(p.count_nonzero()) for n, p in base.named_parameters() if "lora_" not in n)
+    zeros = {}  # module -> zeros of its base weight, what a dense merge would fill
+    for name in supernet.space.module_names():
+        module = base.get_submodule(name)
+        weight = module.get_base_layer().weight if hasattr(module, "get_base_layer") else module.weight
+        zeros[name] = weight.numel() - int(weight.count_nonzero())
+
+    def count(config: Config) -> float:
+        if supernet.sparse_adapter:
+            return float(base_nonzeros)
+        ranks = supernet.space.module_ranks(config)
+        return float(base_nonzeros + sum(zeros[m] for m, r in ranks.items() if r > 0))
+
+    return count
+
+
+def supernet_objective(supernet, tokenizer, records: list[dict], task: str, objectives: tuple[Objective, ...],
+                       sizes: dict[str, Callable[[Config], float]], limit: int | None = None,
+                       batch_size: int = 16, **options: Any) -> Callable[[Config], dict[str, float]]:
+    """config -> every objective's value: quality by shears.evaluate on `records`, sizes analytically.
+    `options` go to shears.evaluate.evaluate (max_new_tokens, cutoff_len, ...)."""
+    from ..evaluate import evaluate
+
+    def run(task_name: str) -> dict:
+        return evaluate(supernet, tokenizer, records, task_name, limit=limit, batch_size=batch_size,
+                        progress=False, **options)
+
+    quality = [o.name for o in objectives if not o.is_size]
+
+    def measure(config: Config) -> dict[str, float]:
+        supernet.activate(config)
+        values: dict[str, Any] = {}
+        if "accuracy" in quality:
+            values.update(run(task))
+        if "loss" in quality and values.get("loss") is None:
+            values.update(run("loss"))
+        for name in quality:
+            if values.get(name) is None:
+                raise ShearsError(f"evaluation task {task!r} gives no {name}: use --objectives loss,... or a "
+                                  "recipe whose evaluation.task is math or choice")
+        out = {name: float(values[name]) for name in quality}
+        out.update({o.name: sizes[o.name](config) for o in objectives if o.is_size})
+        return out
+
+    return measure
+
+
+def size_function(supernet, name: str) -> Callable[[Config], float]:
+    if name == "adapter_params":
+        return lambda config: float(supernet.space.adapter_params(config))
+    if name == "nonzero_params":
+        return nonzero_counter(supernet)
+    raise ShearsError(f"unknown size objective {name!r}: choose from {', '.join(SIZES)}")

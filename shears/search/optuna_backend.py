@@ -1,0 +1,229 @@
+"""Optuna backend: a study in shared storage, so several processes (or machines) split one budget.
+
+Each trial samples one categorical rank per key, then *claims* its config by writing the config's
+canonical string as the trial's user attribute "config", and only then reads the study back:
+
+  * a COMPLETE trial with the same config     -> reuse its values (no evaluation, no budget)
+  * a RUNNING trial with the same config      -> back off (prune): that worker evaluates it
+  * more distinct claimed configs than budget -> back off, and wait for the in-flight ones
+  * otherwise                                 -> evaluate through the cache, record, return
+
+Two workers that claim at the same time each write before they read, so at least one of them sees
+the other's claim and backs off: no config is evaluated twice and the budget is never overrun (when
+both see each other both back off; they just sample again). The budget counts distinct evaluated
+configs: COMPLETE trials' configs plus the local history (an evaluation whose trial was killed
+before it was told still counts, and its retry reuses the recorded values).
+
+Killed workers: RDB storages run Optuna's heartbeat, which fails stale trials and re-enqueues them
+(RetryHeartbeatStaleTrialCallback). Journal files have no heartbeat, so a RUNNING trial whose worker
+is a dead process on this host is failed here and re-enqueued the same way; a trial that failed by
+an exception is re-enqueued when a worker next starts. Give concurrent workers different seeds.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+from ..errors import ShearsError
+from ..search_space import canonical
+from .problem import ANCHORS, Evaluator, SearchProblem
+
+SAMPLERS = ("tpe", "nsga2", "gp", "random")
+STUDY_NAME = "shears-search"
+HEARTBEAT_S, GRACE_S, MAX_RETRY = 30, 90, 3
+LIVE = (TrialState.RUNNING, TrialState.COMPLETE)
+HOST = socket.gethostname()
+
+
+def open_storage(url: str):
+    """An Optuna storage: a journal file (`journal:PATH`, or a path ending .log/.journal) or an RDB URL."""
+    if url.startswith("journal:") or url.endswith((".log", ".journal")):
+        path = Path(url.removeprefix("journal:")).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if "://" not in url:
+        raise ShearsError(f"storage {url!r} is neither a journal file (end it in .log or prefix journal:) nor a "
+                          "database URL such as sqlite:///study.db or postgresql://user@host/db")
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                          failed_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+
+
+def make_sampler(name: str, seed: int, population_size: int) -> optuna.samplers.BaseSampler:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "tpe":  # multi-objective TPE (MOTPE); the constant liar keeps parallel workers apart
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+        if name == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=seed, population_size=population_size)
+        if name == "gp":  # Optuna >= 4.4 fits one GP per objective and maximises log EHVI
+            return optuna.samplers.GPSampler(seed=seed)
+        if name == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+    raise ShearsError(f"unknown sampler {name!r}: use one of {', '.join(SAMPLERS)}")
+
+
+def _worker_tag(number: int) -> str:
+    # the trial number is part of the tag: a retry copies the user attrs of the trial it retries
+    return f"{HOST}:{os.getpid()}#{number}"
+
+
+def _dead_here(trial: optuna.trial.FrozenTrial) -> bool:
+    """Is `trial` RUNNING under a process of this host that no longer exists?"""
+    host_pid, _, number = str(trial.user_attrs.get("worker", "")).rpartition("#")
+    host, _, pid = host_pid.rpartition(":")
+    if host != HOST or number != str(trial.number) or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+@dataclass
+class OptunaBackend:
+    sampler: str = "tpe"
+    storage: str = "sqlite:///study.db"
+    study_name: str = STUDY_NAME
+    seed: int = 0
+    population_size: int = 16
+    max_idle: int = 200  # trials in a row without a fresh evaluation before this worker gives up
+    poll_s: float = 0.5  # wait between budget checks while other workers finish the last configs
+
+    @property
+    def name(self) -> str:
+        return f"optuna:{self.sampler}"
+
+    def open_study(self, problem: SearchProblem):
+        """(study, storage): the study of this search, created with the anchors enqueued if new."""
+        names = [o.name for o in problem.objectives]
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # our bar and history report the trials
+        storage = open_storage(self.storage)
+        study = optuna.create_study(storage=storage, sampler=make_sampler(self.sampler, self.seed, self.population_size),
+                                    study_name=self.study_name, load_if_exists=True,
+                                    directions=["maximize" if o.maximize else "minimize" for o in problem.objectives])
+        # One attribute, written in one call: a worker opening the study while another creates it sees
+        # either nothing (and writes the same value) or all of it, never half a signature.
+        signature = {"objectives": names, "keys": list(problem.keys)}
+        made_with = study.user_attrs.get("signature")
+        if made_with is None:
+            study.set_user_attr("signature", signature)
+        elif made_with != signature:
+            raise ShearsError(f"study {self.study_name!r} in {self.storage} was made for objectives "
+                              f"{made_with['objectives']} and another space: pass the same --objectives, or another "
+                              "--storage/--study-name")
+        if not study.get_trials(deepcopy=False):
+            for label in ANCHORS:
+                study.enqueue_trial(problem.anchors[label], skip_if_exists=True)
+        return study, storage
+
+    def run(self, problem: SearchProblem, evaluator: Evaluator, budget: int) -> None:
+        study, storage = self.open_study(problem)
+        study_id = storage.get_study_id_from_name(self.study_name)
+        history = evaluator.history
+        idle = 0
+
+        def evaluated() -> set[str]:
+            history.refresh()
+            done = {t.user_attrs.get("config") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+            return (done - {None}) | history.configs()
+
+        def finished() -> bool:
+            return len(evaluated()) >= min(budget, problem.size)
+
+        def housekeeping() -> None:
+            """Fail this host's trials whose process died; re-enqueue failed trials not yet retried."""
+            trials = study.get_trials(deepcopy=False)
+            for t in trials:
+                if t.state == TrialState.RUNNING and _dead_here(t):
+                    try:
+                        storage.set_trial_state_values(storage.get_trial_id_from_study_id_trial_number(
+                            study_id, t.number), TrialState.FAIL)
+                    except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+                        continue  # another worker failed it first
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # heartbeat storages only
+                trials = study.get_trials(deepcopy=False)
+                retried = {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
+                done = {t.user_attrs.get("config") for t in trials if t.state == TrialState.COMPLETE}
+                for t in trials:
+                    if t.state == TrialState.FAIL and t.number not in retried and t.params \
+                            and t.user_attrs.get("config") not in done:
+                        RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, t)
+
+        def wait_for_room(me: int) -> bool:
+            """Block while configs in flight in other trials fill the budget; False once it is done."""
+            while True:
+                if finished():
+                    return False
+                running = {t.user_attrs.get("config") for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                           if t.number != me}
+                if len(evaluated() | (running - {None})) < budget:
+                    return True
+                time.sleep(self.poll_s)
+                housekeeping()
+
+        def objective(trial: optuna.Trial):
+            trial.set_user_attr("worker", _worker_tag(trial.number))
+            if not wait_for_room(trial.number):
+                trial.set_user_attr("outcome", "budget_done")
+                study.stop()
+                raise optuna.TrialPruned()
+            config = {key: trial.suggest_categorical(key, problem.choices[key]) for key in problem.keys}
+            key = canonical(config)
+            trial.set_user_attr("config", key)  # the claim: written before the study is read back
+            trials = study.get_trials(deepcopy=False, states=LIVE)
+            rivals = [t for t in trials if t.number != trial.number and t.user_attrs.get("config") == key]
+            done = next((t for t in rivals if t.state == TrialState.COMPLETE), None)
+            if done is not None:
+                trial.set_user_attr("outcome", f"duplicate_of:{done.number}")
+                return list(done.values)
+            if rivals:
+                trial.set_user_attr("outcome", f"evaluated_by:{rivals[0].number}")
+                raise optuna.TrialPruned()
+            history.refresh()
+            claimed = {t.user_attrs.get("config") for t in trials} - {None}
+            if key not in history.configs() and len(claimed | history.configs()) > budget:
+                trial.set_user_attr("outcome", "over_budget")
+                time.sleep(random.uniform(0.0, self.poll_s))  # desynchronise workers that collided
+                raise optuna.TrialPruned()
+            fresh = key not in history.configs()
+            record = evaluator.evaluate(config, trial=trial.number)
+            trial.set_user_attr("outcome", "evaluated" if fresh else "recorded")
+            return [record["objectives"][o.name] for o in problem.objectives]
+
+        def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            nonlocal idle
+            idle = 0 if trial.user_attrs.get("outcome") == "evaluated" else idle + 1
+            evaluator.show()
+            if finished():
+                study.stop()
+            elif idle >= self.max_idle:
+                warnings.warn(f"{self.name}: {idle} trials in a row proposed configs already evaluated; stopping "
+                              f"this worker with {len(evaluated())} of {budget} (try another sampler or seed)")
+                study.stop()
+
+        housekeeping()
+        if finished():
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.optimize(objective, callbacks=[after_trial], gc_after_trial=False)

@@ -1,0 +1,350 @@
+"""Tests of shears.search: budgets, caching, resume, fronts and hypervolume against brute force,
+concurrent Optuna workers on one journal file, and a real tiny super-network."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing as mp
+import os
+import random
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import optuna
+import pytest
+
+from shears.errors import ShearsError
+from shears.search import (ANCHORS, History, OptunaBackend, PymooBackend, SearchProblem, hypervolume_2d,
+                           parse_objectives, search)
+from shears.search.optuna_backend import open_storage
+from shears.search_space import canonical
+
+# ----------------------------------------------------------------------------- a cheap problem
+
+SPACE = SimpleNamespace(keys=["qkv.0", "up.0", "qkv.1", "up.1"],
+                        choices={"qkv.0": (16, 8, 4), "up.0": (16, 8, 4), "qkv.1": (16, 12, 8, 4), "up.1": (16, 8, 4)})
+SPACE_SIZE = 3 * 3 * 4 * 3
+
+
+def toy_values(config: dict) -> dict:
+    """A deterministic accuracy/size trade-off with a rugged front (not a function of size alone)."""
+    size = 10.0 * sum(config.values())
+    bumps = ((config["qkv.0"] * 7 + config["up.1"] * 3 + config["qkv.1"]) % 11) / 40
+    return {"accuracy": 1 - 8 / (8 + sum(config.values())) - bumps, "adapter_params": size, "loss": 3 - bumps}
+
+
+class CountingObjective:
+    """toy_values that logs every call and can fail like a killed process after `fail_after` calls."""
+
+    def __init__(self, fail_after: int | None = None, sleep: float = 0.0):
+        self.calls: list[str] = []
+        self.fail_after, self.sleep = fail_after, sleep
+
+    def __call__(self, config: dict) -> dict:
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+            raise KeyboardInterrupt("simulated kill")
+        time.sleep(self.sleep)
+        self.calls.append(canonical(config))
+        return toy_values(config)
+
+
+def toy_problem(objective=None, names="accuracy,adapter_params") -> SearchProblem:
+    objective = objective or CountingObjective()
+    minimal = {k: min(v) for k, v in SPACE.choices.items()}
+    maximal = {k: max(v) for k, v in SPACE.choices.items()}
+    objectives = parse_objectives(names, lambda name, c: toy_values(c)[name], minimal, maximal)
+    return SearchProblem.from_space(SPACE, objectives, objective)
+
+
+def backends(tmp_path: Path, seed: int = 0):
+    return {
+        "pymoo": PymooBackend(seed=seed, population_size=8),
+        "tpe": OptunaBackend("tpe", storage=f"sqlite:///{tmp_path}/study.db", seed=seed),
+        "nsga2": OptunaBackend("nsga2", storage=f"journal:{tmp_path}/study.log", seed=seed, population_size=8),
+        "random": OptunaBackend("random", storage=str(tmp_path / "study.journal"), seed=seed),
+    }
+
+
+def brute_force_front(records, objectives) -> list[str]:
+    """O(n^2): the configs no other record dominates (objectives turned into minimised vectors)."""
+    def vec(r):
+        return [-r["objectives"][o.name] if o.maximize else r["objectives"][o.name] for o in objectives]
+
+    def dom(a, b):
+        return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+    return sorted(canonical(r["config"]) for r in records if not any(dom(vec(s), vec(r)) for s in records))
+
+
+def read_history(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------- hypervolume, front
+
+
+def test_hypervolume_2d_matches_pymoo_and_a_grid_count():
+    from pymoo.indicators.hv import HV
+
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        points = rng.uniform(0, 1.3, size=(int(rng.integers(1, 30)), 2))
+        if trial % 3 == 0:
+            points = np.round(points, 1)  # ties and duplicates
+        inside = points[(points < 1.1).all(axis=1)]
+        expected = float(HV(ref_point=np.array([1.1, 1.1]))(inside)) if len(inside) else 0.0
+        assert hypervolume_2d(points, (1.1, 1.1)) == pytest.approx(expected, abs=1e-12)
+    # an independent count on a grid for a staircase of three points
+    pts = [(0.2, 0.8), (0.5, 0.4), (0.9, 0.1)]
+    g = (np.arange(1100) + 0.5) / 1000
+    xx, yy = np.meshgrid(g, g)
+    covered = np.zeros_like(xx, dtype=bool)
+    for x, y in pts:
+        covered |= (xx >= x) & (yy >= y)
+    assert hypervolume_2d(pts) == pytest.approx(covered.sum() / 1e6, abs=2e-3)
+
+
+def test_history_front_is_the_non_dominated_subset(tmp_path):
+    problem = toy_problem(names="accuracy,adapter_params,loss")
+    history = History(tmp_path / "history.jsonl", problem.objectives)
+    rng = random.Random(0)
+    configs = [dict(zip(SPACE.keys, c)) for c in itertools.product(*(SPACE.choices[k] for k in SPACE.keys))]
+    for config in rng.sample(configs, 60):
+        values = toy_values(config)
+        values["accuracy"] = round(values["accuracy"], 1)  # many ties
+        history.append(config, values, 0.0, "test")
+        front = sorted(canonical(r["config"]) for r in history.front())
+        assert front == brute_force_front(history.records, problem.objectives)
+    reread = History(tmp_path / "history.jsonl", problem.objectives)  # the file holds the same
+    assert [r["config"] for r in reread.records] == [r["config"] for r in history.records]
+    assert reread.hypervolume() == pytest.approx(history.hypervolume())
+
+
+def test_history_skips_a_torn_last_line_and_refuses_other_objectives(tmp_path):
+    problem = toy_problem()
+    path = tmp_path / "history.jsonl"
+    history = History(path, problem.objectives)
+    history.append(SPACE_MAX, toy_values(SPACE_MAX), 0.1, "test")
+    with open(path, "a") as f:
+        f.write('{"n": 1, "config": {"qkv.0"')  # killed mid-write
+    again = History(path, problem.objectives)
+    assert len(again) == 1
+    again.append(SPACE_MIN, toy_values(SPACE_MIN), 0.1, "test")
+    assert len(History(path, problem.objectives)) == 2
+    with pytest.raises(ShearsError, match="objectives"):
+        History(path, parse_objectives("accuracy,nonzero_params", lambda n, c: 0.0, {}, {}))
+
+
+SPACE_MAX = {k: max(v) for k, v in SPACE.choices.items()}
+SPACE_MIN = {k: min(v) for k, v in SPACE.choices.items()}
+
+
+# ----------------------------------------------------------------------------- both backends
+
+
+@pytest.mark.parametrize("name", ["pymoo", "tpe", "nsga2", "random"])
+def test_budget_exact_no_reevaluation_anchors_first_and_front(tmp_path, name):
+    objective = CountingObjective()
+    problem = toy_problem(objective)
+    result = search(problem, tmp_path / "search", 20, backends(tmp_path)[name], progress=False)
+    history = read_history(tmp_path / "search" / "history.jsonl")
+    assert len(history) == 20 and len(objective.calls) == 20
+    assert len(set(objective.calls)) == 20
+    assert [canonical(r["config"]) for r in history[:3]] == [canonical(problem.anchors[a]) for a in ANCHORS]
+    assert [r["label"] for r in history[:3]] == list(ANCHORS)
+    front = json.loads((tmp_path / "search" / "front.json").read_text())["front"]
+    assert sorted(canonical(r["config"]) for r in front) == brute_force_front(history, problem.objectives)
+    sizes = [r["objectives"]["adapter_params"] for r in front]
+    assert sizes == sorted(sizes)
+    csv_lines = (tmp_path / "search" / "front.csv").read_text().splitlines()
+    assert len(csv_lines) == len(front) + 1
+    assert (tmp_path / "search" / "front.png").stat().st_size > 1000
+    # hypervolume after each evaluation = recomputed from the prefix of the history
+    for i in (0, 5, 19):
+        prefix = history[: i + 1]
+        pts = [(1 - r["objectives"]["accuracy"], (r["objectives"]["adapter_params"] - 160) / (640 - 160))
+               for r in prefix]
+        assert history[i]["hypervolume"] == pytest.approx(hypervolume_2d(pts), abs=1e-12)
+    assert result.evaluated == 20
+
+
+@pytest.mark.parametrize("name", ["pymoo", "tpe", "nsga2"])
+def test_resume_after_a_kill_spends_only_the_remaining_budget(tmp_path, name):
+    killed = CountingObjective(fail_after=7)
+    with pytest.raises(KeyboardInterrupt):
+        search(toy_problem(killed), tmp_path / "search", 18, backends(tmp_path)[name], progress=False)
+    assert len(read_history(tmp_path / "search" / "history.jsonl")) == 7
+    resumed = CountingObjective()
+    search(toy_problem(resumed), tmp_path / "search", 18, backends(tmp_path, seed=1)[name], progress=False)
+    history = read_history(tmp_path / "search" / "history.jsonl")
+    assert len(resumed.calls) == 11 and len(history) == 18
+    assert len(set(killed.calls + resumed.calls)) == 18  # nothing evaluated twice across the kill
+    more = CountingObjective()  # a larger budget continues
+    search(toy_problem(more), tmp_path / "search", 25, backends(tmp_path, seed=2)[name], progress=False)
+    assert len(more.calls) == 7 and len(set(killed.calls + resumed.calls + more.calls)) == 25
+    again = CountingObjective()  # the same budget again does nothing
+    search(toy_problem(again), tmp_path / "search", 25, backends(tmp_path, seed=3)[name], progress=False)
+    assert again.calls == []
+
+
+def test_backends_share_the_cache_and_stop_when_the_space_is_exhausted(tmp_path):
+    first = CountingObjective()
+    search(toy_problem(first), tmp_path / "s", 30, backends(tmp_path)["tpe"], progress=False)
+    second = CountingObjective()
+    result = search(toy_problem(second), tmp_path / "s", 500, backends(tmp_path)["pymoo"], progress=False)
+    assert len(result.history) == SPACE_SIZE and len(second.calls) == SPACE_SIZE - 30
+    assert not set(first.calls) & set(second.calls)
+
+
+def test_gp_sampler_is_multi_objective(tmp_path):
+    objective = CountingObjective()
+    backend = OptunaBackend("gp", storage=f"journal:{tmp_path}/gp.log", seed=0)
+    search(toy_problem(objective), tmp_path / "s", 14, backend, progress=False)
+    assert len(objective.calls) == 14 == len(set(objective.calls))
+
+
+def test_loss_objective_is_minimised(tmp_path):
+    problem = toy_problem(names="loss,adapter_params")
+    result = search(problem, tmp_path / "s", 12, backends(tmp_path)["random"], progress=False)
+    assert sorted(canonical(r["config"]) for r in result.front) == brute_force_front(result.history.records,
+                                                                                        problem.objectives)
+    assert problem.objectives[0].maximize is False
+
+
+def test_bad_input_names_the_fix(tmp_path):
+    with pytest.raises(ShearsError, match="unknown objective"):
+        parse_objectives("accuracy,flops", lambda n, c: 0.0, {}, {})
+    with pytest.raises(ShearsError, match="one quality"):
+        parse_objectives("accuracy,loss", lambda n, c: 0.0, {}, {})
+    with pytest.raises(ShearsError, match="journal"):
+        open_storage("study.db")
+    with pytest.raises(ShearsError, match="budget"):
+        search(toy_problem(), tmp_path / "s", 0, backends(tmp_path)["pymoo"], progress=False)
+    search(toy_problem(), tmp_path / "s", 4, backends(tmp_path)["tpe"], progress=False)
+    with pytest.raises(ShearsError, match="objectives"):  # same study, other objectives
+        search(toy_problem(names="loss,adapter_params"), tmp_path / "t", 4, backends(tmp_path)["tpe"], progress=False)
+
+
+def test_cli_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    from shears.search import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--run", str(tmp_path), "--budget", "3"])
+    assert exit_info.value.code == 2 and "recipe.yaml" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- several processes
+
+
+def _worker(out_dir: str, storage: str, budget: int, seed: int, calls_file: str, die_after: int | None) -> None:
+    """One search process; with die_after it exits abruptly mid-evaluation, leaving a RUNNING trial."""
+    class Logged(CountingObjective):
+        def __call__(self, config):
+            if die_after is not None and len(self.calls) >= die_after:
+                os._exit(3)
+            values = super().__call__(config)
+            with open(calls_file, "a") as f:
+                f.write(canonical(config) + "\n")
+            return values
+
+    backend = OptunaBackend("tpe", storage=storage, seed=seed)
+    search(toy_problem(Logged(sleep=0.01)), out_dir, budget, backend, progress=False, plot=False)
+
+
+def _study_trials(storage: str):
+    return optuna.load_study(study_name="shears-search", storage=open_storage(storage)).get_trials(deepcopy=False)
+
+
+@pytest.mark.slow
+def test_two_concurrent_optuna_workers_share_one_budget_without_duplicates(tmp_path):
+    storage, out, budget = f"journal:{tmp_path}/study.log", str(tmp_path / "search"), 40
+    ctx = mp.get_context("spawn")
+    workers = [ctx.Process(target=_worker, args=(out, storage, budget, seed, str(tmp_path / f"calls{seed}"), None))
+               for seed in (1, 2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert [w.exitcode for w in workers] == [0, 0]
+    calls = [Path(tmp_path / f"calls{s}").read_text().split() for s in (1, 2)]
+    assert all(calls), "both workers must have evaluated something"
+    every = calls[0] + calls[1]
+    assert len(every) == budget and len(set(every)) == budget  # no config evaluated twice, budget exact
+    history = read_history(Path(out) / "history.jsonl")
+    assert sorted(canonical(r["config"]) for r in history) == sorted(every)
+    evaluated = [t for t in _study_trials(storage) if t.user_attrs.get("outcome") == "evaluated"]
+    assert len(evaluated) == budget and len({t.user_attrs["config"] for t in evaluated}) == budget
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_evaluation_has_its_trial_retried(tmp_path):
+    storage, out = f"journal:{tmp_path}/study.log", str(tmp_path / "search")
+    proc = mp.get_context("spawn").Process(target=_worker, args=(out, storage, 12, 0, str(tmp_path / "c"), 5))
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == 3
+    dead = [t for t in _study_trials(storage) if t.state == optuna.trial.TrialState.RUNNING]
+    assert len(dead) == 1
+    lost = dead[0].user_attrs["config"]
+    resumed = CountingObjective()
+    search(toy_problem(resumed), out, 12, OptunaBackend("tpe", storage=storage, seed=5), progress=False, plot=False)
+    assert len(resumed.calls) == 7 and lost in resumed.calls  # the lost trial came back
+    history = read_history(Path(out) / "history.jsonl")
+    assert len(history) == 12 == len({canonical(r["config"]) for r in history})
+
+
+# ----------------------------------------------------------------------------- a real tiny super-network
+
+
+def test_real_tiny_supernet_search_and_analytic_sizes(tmp_path):
+    import copy
+
+    import torch
+    from conftest import make_tiny_model
+
+    from shears.elastic import SuperNet
+    from shears.search.cli import format_front
+    from shears.search.objectives import size_function
+    from shears.search_space import SearchSpace
+
+    base = make_tiny_model("llama")
+    with torch.no_grad():  # a 50%-sparse base, so dense merging adds non-zeros
+        for name, p in base.named_parameters():
+            if name.endswith("proj.weight"):
+                p.mul_((torch.rand_like(p) > 0.5).float())
+    space = SearchSpace.from_dict({"target_modules": ["q_proj", "v_proj", "up_proj"], "r_max": 8, "lora_alpha": 16,
+                                   "lora_dropout": 0.0, "groups": [
+                                       {"name": "qv", "modules": ["q_proj", "v_proj"], "choices": [8, 4, 2]},
+                                       {"name": "up", "modules": ["up_proj"], "choices": [8, 2], "scope": "global"}]})
+    supernet = SuperNet.from_base(base, space)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in supernet.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # a non-trivial adapter
+    batch = torch.randint(3, 128, (2, 12))
+    sizes = {n: size_function(supernet, n) for n in ("adapter_params", "nonzero_params")}
+
+    def loss_of(config):
+        supernet.activate(config)
+        with torch.no_grad():
+            loss = supernet.model(input_ids=batch, labels=batch).loss
+        return {"loss": float(loss), **{n: f(config) for n, f in sizes.items()}}
+
+    bound = supernet.space
+    objectives = parse_objectives("loss,adapter_params", lambda n, c: sizes[n](c), bound.minimal(), bound.maximal())
+    problem = SearchProblem.from_space(bound, objectives, loss_of)
+    assert problem.size == 3 * 3 * 2
+    result = search(problem, tmp_path / "s", 10, PymooBackend(population_size=6), progress=False)
+    assert len(result.history) == 10
+    assert [r["config"] for r in result.history.records[:3]] == [bound.maximal(), bound.heuristic(), bound.minimal()]
+    assert "loss" in format_front(result, objectives)
+    # sizes, checked against the model itself: adapter tensors of the subnet, non-zeros after a dense merge
+    config = bound.heuristic()
+    assert sizes["adapter_params"](config) == sum(t.numel() for t in supernet.subnet_state_dict(config).values())
+    supernet.activate(config)
+    merged = copy.deepcopy(supernet.model).merge_and_unload()
+    assert sizes["nonzero_params"](config) == sum(int(p.count_nonzero()) for p in merged.parameters())
