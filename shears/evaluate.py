@@ -1,0 +1,562 @@
+"""Evaluation: the number the search optimises, measured correctly, fast, on any active subnet.
+
+Three tasks, all on LLM-Adapters records {instruction, input, output, answer} prompted with the
+Alpaca template of `shears.data.format_prompt`:
+
+  math    greedy generation (batched, left padding, KV cache), answer = the last number of the
+          completion, correct within 1e-3 of the gold number (the LLM-Adapters convention). When the
+          gold is an option letter (AQuA), the letter comes from the final answer sentence, not from the
+          first A-E anywhere in the text, which would be the article "A" half of the time.
+  choice  multiple choice by log-likelihood, as lm-eval scores it: every candidate continuation is
+          scored after the prompt, the highest sum of log-probs wins (`accuracy`), and the highest sum
+          per character of the continuation (`accuracy_norm`). Candidates that differ only in their last
+          token share one row of the forward pass, so a 4-way question costs one sequence, not four.
+  loss    mean response-token cross-entropy (and perplexity), the cheap proxy a search may use.
+
+`evaluate(...)` takes a model, a PeftModel or a SuperNet (duck-typed: `.model` and `.activate`);
+for a SuperNet it measures whatever config is active, so a search never reloads anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import ShearsError, cli_errors
+
+TASKS = ("math", "choice", "loss")
+TOLERANCE = 1e-3  # |prediction - gold| within this counts as correct (LLM-Adapters)
+STOP_STRING = "###"  # an untuned model goes on to write the next "### Instruction:" block; cut it there
+
+# --------------------------------------------------------------------------- answer extraction
+
+# A number: optional sign (only when the minus is not part of "5-3"), optional $, then either a
+# thousands-grouped integer ("1,234,567"), a plain integer, with optional decimals, or ".5".
+_NUMBER = re.compile(r"(?<![\w.])(-)?\$?(\d{1,3}(?:,\d{3})+(?!\d)(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
+_OPTION_AFTER_ANSWER = re.compile(r"answer\s*(?:is|:)?\s*:?\s*(?:option\s*)?\(?([A-E])\)?(?![A-Za-z])",
+                                  re.IGNORECASE)
+_OPTION_IN_PARENS = re.compile(r"\(([A-E])\)")
+_OPTION_ALONE = re.compile(r"(?<![A-Za-z])([A-E])(?![A-Za-z])")
+_SENTENCE_END = re.compile(r"(?<=[.!?\n])(?!\d)")  # a period inside "13.5" ends no sentence
+
+
+def truncate_completion(text: str) -> str:
+    """The response proper: the text before a hallucinated next "###" block."""
+    return text.split(STOP_STRING, 1)[0]
+
+
+def extract_number(text: str) -> float | None:
+    """The last number in `text` ("$1,234.50" -> 1234.5, "-3" -> -3.0), or None when there is none."""
+    matches = _NUMBER.findall(text)
+    if not matches:
+        return None
+    sign, digits = matches[-1]
+    value = float(digits.replace(",", ""))
+    return -value if sign else value
+
+
+def extract_option(text: str) -> str | None:
+    """The option letter A-E a completion settles on, read from its final answer sentence.
+
+    Order of trust: the last "answer is (X)" / "answer: X"; else the last sentence that names an
+    option, where a parenthesised "(X)" beats a bare capital (which may be the article "A")."""
+    after_answer = _OPTION_AFTER_ANSWER.findall(text)
+    if after_answer:
+        return after_answer[-1].upper()
+    for sentence in reversed([s for s in _SENTENCE_END.split(text) if s.strip()]):
+        for pattern in (_OPTION_IN_PARENS, _OPTION_ALONE):
+            found = pattern.findall(sentence)
+            if found:
+                return found[-1]
+    return None
+
+
+def gold_option(answer: str) -> str | None:
+    """The letter when the gold answer is an option ("C", "(C)"), else None."""
+    match = re.fullmatch(r"\(?\s*([A-E])\s*\)?", str(answer).strip())
+    return match.group(1) if match else None
+
+
+def gold_number(answer: str) -> float | None:
+    try:
+        return float(str(answer).strip().replace(",", "").lstrip("$"))
+    except ValueError:
+        return None
+
+
+def score_math(completion: str, answer: str) -> tuple[Any, bool]:
+    """(the prediction extracted from a completion, whether it matches the gold answer)."""
+    completion = truncate_completion(completion)
+    letter = gold_option(answer)
+    if letter is not None:
+        predicted = extract_option(completion)
+        return predicted, predicted == letter
+    gold = gold_number(answer)
+    if gold is None:
+        raise ShearsError(f"math answer {answer!r} is neither a number nor an option letter A-E: "
+                          "fix the data's `answer` field or use --task choice/loss")
+    predicted = extract_number(completion)
+    return predicted, predicted is not None and abs(predicted - gold) <= TOLERANCE
+
+
+# --------------------------------------------------------------------------- choice candidates
+
+_ANSWER_FORMAT = re.compile(r"Answer format:\s*([^\s/]+(?:\s*/\s*[^\s/]+)+)", re.IGNORECASE)
+_LABEL_FAMILY = re.compile(r"([A-Za-z]+)(\d+)")
+# The LLM-Adapters response wording, used only when a record's own `output` does not show it.
+RESPONSE_TEMPLATE = "the correct answer is {label}"
+
+
+def choice_labels(record: dict, choices: Sequence[str] | None = None) -> list[str]:
+    """The candidate labels of a record: `choices` when given, else the instruction's
+    "Answer format: a/b/c" line, else the family of the gold label ("answer2" -> answer1..answerK,
+    K counted from "Answer1:".. in the instruction; "true"/"false")."""
+    if choices:
+        return list(choices)
+    formats = _ANSWER_FORMAT.findall(record.get("instruction") or "")
+    if formats:
+        return [label.strip().rstrip(".") for label in formats[-1].split("/")]
+    answer = str(record.get("answer") or "").strip()
+    if answer.lower() in ("true", "false"):
+        return ["true", "false"]
+    family = _LABEL_FAMILY.fullmatch(answer)
+    if family:
+        stem = family.group(1)
+        numbers = {int(n) for n in re.findall(rf"\b{stem}(\d+)\s*:", record.get("instruction") or "", re.IGNORECASE)}
+        count = max(numbers | {int(family.group(2))})
+        return [f"{stem}{k}" for k in range(1, count + 1)]
+    raise ShearsError(f"cannot tell the candidate answers of the record {str(record.get('instruction'))[:60]!r}: "
+                      "pass them with --choices a,b,c (choices=[...])")
+
+
+def choice_continuations(record: dict, labels: Sequence[str]) -> list[str]:
+    """The continuation to score for each label: the record's training response with the label swapped in.
+
+    Why the response text and not the option's own words: a fine-tuned adapter learnt to answer
+    "the correct answer is answer3", so the likelihood of exactly that string is what its training
+    changed; scoring the option text would measure the base model's prior instead. The shared
+    prefix "the correct answer is " adds the same log-prob to every candidate, so the decision rests
+    on the label tokens alone, conditioned on the format the adapter was taught."""
+    output, answer = str(record.get("output") or ""), str(record.get("answer") or "")
+    at = output.rfind(answer) if answer else -1
+    if at >= 0:
+        template = output[:at].replace("{", "{{").replace("}", "}}") + "{label}" + \
+            output[at + len(answer):].replace("{", "{{").replace("}", "}}")
+    else:
+        template = RESPONSE_TEMPLATE
+    return [template.format(label=label) for label in labels]
+
+
+# --------------------------------------------------------------------------- model plumbing
+
+def unwrap(model_or_supernet):
+    """The nn.Module to run: a SuperNet's `.model` (its active config), else the model itself."""
+    if hasattr(model_or_supernet, "model") and hasattr(model_or_supernet, "activate"):
+        return model_or_supernet.model
+    return model_or_supernet
+
+
+@contextlib.contextmanager
+def evaluation_mode(model):
+    """eval() + inference_mode for the duration; the caller's train/eval mode comes back after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def padding_side(tokenizer, side: str):
+    previous = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        yield tokenizer
+    finally:
+        tokenizer.padding_side = previous
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
+def _prompt_ids(tokenizer, record: dict) -> list[int]:
+    from .data import format_prompt
+
+    # With special tokens (BOS), exactly as data.tokenize_example builds the training prompt.
+    return tokenizer(format_prompt(record), add_special_tokens=True)["input_ids"]
+
+
+@dataclass
+class Query:
+    """Log-probs wanted from one row: of `targets[j]` given the row up to `positions[j]`."""
+
+    row: int
+    positions: list[int]
+    targets: list[int]
+
+
+def gather_logprobs(model, rows: list[list[int]], queries: list[Query], pad_id: int) -> list[torch.Tensor]:
+    """One right-padded forward pass over `rows`; per query, the log-probs of its target tokens.
+
+    Right padding keeps every row's positions 0..n-1, so no position ids are needed, and pad tokens
+    sit after the real ones where causal attention never lets a real token see them. Only the
+    logits from the earliest wanted position on are materialised (`logits_to_keep`)."""
+    longest = max(len(r) for r in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    first = min(min(q.positions) for q in queries)
+    device = _device(model)
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=longest - first).logits
+    results = []
+    for q in queries:
+        picked = logits[q.row, torch.tensor(q.positions, device=device) - first].float().log_softmax(-1)
+        results.append(picked.gather(-1, torch.tensor(q.targets, device=device)[:, None])[:, 0].cpu())
+    return results
+
+
+def _batches(order: list[int], batch_size: int):
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
+
+
+def _progress(total: int, task: str, enabled: bool):
+    return tqdm(total=total, desc=f"evaluate {task}", unit="ex", disable=not enabled, dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------- math
+
+def generate_completions(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int) -> list[str]:
+    """Greedy completions of a batch of prompts: left-padded so every prompt ends at the last column
+    (generation appends there), attention mask and pad id passed, EOS or "###" stops a row."""
+    from transformers import GenerationConfig
+
+    with padding_side(tokenizer, "left"):
+        batch = tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt")
+    device = _device(model)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                              pad_token_id=_pad_id(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                              stop_strings=[STOP_STRING])
+    output = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                            generation_config=config, tokenizer=tokenizer)
+    new_tokens = output[:, batch["input_ids"].shape[1]:]
+    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def _evaluate_math(model, tokenizer, records, batch_size, max_new_tokens, progress) -> dict:
+    prompts = [_prompt_ids(tokenizer, r) for r in records]
+    for i, r in enumerate(records):
+        if r.get("answer") in (None, ""):
+            raise ShearsError(f"record {i} has no `answer`: math evaluation compares against the gold answer field")
+    # Longest first: similar lengths share a batch (little padding), and memory runs out early if at all.
+    order = sorted(range(len(records)), key=lambda i: -len(prompts[i]))
+    predictions: list[dict | None] = [None] * len(records)
+    correct = done = 0
+    with _progress(len(records), "math", progress) as bar:
+        for batch in _batches(order, batch_size):
+            completions = generate_completions(model, tokenizer, [prompts[i] for i in batch], max_new_tokens)
+            for i, completion in zip(batch, completions):
+                predicted, ok = score_math(completion, records[i]["answer"])
+                correct += ok
+                predictions[i] = {"index": i, "completion": completion, "prediction": predicted,
+                                  "answer": records[i]["answer"], "correct": ok}
+            done += len(batch)
+            bar.update(len(batch))
+            bar.set_postfix(acc=f"{correct / done:.3f}")
+    return {"accuracy": correct / len(records), "predictions": predictions}
+
+
+# --------------------------------------------------------------------------- choice
+
+@dataclass
+class _Question:
+    labels: list[str]
+    continuations: list[str]
+    rows: list[list[int]]  # distinct token rows serving this question's candidates
+    queries: list[Query]  # one per candidate, `row` indexing into `rows`
+
+
+def _build_question(tokenizer, record: dict, choices: Sequence[str] | None) -> _Question:
+    """Token rows and queries for every candidate of one record.
+
+    Context and continuation are tokenised separately and concatenated (as lm-eval does), so the
+    continuation's tokens are exactly those after the prompt's, whatever the tokenizer would merge
+    across the boundary. A candidate needs the logits at positions len(context)-1 .. len(full)-2,
+    i.e. a row beginning with full[:-1]; candidates that differ only in their last token share one."""
+    labels = choice_labels(record, choices)
+    continuations = choice_continuations(record, labels)
+    context = _prompt_ids(tokenizer, record)
+    rows: list[list[int]] = []
+    queries: list[Query | None] = [None] * len(labels)
+    for k in sorted(range(len(labels)), key=lambda k: -len(continuations[k])):
+        tokens = tokenizer(continuations[k], add_special_tokens=False)["input_ids"]
+        if not tokens:
+            raise ShearsError(f"the candidate {labels[k]!r} tokenises to nothing: give non-empty choices")
+        needed = context + tokens[:-1]
+        row = next((r for r, ids in enumerate(rows) if ids[:len(needed)] == needed), None)
+        if row is None:
+            rows.append(needed)
+            row = len(rows) - 1
+        queries[k] = Query(row, list(range(len(context) - 1, len(needed))), tokens)
+    return _Question(labels, continuations, rows, queries)
+
+
+def score_choices(model, tokenizer, records, choices=None) -> list[dict]:
+    """Sum of log-probs of every candidate continuation of every record, in one forward pass."""
+    questions = [_build_question(tokenizer, r, choices) for r in records]
+    rows, queries = [], []
+    for q in questions:
+        queries += [Query(len(rows) + query.row, query.positions, query.targets) for query in q.queries]
+        rows += q.rows
+    logprobs = iter(gather_logprobs(model, rows, queries, _pad_id(tokenizer)))
+    scored = []
+    for q in questions:
+        sums = [float(next(logprobs).sum()) for _ in q.labels]
+        scored.append({"labels": q.labels, "continuations": q.continuations, "logprobs": sums})
+    return scored
+
+
+def _argmax(values: Sequence[float]) -> int:
+    return max(range(len(values)), key=lambda k: values[k])
+
+
+def _evaluate_choice(model, tokenizer, records, batch_size, choices, progress) -> dict:
+    order = sorted(range(len(records)), key=lambda i: -len(records[i].get("instruction") or ""))
+    predictions: list[dict | None] = [None] * len(records)
+    correct = correct_norm = done = 0
+    with _progress(len(records), "choice", progress) as bar:
+        for batch in _batches(order, batch_size):
+            for i, scored in zip(batch, score_choices(model, tokenizer, [records[i] for i in batch], choices)):
+                gold = str(records[i].get("answer") or "").strip()
+                if gold not in scored["labels"]:
+                    raise ShearsError(f"record {i}: gold answer {gold!r} is not among the candidates "
+                                      f"{scored['labels']}: fix the data or --choices")
+                # acc_norm as lm-eval: log-likelihood per character of the continuation.
+                per_char = [lp / len(c) for lp, c in zip(scored["logprobs"], scored["continuations"])]
+                pick, pick_norm = scored["labels"][_argmax(scored["logprobs"])], scored["labels"][_argmax(per_char)]
+                correct += pick == gold
+                correct_norm += pick_norm == gold
+                predictions[i] = {"index": i, "choices": scored["labels"], "logprobs": scored["logprobs"],
+                                  "prediction": pick, "prediction_norm": pick_norm, "answer": gold,
+                                  "correct": pick == gold, "correct_norm": pick_norm == gold}
+            done += len(batch)
+            bar.update(len(batch))
+            bar.set_postfix(acc=f"{correct / done:.3f}", acc_norm=f"{correct_norm / done:.3f}")
+    return {"accuracy": correct / len(records), "accuracy_norm": correct_norm / len(records),
+            "predictions": predictions}
+
+
+# --------------------------------------------------------------------------- loss
+
+def _evaluate_loss(model, tokenizer, records, batch_size, cutoff_len, progress) -> dict:
+    """Token-weighted mean cross-entropy of the response tokens (EOS included), as training sees them."""
+    from .data import IGNORE_INDEX, tokenize_example
+
+    examples = [tokenize_example(tokenizer, r, cutoff_len, train_on_inputs=False) for r in records]
+    order = sorted(range(len(records)), key=lambda i: -len(examples[i]["input_ids"]))
+    predictions: list[dict | None] = [None] * len(records)
+    total, tokens = 0.0, 0
+    with _progress(len(records), "loss", progress) as bar:
+        for batch in _batches(order, batch_size):
+            scored = [i for i in batch if any(l != IGNORE_INDEX for l in examples[i]["labels"][1:])]
+            queries = []
+            for row, i in enumerate(scored):
+                labels = examples[i]["labels"]
+                wanted = [t for t in range(1, len(labels)) if labels[t] != IGNORE_INDEX]
+                queries.append(Query(row, [t - 1 for t in wanted], [labels[t] for t in wanted]))
+            logprobs = gather_logprobs(model, [examples[i]["input_ids"] for i in scored], queries,
+                                       _pad_id(tokenizer)) if scored else []
+            for i in batch:
+                predictions[i] = {"index": i, "loss": None, "tokens": 0}
+            for i, lp in zip(scored, logprobs):
+                total -= float(lp.sum())
+                tokens += len(lp)
+                predictions[i] = {"index": i, "loss": float(-lp.mean()), "tokens": len(lp)}
+            bar.update(len(batch))
+            if tokens:
+                bar.set_postfix(loss=f"{total / tokens:.4f}")
+    if tokens == 0:
+        raise ShearsError("no response tokens to score: the records' outputs are empty or cut off by cutoff_len")
+    loss = total / tokens
+    return {"accuracy": None, "loss": loss, "perplexity": math.exp(loss), "tokens": tokens,
+            "predictions": predictions}
+
+
+# --------------------------------------------------------------------------- public entry point
+
+def evaluate(model_or_supernet, tokenizer, records: Sequence[dict], task: str, limit: int | None = None,
+             batch_size: int = 16, max_new_tokens: int = 256, choices: Sequence[str] | None = None,
+             cutoff_len: int = 1024, progress: bool = True) -> dict:
+    """Score the model (or the SuperNet's active subnet) on `records` (the first `limit`).
+
+    Returns {"task", "accuracy", "n", "predictions", ...}: choice adds "accuracy_norm"; loss gives
+    "loss", "perplexity", "tokens" and accuracy None. Predictions are in the records' order."""
+    if task not in TASKS:
+        raise ShearsError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ShearsError("batch_size and max_new_tokens must be at least 1")
+    records = list(records)[:limit] if limit is not None else list(records)
+    if not records:
+        raise ShearsError("no records to evaluate: check the data file and --limit")
+    model = unwrap(model_or_supernet)
+    with evaluation_mode(model):
+        if task == "math":
+            result = _evaluate_math(model, tokenizer, records, batch_size, max_new_tokens, progress)
+        elif task == "choice":
+            result = _evaluate_choice(model, tokenizer, records, batch_size, choices, progress)
+        else:
+            result = _evaluate_loss(model, tokenizer, records, batch_size, cutoff_len, progress)
+    return {"task": task, "n": len(records), **result}
+
+
+def summary(result: dict) -> str:
+    """One line: what was measured and how well."""
+    if result["task"] == "loss":
+        return f"loss: {result['loss']:.4f}  perplexity: {result['perplexity']:.3f}  " \
+               f"({result['tokens']} response tokens, n={result['n']})"
+    line = f"{result['task']} accuracy: {result['accuracy']:.4f}"
+    if "accuracy_norm" in result:
+        line += f"  accuracy_norm: {result['accuracy_norm']:.4f}"
+    return f"{line}  (n={result['n']})"
+
+
+# --------------------------------------------------------------------------- CLI
+
+def _subnet_config(supernet, subnet: str) -> dict:
+    if subnet in ("maximal", "heuristic", "minimal"):
+        return getattr(supernet, subnet)()
+    path = Path(subnet)
+    try:
+        config = json.loads(path.read_text() if path.suffix == ".json" and path.is_file() else subnet)
+    except json.JSONDecodeError:
+        raise ShearsError(f"--subnet {subnet!r} is not maximal, heuristic, minimal, a JSON config or a .json "
+                          "file holding one") from None
+    if not isinstance(config, dict):
+        raise ShearsError("--subnet JSON must be an object mapping config keys to ranks")
+    return config
+
+
+def load_for_run(run: str | os.PathLike, subnet: str, dtype: str | None = None):
+    """(SuperNet with `subnet` active, tokenizer, recipe) of a run directory."""
+    from .elastic import SuperNet
+    from .models import load_model, load_tokenizer
+    from .recipe import load_recipe
+
+    run = Path(run)
+    if not (run / "recipe.yaml").is_file():
+        raise ShearsError(f"{run} has no recipe.yaml: pass a run directory written by shears-train-supernet")
+    if not (run / "supernet").is_dir():
+        raise ShearsError(f"{run} has no supernet/: train it first with shears-train-supernet")
+    recipe = load_recipe(run / "recipe.yaml")
+    base = str(run / "sparse_base") if (run / "sparse_base").is_dir() else recipe.model
+    supernet = SuperNet.load(run / "supernet", load_model(base, dtype=dtype or recipe.dtype))
+    supernet.activate(_subnet_config(supernet, subnet))
+    return supernet, load_tokenizer(base), recipe
+
+
+def _load_plain(model_name: str, adapter: str | None, dtype: str):
+    from .models import load_model, load_tokenizer
+
+    model = load_model(model_name, dtype=dtype)
+    if adapter:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise ShearsError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, adapter)
+    return model, load_tokenizer(model_name)
+
+
+def write_json_atomic(data: Any, path: Path, overwrite: bool = False) -> None:
+    if path.exists() and not overwrite:
+        raise ShearsError(f"{path} exists: pass --overwrite or choose another --output")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as out:
+            json.dump(data, out, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shears-evaluate", description=__doc__.split("\n\n")[0])
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="hub id, folder, .gguf or the alias smollm2-135m")
+    source.add_argument("--run", help="run directory: evaluates a subnet of RUN/supernet")
+    p.add_argument("--adapter", help="stock-PEFT adapter folder to load on --model")
+    p.add_argument("--subnet", default="maximal",
+                   help="with --run: maximal | heuristic | minimal | a JSON config | a .json file (default maximal)")
+    p.add_argument("--data", required=True, help="records: .json/.jsonl/.csv, or builtin:arithmetic[?n=N]")
+    p.add_argument("--task", choices=TASKS, help="default: the run's recipe evaluation.task, else math")
+    p.add_argument("--limit", type=int, help="evaluate only the first N records")
+    p.add_argument("--batch-size", type=int, help="records per forward/generate call (default recipe, else 16)")
+    p.add_argument("--max-new-tokens", type=int, help="math generation budget (default recipe, else 256)")
+    p.add_argument("--choices", help="choice task: comma-separated candidate labels for every record")
+    p.add_argument("--cutoff-len", type=int, help="loss task: token cut-off (default recipe data.cutoff_len, else 1024)")
+    p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default recipe, else float32)")
+    p.add_argument("--output", help="write the result with per-example predictions to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    return p
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> None:
+    from .data import load_records
+
+    args = build_parser().parse_args(argv)
+    output = Path(args.output) if args.output else None
+    if output is not None and output.exists() and not args.overwrite:
+        raise ShearsError(f"{output} exists: pass --overwrite or choose another --output")
+    if args.run:
+        if args.adapter:
+            raise ShearsError("--adapter goes with --model; a --run evaluates its own super-network")
+        model, tokenizer, recipe = load_for_run(args.run, args.subnet, args.dtype)
+        ev = recipe.evaluation
+        task, batch_size, max_new_tokens, cutoff_len = ev.task, ev.batch_size, ev.max_new_tokens, recipe.data.cutoff_len
+        described = f"{args.run} subnet {args.subnet}"
+    else:
+        model, tokenizer = _load_plain(args.model, args.adapter, args.dtype or "float32")
+        task, batch_size, max_new_tokens, cutoff_len = "math", 16, 256, 1024
+        described = args.model + (f" + {args.adapter}" if args.adapter else "")
+    if torch.cuda.is_available():
+        unwrap(model).to("cuda")
+    records = load_records(args.data)
+    result = evaluate(model, tokenizer, records, args.task or task, limit=args.limit,
+                      batch_size=args.batch_size or batch_size, max_new_tokens=args.max_new_tokens or max_new_tokens,
+                      choices=args.choices.split(",") if args.choices else None,
+                      cutoff_len=args.cutoff_len or cutoff_len)
+    result = {"model": described, "data": args.data, **result}
+    print(f"{described} on {args.data}: {summary(result)}")
+    if output is not None:
+        write_json_atomic(result, output, overwrite=args.overwrite)
+        print(f"wrote {len(result['predictions'])} predictions to {output}")
+    else:
+        print("wrote nothing (pass --output FILE to keep the per-example predictions)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
