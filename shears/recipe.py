@@ -9,7 +9,9 @@ list what is valid, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -72,6 +74,10 @@ class TrainingConfig:
     bf16: bool = False
     seed: int = 42
     val_limit: Optional[int] = 64  # validation examples for the end-of-training loss report
+    # In-Squeeze (LoRA-Squeeze): r_max of each training stage, e.g. [64, 32]; it must end at the search
+    # space's r_max. Training is split evenly over the stages; at each boundary the adapters are squeezed
+    # (SVD) to the next rank and the optimiser restarts. Empty: one stage at the space's r_max.
+    rank_schedule: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -130,6 +136,39 @@ class Recipe:
         return self
 
 
+# --------------------------------------------------------------------------- YAML numbers
+
+# PyYAML reads YAML 1.1, where `2:4` is the base-60 integer 124 and `3e-4` (no dot) is a string.
+# Recipes hold N:M patterns and learning rates, so the loader reads numbers as YAML 1.2 does.
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_INT = re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$")
+_FLOAT = re.compile(r"^(?:[-+]?(?:(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[0-9]+[eE][-+]?[0-9]+)"
+                    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+_NUMBER_START = list("-+0123456789.")
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML with YAML 1.2 numbers (resolvers set below)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_INT_TAG, _INT, _NUMBER_START)
+_Loader.add_implicit_resolver(_FLOAT_TAG, _FLOAT, _NUMBER_START)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Quotes every string that either reading (YAML 1.1 or ours) would take for a number."""
+
+
+_Dumper.add_implicit_resolver(_FLOAT_TAG, _FLOAT, _NUMBER_START)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 # --------------------------------------------------------------------------- typed construction
 
 def _type_name(tp: Any) -> str:
@@ -157,17 +196,18 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return _build(tp, value, where)
     if origin is list:
         (item_type,) = typing.get_args(tp)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and item_type is not str:
+        if isinstance(value, str):  # a command line writes a list as a,b,c
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()] if "," in value else [value]
         if not isinstance(value, list):
             raise ShearsError(f"{where}: expected a list, got {value!r}")
         return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ShearsError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
+        value_type = (typing.get_args(tp) or (str, Any))[1]
+        return {str(k): _coerce(v, value_type, f"{where}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -181,6 +221,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # e.g. "3e-4" handed over in an overrides dict
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            if math.isfinite(number):
+                return number
         raise ShearsError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -208,13 +255,23 @@ def recipe_from_dict(values: dict) -> Recipe:
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
-    for key in keys[:-1]:
-        child = node.get(key)
+    for depth, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
         if not isinstance(child, dict):
-            child = {}
-            node[key] = child
+            section = ".".join(keys[:depth + 1])
+            raise ShearsError(f"cannot set {dotted}: {section} is a value, not a section; override {section} itself")
         node = child
     node[keys[-1]] = value
+
+
+def _parse_value(raw: str) -> Any:
+    """A command-line value as YAML (so 8, 0.5, true, [a, b] are typed); text YAML cannot read stays text."""
+    if raw == "":
+        return ""
+    try:
+        return _yaml_load(raw)
+    except yaml.YAMLError:  # e.g. {data_dir}/x.json, which YAML takes for a broken mapping
+        return raw
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
@@ -236,7 +293,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             key, raw = arg.split("=", 1)
         else:
             raise ShearsError(f"cannot read {arg!r}: write overrides as key=value or --key value")
-        overrides[key.replace("-", "_")] = yaml.safe_load(raw) if raw != "" else ""
+        overrides[key.replace("-", "_")] = _parse_value(raw)
         i += 1
     return overrides
 
@@ -250,7 +307,7 @@ def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | list
         shipped = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
         raise ShearsError(f"recipe not found: {path} (shipped recipes: {shipped})")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = _yaml_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ShearsError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(values, dict):
@@ -267,5 +324,5 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    tmp.write_text(yaml.dump(recipe.to_dict(), Dumper=_Dumper, sort_keys=False))
     os.replace(tmp, path)

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ from .models import load_model, load_tokenizer
 from .recipe import Recipe, load_recipe, save_recipe
 from .search_space import BoundSpace, SearchSpace, canonical, load_search_space
 from .sparsity import prune_to_folder
+from .squeeze import squeeze_lora
 
 STRATEGIES = ("uniform", "sandwich")
 
@@ -57,14 +59,15 @@ class SubnetSampler:
 class NLSTrainer(Trainer):
     """HF Trainer whose training step activates the step's sampled subnet(s) before forward/backward."""
 
-    def __init__(self, *args, supernet: SuperNet, sampler: SubnetSampler, **kwargs):
+    def __init__(self, *args, supernet: SuperNet, sampler: SubnetSampler, step_offset: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.supernet, self.sampler = supernet, sampler
+        self.step_offset = step_offset  # steps of earlier In-Squeeze stages: sampling continues across stages
         self.trained_configs: list[tuple[int, str]] = []  # (step, canonical config), for provenance
         self._last_params = 0
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        step = self.state.global_step
+        step = self.step_offset + self.state.global_step
         configs = self.sampler.configs_for_step(step)
         total = None
         for config in configs:
@@ -105,13 +108,77 @@ def prepare_base(recipe: Recipe, run_dir: Path, train_records: list[dict]):
     return load_model(source, dtype=recipe.dtype), load_tokenizer(source), source
 
 
-def training_arguments(recipe: Recipe, run_dir: Path) -> TrainingArguments:
+@dataclass
+class Stage:
+    """One stretch of training at a fixed r_max (a single stage unless the recipe anneals ranks)."""
+    index: int
+    space: SearchSpace
+    max_steps: int
+    num_train_epochs: float
+    checkpoints: Path
+    step_offset: int  # optimizer steps of the stages before (epoch-based: counted as they finish)
+
+
+def stage_space(space: SearchSpace, r_max: int) -> SearchSpace:
+    """`space` at another r_max: choices scaled by r_max / space.r_max, and alpha too, so that the scaling
+    alpha / r_max -- and so the function of every subnet -- is the same at every stage."""
+    factor = r_max / space.r_max
+    data = space.to_dict()
+    data.update(r_max=r_max, lora_alpha=space.lora_alpha * factor)
+    for group in data["groups"]:
+        group["choices"] = [max(1, round(c * factor)) for c in group["choices"]]
+        if len(set(group["choices"])) < len(group["choices"]):
+            raise ShearsError(f"training.rank_schedule stage r={r_max} maps group {group['name']!r}'s choices to "
+                              f"duplicates {group['choices']}: use stage ranks that are multiples of r_max")
+    return SearchSpace.from_dict(data, source=f"{space.source} at r_max={r_max}")
+
+
+def plan_stages(recipe: Recipe, space: SearchSpace, run_dir: Path) -> list[Stage]:
+    t = recipe.training
+    schedule = list(t.rank_schedule) or [space.r_max]
+    if schedule != sorted(set(schedule), reverse=True) or schedule[-1] != space.r_max:
+        raise ShearsError(f"training.rank_schedule {schedule} must strictly decrease and end at the search space's "
+                          f"r_max ({space.r_max}), e.g. [{4 * space.r_max}, {2 * space.r_max}, {space.r_max}]")
+    n = len(schedule)
+    if n > 1 and 0 < t.max_steps < n:
+        raise ShearsError(f"training.max_steps={t.max_steps} cannot be split over {n} rank stages: raise it")
+    steps = [t.max_steps // n + (t.max_steps % n if i == n - 1 else 0) for i in range(n)] if t.max_steps > 0 \
+        else [-1] * n
+    root = run_dir / "checkpoints"
+    return [Stage(i, stage_space(space, r), steps[i], t.num_train_epochs / n,
+                  root if n == 1 else root / f"stage-{i}", sum(max(0, s) for s in steps[:i]))
+            for i, r in enumerate(schedule)]
+
+
+def squeeze_supernet(supernet: SuperNet, space: SearchSpace) -> SuperNet:
+    """In-Squeeze: the super-network re-factorised at the smaller r_max of `space`.
+
+    Each module's update is truncated to its best rank-r_max approximation (shears.squeeze) at the same
+    scaling, with directions in descending singular value -- so the elastic slices A[:r], B[:, :r] of
+    the next stage start from the update's most important directions. The new adapters are new
+    tensors: the next stage's optimiser starts fresh for them."""
+    factors = {}
+    for name, layer in supernet.layers.items():
+        squeezed = squeeze_lora(layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+                                layer.scaling["default"], rank=space.r_max)
+        factors[name] = squeezed
+    net = SuperNet.from_base(supernet.model.unload(), space, sparse_adapter=supernet.sparse_adapter)
+    with torch.no_grad():
+        for name, squeezed in factors.items():
+            rank = squeezed.rank  # < r_max only where the update itself had lower rank
+            layer = net.layers[name]
+            layer.lora_A["default"].weight.zero_()[:rank].copy_(squeezed.A)
+            layer.lora_B["default"].weight.zero_()[:, :rank].copy_(squeezed.B)
+    return net
+
+
+def training_arguments(recipe: Recipe, stage: Stage) -> TrainingArguments:
     t = recipe.training
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return TrainingArguments(
-        output_dir=str(run_dir / "checkpoints"),
-        max_steps=t.max_steps,
-        num_train_epochs=t.num_train_epochs,
+        output_dir=str(stage.checkpoints),
+        max_steps=stage.max_steps,
+        num_train_epochs=stage.num_train_epochs,
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_train_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -139,8 +206,8 @@ def training_arguments(recipe: Recipe, run_dir: Path) -> TrainingArguments:
     )
 
 
-def last_checkpoint(run_dir: Path) -> str | None:
-    checkpoints = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+def last_checkpoint(checkpoints_dir: Path) -> str | None:
+    checkpoints = sorted(checkpoints_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     return str(checkpoints[-1]) if checkpoints else None
 
 
@@ -156,7 +223,7 @@ def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, force: bool) -> N
                 raise ShearsError(f"--resume with a recipe whose {section!r} differs from {saved}: resume with the "
                                   "same recipe, or start a new --output")
         return
-    if (run_dir / "supernet").exists() or last_checkpoint(run_dir):
+    if (run_dir / "supernet").exists() or (run_dir / "checkpoints").exists():
         if not force:
             raise ShearsError(f"{run_dir} already holds a super-network or checkpoints: pass --resume to continue, "
                               "--force to start over, or choose another --output")
@@ -181,18 +248,35 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
     base, tokenizer, base_source = prepare_base(recipe, run_dir, train_records)
 
     space = resolve_search_space(recipe)
-    set_seed(recipe.training.seed)  # the adapters' initial weights, identical across runs and processes
-    supernet = SuperNet.from_base(base, space, sparse_adapter=recipe.training.sparse_adapter)
-    sampler = SubnetSampler(supernet.space, recipe.training.strategy, seed=recipe.training.seed)
     train_set = TokenizedDataset(tokenizer, train_records, d.cutoff_len, d.train_on_inputs)
     val_set = TokenizedDataset(tokenizer, val_records[: recipe.training.val_limit], d.cutoff_len, d.train_on_inputs)
+    trained: list[tuple[int, str]] = []
+    supernet = trainer = None
+    for stage in plan_stages(recipe, space, run_dir):
+        finished = stage.checkpoints / "end"  # a completed stage of a multi-stage run, for --resume
+        if resume and (finished / "trained.json").is_file():
+            supernet = SuperNet.load(finished, base if supernet is None else supernet.model.unload())
+            trained = [tuple(x) for x in json.loads((finished / "trained.json").read_text())]
+            continue
+        if supernet is None:
+            set_seed(recipe.training.seed)  # the adapters' initial weights, identical across runs and processes
+            supernet = SuperNet.from_base(base, stage.space, sparse_adapter=recipe.training.sparse_adapter)
+        elif supernet.space.r_max != stage.space.r_max:
+            supernet = squeeze_supernet(supernet, stage.space)
+        trainer = NLSTrainer(
+            model=supernet.model, args=training_arguments(recipe, stage), train_dataset=train_set,
+            eval_dataset=val_set, data_collator=Collator(tokenizer), supernet=supernet,
+            sampler=SubnetSampler(supernet.space, recipe.training.strategy, seed=recipe.training.seed),
+            step_offset=stage.step_offset if stage.max_steps > 0 else len({s for s, _ in trained}))
+        trainer.train(resume_from_checkpoint=last_checkpoint(stage.checkpoints) if resume else None)
+        trained += trainer.trained_configs
+        if stage.checkpoints != run_dir / "checkpoints" and is_main_process():
+            supernet.save(finished, overwrite=True)
+            _write_json(finished / "trained.json", trained)
 
-    trainer = NLSTrainer(
-        model=supernet.model, args=training_arguments(recipe, run_dir), train_dataset=train_set,
-        eval_dataset=val_set, data_collator=Collator(tokenizer),
-        supernet=supernet, sampler=sampler)
-    trainer.train(resume_from_checkpoint=last_checkpoint(run_dir) if resume else None)
-
+    if trainer is None:  # every stage was already finished: a trainer only to evaluate
+        trainer = Trainer(model=supernet.model, args=training_arguments(recipe, stage), eval_dataset=val_set,
+                          data_collator=Collator(tokenizer))
     summary = {name: _val_loss(trainer, supernet, config)
                for name, config in (("maximal", supernet.maximal()), ("heuristic", supernet.heuristic()),
                                     ("minimal", supernet.minimal()))}
@@ -201,10 +285,10 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
         supernet.activate(supernet.maximal())
         supernet.save(out, overwrite=True)  # check_run_dir already refused to clobber a finished run
         _write_json(run_dir / "train_summary.json", {
-            "base": base_source, "steps": trainer.state.global_step, "validation": summary,
-            "trained_configs": [{"step": s, "config": json.loads(c)} for s, c in trainer.trained_configs]})
+            "base": base_source, "steps": len({step for step, _ in trained}), "validation": summary,
+            "trained_configs": [{"step": s, "config": json.loads(c)} for s, c in trained]})
         _print_summary(run_dir, summary)
-    _write_trace(run_dir, trainer.trained_configs)
+    _write_trace(run_dir, trained)
     return out
 
 

@@ -226,3 +226,59 @@ def test_two_process_ddp_trains_the_same_configs(tiny_model_dir, tmp_path):
     rank0 = (run / "trace" / "rank0.jsonl").read_text().splitlines()
     rank1 = (run / "trace" / "rank1.jsonl").read_text().splitlines()
     assert len(rank0) == 4 and rank0 == rank1
+
+
+# ---- In-Squeeze: rank annealing over training stages
+
+def test_stage_space_scales_choices_and_alpha_so_every_subnet_keeps_its_scaling():
+    from shears.search_space import SearchSpace
+    from shears.train_supernet import stage_space
+
+    space = SearchSpace.from_dict(TINY_SPACE)
+    wide = stage_space(space, 16)
+    assert wide.r_max == 16 and [g.choices for g in wide.groups] == [(16, 8, 4), (16, 4)]
+    assert wide.lora_alpha / wide.r_max == space.lora_alpha / space.r_max
+    with pytest.raises(ShearsError, match="multiples"):
+        stage_space(SearchSpace.from_dict({**TINY_SPACE, "groups": [
+            {"name": "qv", "modules": ["q_proj", "v_proj"], "choices": [8, 7], "scope": "per_layer"},
+            {"name": "up", "modules": ["up_proj"], "choices": [8], "scope": "global"}]}), 2)
+
+
+def test_squeeze_supernet_is_the_svd_truncation_of_each_update(tiny_llama):
+    from shears.elastic import SuperNet
+    from shears.search_space import SearchSpace
+    from shears.train_supernet import squeeze_supernet, stage_space
+
+    space = SearchSpace.from_dict(TINY_SPACE)
+    torch.manual_seed(0)
+    net = SuperNet.from_base(tiny_llama, stage_space(space, 16))
+    for layer in net.layers.values():
+        torch.nn.init.normal_(layer.lora_B["default"].weight)
+    expected = {}
+    for name, layer in net.layers.items():  # reference: truncated SVD of the dense update
+        dense = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        u, s, vh = torch.linalg.svd(dense.double())
+        expected[name] = (u[:, :8] * s[:8]) @ vh[:8]
+    squeezed = squeeze_supernet(net, space)
+    assert squeezed.space.r_max == 8
+    for name, layer in squeezed.layers.items():
+        got = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        torch.testing.assert_close(got.double(), expected[name], rtol=0, atol=1e-5)
+
+
+def test_rank_schedule_trains_in_stages_and_ends_at_r_max(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    train_supernet(load_recipe(tiny_recipe(tiny_model_dir, tmp_path, rank_schedule=[16, 8])), run)
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert [s["step"] for s in summary["trained_configs"]] == [0, 1, 2, 3]
+    # steps 0-1 train the stage at r_max 16 (choices doubled), steps 2-3 the squeezed one at 8
+    for entry, up_choices in zip(summary["trained_configs"], ({16, 4}, {16, 4}, {8, 2}, {8, 2})):
+        assert entry["config"]["up"] in up_choices
+    assert json.loads((run / "supernet" / "adapter_config.json").read_text())["r"] == 8
+    assert (run / "checkpoints" / "stage-0" / "end" / "adapter_model.safetensors").is_file()
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run / "supernet")
+    with pytest.raises(ShearsError, match="rank_schedule"):
+        train_supernet(load_recipe(tiny_recipe(tiny_model_dir, tmp_path, rank_schedule=[16, 4])), tmp_path / "r2")
