@@ -49,7 +49,14 @@ def load_records(source: str | Path | Sequence[str | Path], fields: dict[str, st
                  limit: int | None = None, seed: int = 0) -> list[dict]:
     """Records from one source or a list of them (concatenated). `fields` maps our field names to the
     source's (e.g. {"instruction": "question"}). `limit` keeps a seeded random subset per source."""
+    if limit is not None and limit < 1:
+        raise ShearsError(f"limit={limit} keeps no records: set a positive data.train_limit, or none for all records")
+    unknown = sorted(set(fields or {}) - set(FIELDS))
+    if unknown:
+        raise ShearsError(f"data.fields maps unknown field {unknown[0]!r}: map any of {', '.join(FIELDS)}")
     if isinstance(source, (list, tuple)):
+        if not source:
+            raise ShearsError("no data sources given: list at least one file, builtin: or hub: source")
         records: list[dict] = []
         for one in source:
             records.extend(load_records(one, fields, limit, seed))
@@ -83,14 +90,26 @@ def _read_file(path: Path) -> list[Any]:
                 raise ShearsError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
             return data
         if suffix == ".jsonl":
-            lines = path.read_text(encoding="utf-8").splitlines()
-            return [json.loads(line) for line in lines if line.strip()]
+            return _read_jsonl(path)
         if suffix == ".csv":
             with path.open(newline="", encoding="utf-8") as handle:
                 return list(csv.DictReader(handle))
     except json.JSONDecodeError as err:
         raise ShearsError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    except UnicodeDecodeError:
+        raise ShearsError(f"{path}: not UTF-8 text; re-save it as UTF-8") from None
     raise ShearsError(f"{path}: unsupported data format {suffix!r}: use .json, .jsonl or .csv")
+
+
+def _read_jsonl(path: Path) -> list[Any]:
+    items = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                items.append(json.loads(line))
+            except json.JSONDecodeError as err:  # json counts lines within the one line it saw
+                raise ShearsError(f"{path}: line {lineno} is not valid JSON ({err.msg}, column {err.colno})") from None
+    return items
 
 
 def _hub(spec: str) -> list[Any]:
@@ -100,7 +119,8 @@ def _hub(spec: str) -> list[Any]:
 
         return list(datasets.load_dataset(name, split=split or "train"))
     except Exception as err:  # the hub raises many types; all mean the same to the user
-        raise ShearsError(f"could not load hub data set {name!r} ({type(err).__name__}): the hub may be "
+        cause = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ShearsError(f"could not load hub data set {name!r} ({type(err).__name__}: {cause}): the hub may be "
                           "unreachable here; download it where it is reachable and pass the file") from None
 
 
@@ -246,8 +266,11 @@ def split_validation(records: Sequence[dict], val_size: int | float, seed: int =
 
     `val_size` is a count, or a fraction when below 1. Both parts keep the records' original order."""
     n = len(records)
+    if val_size < 0 or (val_size > 1 and val_size != int(val_size)):
+        raise ShearsError(f"validation size {val_size} is neither a count nor a fraction below 1: "
+                          "set data.val_size to e.g. 64 or 0.05")
     count = int(round(val_size * n)) if 0 < val_size < 1 else int(val_size)
-    if count < 0 or count >= n:
+    if count >= n:
         raise ShearsError(f"validation size {val_size} leaves no training data out of {n} records: lower data.val_size")
     chosen = set(np.random.default_rng(seed).permutation(n)[:count].tolist())
     train = [r for i, r in enumerate(records) if i not in chosen]
@@ -261,8 +284,9 @@ def calibration_input_ids(tokenizer, records: Iterable[dict], nsamples: int, seq
     As Wanda samples C4: the examples (prompt + response) are shuffled and joined into one token
     stream, separated by EOS, and windows start at seeded random offsets."""
     records = list(records)
-    if not records or nsamples <= 0:
-        raise ShearsError("the calibration set is empty: pass --calibration DATA with records, and nsamples > 0")
+    if not records or nsamples <= 0 or seqlen <= 0:
+        raise ShearsError("the calibration set is empty: pass --calibration DATA with records, nsamples > 0 "
+                          "and seqlen > 0")
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []

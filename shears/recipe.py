@@ -197,7 +197,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is list:
         (item_type,) = typing.get_args(tp)
         if isinstance(value, str):  # a command line writes a list as a,b,c
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            pieces = [v.strip() for v in value.split(",") if v.strip()]
+            value = pieces if item_type is str else [_parse_value(v) for v in pieces]
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, list):
