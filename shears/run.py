@@ -7,6 +7,7 @@ carved out of the training data — the same records every later stage scores on
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,3 +58,18 @@ def load_run(run_dir: str | Path, dtype: str | None = None, device: str | None =
     supernet = SuperNet.load(run_dir / "supernet", base)
     supernet.model.eval()
     return Run(run_dir, recipe, supernet, load_tokenizer(source), source)
+
+
+def subnet_config(supernet, subnet: str) -> dict:
+    """The config a --subnet value names: maximal | heuristic | minimal | inline JSON | a .json file."""
+    if subnet in ("maximal", "heuristic", "minimal"):
+        return getattr(supernet, subnet)()
+    path = Path(subnet)
+    try:
+        config = json.loads(path.read_text() if path.suffix == ".json" and path.is_file() else subnet)
+    except json.JSONDecodeError:
+        raise ShearsError(f"--subnet {subnet!r} is not maximal, heuristic, minimal, a JSON config or a .json "
+                          "file holding one") from None
+    if not isinstance(config, dict):
+        raise ShearsError("--subnet JSON must be an object mapping config keys to ranks")
+    return config

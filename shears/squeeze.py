@@ -305,14 +305,14 @@ def write_adapter(folder: Path, squeezed: SqueezedAdapter, source: Path, rule: d
     (folder / SQUEEZE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def _check_output(output: Path, force: bool) -> None:
+def check_output(output: Path, force: bool) -> None:
     if output.exists() and not force:
         raise ShearsError(f"{output} already exists: pass --force to overwrite it or choose another --output")
 
 
-def _publish(tmp: Path, output: Path, force: bool) -> None:
+def publish(tmp: Path, output: Path, force: bool) -> None:
     """Move the finished temporary folder into place; an old output is swapped out, then deleted."""
-    _check_output(output, force)
+    check_output(output, force)
     if output.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
         os.replace(output, old / output.name)
@@ -338,10 +338,10 @@ def squeeze_adapter_dir(adapter_dir: str | os.PathLike, output_dir: str | os.Pat
                         energy: float | None = None, tol: float | None = None, force: bool = False) -> SqueezedAdapter:
     """Squeeze a stock PEFT LoRA folder into a stock PEFT folder with per-module ranks, written atomically."""
     adapter_dir, output = Path(adapter_dir), Path(output_dir)
-    _check_output(output, force)
+    check_output(output, force)
     tmp, squeezed = _squeeze_into_temp(adapter_dir, output, rank, energy, tol)
     try:
-        _publish(tmp, output, force)
+        publish(tmp, output, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return squeezed
@@ -438,7 +438,7 @@ def _base_model_of(adapter_dir: Path, override: str | None) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     adapter_dir, output = Path(args.adapter), Path(args.output)
-    _check_output(output, args.force)
+    check_output(output, args.force)
     if args.recover_steps < 0:
         raise ShearsError(f"--recover-steps must be >= 0, got {args.recover_steps}")
     if args.recover_steps and not args.data:
@@ -452,7 +452,7 @@ def main(argv=None) -> None:
                                 args.cutoff_len, args.seed)
             loss = recover(tmp, base_model, recovery)
             print(f"recovered {args.recover_steps} steps on {args.data} at the squeezed ranks: final loss {loss:.4f}")
-        _publish(tmp, output, args.force)
+        publish(tmp, output, args.force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote squeezed adapter ({ADAPTER_CONFIG}, {ADAPTER_WEIGHTS}, {SQUEEZE_RECORD}) to {output}")

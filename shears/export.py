@@ -1,0 +1,414 @@
+"""Export subnets of a trained super-network as ordinary stock-PEFT LoRA adapters.
+
+A subnet of the super-network is a rank per adapted module; its LoRA factors are the leading slices
+A[:r] and B[:, :r] of the super-network's, and its scale is lora_alpha / r_max whatever r is. PEFT
+computes the scale as alpha / r, so a module exported at rank r carries alpha = lora_alpha * r / r_max.
+The ranks differ per module, so they go into `rank_pattern` / `alpha_pattern`, keyed by each
+module's full anchored path: PEFT takes the first key k with re.match(rf"(.*\\.)?({k})$", module), so
+a short key such as `q_proj` would pin every layer's q_proj to one rank. `r` / `lora_alpha` hold the
+most common rank, which keeps the patterns short.
+
+    python -m shears.export --run RUN (--front | --subnet maximal|heuristic|minimal|<config json>)
+                            [--squeeze [--energy E]] [--merge] [--output DIR] [--force]
+
+--squeeze re-factorises every exported module with shears.squeeze: to the smallest rank that keeps
+its update exact (tol mode), or to the rank keeping a share E of its energy, at the same scale.
+--merge also writes merged/, an HF model folder of base + subnet. A SparsePEFT run (sparse_adapter)
+masks its update with the base's non-zeros; that masked update is not low-rank, so its adapter
+folder holds the unmasked factors and only merged/ reproduces the super-network (keeping the base's
+zeros exactly).
+
+RUN/export/<name>/ = adapter_model.safetensors + adapter_config.json + shears.json [+ merged/];
+--front adds manifest.json and README.md listing every point of RUN/search/front.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .elastic import SCALING_RULE, SuperNet
+from .errors import ShearsError, cli_errors
+from .models import load_model
+from .run import Run, load_run, subnet_config
+from .search.history import write_atomic
+from .search_space import Config, canonical
+from .sparsity import SPARSITY_JSON, sparsity_report
+from .squeeze import (ADAPTER_WEIGHTS, DEFAULT_TOL, check_output, publish, alpha_for_scale,
+                      lora_factor_keys, pattern_key, squeeze_lora)
+
+EXPORT_FORMAT = "shears-export/1"
+SHEARS_FILE = "shears.json"
+MANIFEST = "manifest.json"
+README = "README.md"
+MERGED = "merged"
+ANCHORS = ("maximal", "heuristic", "minimal")
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A [r, in], B [out, r])
+
+
+# --------------------------------------------------------------------------- which subnets
+
+def named_subnets(supernet: SuperNet, subnets: list[str]) -> dict[str, Config]:
+    """--subnet values -> {folder name: config}: an anchor keeps its label, a .json file its stem,
+    inline JSON becomes subnet-<adapter_params>."""
+    named = {}
+    for subnet in subnets:
+        config = supernet.space.validate(subnet_config(supernet, subnet))
+        if subnet in ANCHORS:
+            name = subnet
+        elif subnet.endswith(".json") and Path(subnet).is_file():
+            name = Path(subnet).stem
+        else:
+            name = f"subnet-{supernet.adapter_params(config)}"
+        if name in named:
+            raise ShearsError(f"two --subnet values both export to the folder {name!r}: pass each subnet once")
+        named[name] = config
+    return named
+
+
+def read_front(run_dir: Path) -> dict:
+    path = run_dir / "search" / "front.json"
+    if not path.is_file():
+        raise ShearsError(f"{path} not found: run python -m shears.search --run {run_dir} --budget N first")
+    return json.loads(path.read_text())
+
+
+def front_subnets(supernet: SuperNet, front: dict) -> dict[str, Config]:
+    """{front-<i>-<adapter_params>: config} for every point of front.json, in its order (size ascending)."""
+    if not front.get("front"):
+        raise ShearsError("front.json holds no points: run python -m shears.search with a larger --budget")
+    return {f"front-{i}-{supernet.adapter_params(row['config'])}": supernet.space.validate(row["config"])
+            for i, row in enumerate(front["front"])}
+
+
+def search_objectives(run_dir: Path) -> dict[str, dict]:
+    """canonical(config) -> objectives of every evaluation in RUN/search/history.jsonl (the first one
+    wins, as in the search), then of the points of front.json (which outlives a pruned history)."""
+    history, front = run_dir / "search" / "history.jsonl", run_dir / "search" / "front.json"
+    records = []
+    if history.is_file():
+        for line in history.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line torn by a killed search: the search skips it too
+                continue
+    if front.is_file():
+        records += json.loads(front.read_text()).get("front", [])
+    found: dict[str, dict] = {}
+    for record in records:
+        found.setdefault(canonical(record["config"]), record["objectives"])
+    return found
+
+
+# --------------------------------------------------------------------------- one subnet's adapter
+
+def subnet_factors(supernet: SuperNet, config: Config) -> Factors:
+    tensors = supernet.subnet_state_dict(config)
+    return {module: (tensors[a], tensors[b]) for module, a, b in lora_factor_keys(tensors)}
+
+
+def squeeze_factors(factors: Factors, scale: float, energy: float | None) -> tuple[Factors, list[dict]]:
+    """Each module re-factorised at the same scale: exact (tol mode) or keeping `energy` of sum(σ²)."""
+    rule = {"energy": energy} if energy is not None else {"tol": DEFAULT_TOL}
+    squeezed, records = {}, []
+    for module, (A, B) in factors.items():
+        result = squeeze_lora(A, B, scale, **rule)
+        squeezed[module] = (result.A.contiguous(), result.B.contiguous())
+        records.append({"module": module, "rank_before": A.shape[0], "rank_after": result.rank,
+                        "rel_error": result.rel_error})
+    return squeezed, records
+
+
+def most_common_rank(ranks: dict[str, int]) -> int:
+    counts = Counter(ranks.values())
+    return max(counts, key=lambda r: (counts[r], r))
+
+
+def lora_config(ranks: dict[str, int], scale: float, lora_dropout: float, base_source: str) -> LoraConfig:
+    """A stock LoraConfig: r = the most common rank, every other module pinned by an anchored key."""
+    r = most_common_rank(ranks)
+    others = {module: rank for module, rank in ranks.items() if rank != r}
+    return LoraConfig(r=r, lora_alpha=alpha_for_scale(scale, r, False), lora_dropout=lora_dropout,
+                      target_modules=sorted(ranks), bias="none", task_type="CAUSAL_LM",
+                      rank_pattern={pattern_key(m): k for m, k in others.items()},
+                      alpha_pattern={pattern_key(m): alpha_for_scale(scale, k, False) for m, k in others.items()},
+                      base_model_name_or_path=base_source, inference_mode=True)
+
+
+def write_adapter(folder: Path, factors: Factors, config: LoraConfig) -> None:
+    tensors = {}
+    for module, (A, B) in factors.items():
+        tensors[f"base_model.model.{module}.lora_A.weight"] = A
+        tensors[f"base_model.model.{module}.lora_B.weight"] = B
+    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config.save_pretrained(str(folder))
+
+
+# --------------------------------------------------------------------------- merging
+
+def sparsity_summary(model: torch.nn.Module) -> dict:
+    report = sparsity_report(model)
+    return {key: report[key] for key in ("total", "zeros", "params")}
+
+
+@torch.no_grad()
+def merge_into(target: torch.nn.Module, supernet: SuperNet, factors: Factors, scale: float) -> bool:
+    """target's adapted weights := base + scale·B·A (masked by the base's non-zeros under SparsePEFT).
+    Every adapted weight is rewritten from the super-network's untouched base, so one target serves
+    every subnet. Returns whether every zero of the base stayed exactly zero."""
+    zeros_kept = True
+    for module, (A, B) in factors.items():
+        base = supernet.layers[module].get_base_layer().weight
+        nonzero = base != 0
+        delta = scale * (B.float() @ A.float())
+        if supernet.sparse_adapter:
+            delta.mul_(nonzero)
+        merged = delta.add_(base).to(base.dtype)
+        zeros_kept &= not bool(merged.ne(0).logical_and_(nonzero.logical_not_()).any())
+        target.get_submodule(module).weight.copy_(merged)
+    return zeros_kept
+
+
+def write_merged(folder: Path, target: torch.nn.Module, tokenizer) -> None:
+    target.save_pretrained(str(folder), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+
+
+# --------------------------------------------------------------------------- the stage
+
+@dataclass
+class MergeTarget:
+    """A plain copy of the base model that every merged/ folder is written from."""
+    model: torch.nn.Module
+    sparsity_before: dict  # of the base, measured before any merge
+
+
+def load_merge_target(run: Run) -> MergeTarget:
+    param = next(run.supernet.model.parameters())
+    model = load_model(run.base_source, dtype=param.dtype, device=param.device).eval()
+    return MergeTarget(model, sparsity_summary(model))
+
+
+def base_source(run: Run) -> str:
+    """The base's folder as an absolute path (a hub id or alias as it is), valid from anywhere."""
+    return str(Path(run.base_source).resolve()) if Path(run.base_source).exists() else run.base_source
+
+
+def base_record(run: Run) -> dict:
+    """Where the base came from, its fingerprint, and how it was pruned (RUN/sparse_base/sparsity.json)."""
+    sparsity_file = Path(run.base_source) / SPARSITY_JSON
+    sparsity = None
+    if sparsity_file.is_file():  # the settings and overall numbers, not the per-module maps
+        sparsity = {k: v for k, v in json.loads(sparsity_file.read_text()).items() if k not in ("layers", "modules")}
+    return {"source": base_source(run), "fingerprint": run.supernet.fingerprint, "sparsity": sparsity}
+
+
+def export_one(run: Run, name: str, config: Config, folder: Path, objectives: dict | None,
+               squeeze: bool, energy: float | None, target: MergeTarget | None) -> dict:
+    """Write one subnet into the fresh temporary `folder`; returns its shears.json record."""
+    supernet, space = run.supernet, run.supernet.space
+    scale = space.space.lora_alpha / space.r_max
+    factors = subnet_factors(supernet, config)
+    squeeze_record = None
+    if squeeze:
+        factors, modules = squeeze_factors(factors, scale, energy)
+        squeeze_record = {"rule": {"energy": energy} if energy is not None else {"tol": DEFAULT_TOL},
+                          "rank_before": sum(m["rank_before"] for m in modules),
+                          "rank_after": sum(m["rank_after"] for m in modules), "modules": modules}
+    ranks = {module: A.shape[0] for module, (A, _) in factors.items()}
+    write_adapter(folder, factors, lora_config(ranks, scale, space.space.lora_dropout, base_source(run)))
+    merge_record = None
+    if target is not None:
+        zeros_kept = merge_into(target.model, supernet, factors, scale)
+        write_merged(folder / MERGED, target.model, run.tokenizer)
+        merge_record = {"folder": MERGED, "sparsity_before": target.sparsity_before,
+                        "sparsity_after": sparsity_summary(target.model), "base_zeros_kept": zeros_kept}
+    record = {
+        "format": EXPORT_FORMAT, "name": name, "config": config,
+        "adapter_params": supernet.adapter_params(config),
+        "exported_adapter_params": sum(A.numel() + B.numel() for A, B in factors.values()),
+        "module_ranks": ranks, "objectives": objectives,
+        "base_model": base_record(run), "run": str(Path(run.path).resolve()),
+        "r_max": space.r_max, "lora_alpha": space.space.lora_alpha, "scaling": SCALING_RULE,
+        "sparse_adapter": supernet.sparse_adapter,
+        # SparsePEFT masks the update; a stock adapter can only apply the unmasked factors
+        "adapter_reproduces_supernet": not supernet.sparse_adapter,
+        "squeeze": squeeze_record, "merged": merge_record,
+    }
+    (folder / SHEARS_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def _check_name(name: str) -> None:
+    if not name or name.startswith(".") or Path(name).name != name:
+        raise ShearsError(f"subnet name {name!r} is not a plain folder name: use letters, digits, - and _")
+
+
+def export_subnets(run: Run | str | Path, configs: dict[str, Config], output: str | Path, squeeze: bool = False,
+                   energy: float | None = None, merge: bool = False, force: bool = False) -> list[Path]:
+    """Export each {name: config} as the stock-PEFT folder OUTPUT/name (each written atomically)."""
+    if energy is not None and not squeeze:
+        raise ShearsError("energy sets the squeezed rank: pass squeeze=True as well (--squeeze --energy E)")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise ShearsError(f"--energy must be in (0, 1], got {energy}")
+    if not configs:
+        raise ShearsError("no subnets to export: pass --front or --subnet")
+    output = Path(output)
+    for name in configs:
+        _check_name(name)
+        check_output(output / name, force)
+    run = run if isinstance(run, Run) else load_run(run)
+    configs = {name: run.supernet.space.validate(config) for name, config in configs.items()}
+    objectives = search_objectives(Path(run.path))
+    target = load_merge_target(run) if merge else None
+    output.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, config in tqdm(configs.items(), desc="export", unit="subnet"):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=output))
+        try:
+            export_one(run, name, config, tmp, objectives.get(canonical(config)), squeeze, energy, target)
+            publish(tmp, output / name, force)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        written.append(output / name)
+    return written
+
+
+# --------------------------------------------------------------------------- the front
+
+def rank_summary(ranks: dict[str, int]) -> str:
+    """"8x12 4x6": how many modules have each rank, largest rank first."""
+    counts = Counter(ranks.values())
+    return " ".join(f"{r}x{counts[r]}" for r in sorted(counts, reverse=True))
+
+
+def export_front(run: Run | str | Path, output: str | Path | None = None, squeeze: bool = False,
+                 energy: float | None = None, merge: bool = False, force: bool = False) -> list[Path]:
+    """Export every point of RUN/search/front.json to OUTPUT/front-<i>-<adapter_params>/ (default
+    OUTPUT: RUN/export), plus manifest.json and README.md listing them."""
+    run_dir = Path(run.path if isinstance(run, Run) else run)
+    front = read_front(run_dir)
+    output = Path(output) if output is not None else run_dir / "export"
+    check_output(output / MANIFEST, force)
+    run = run if isinstance(run, Run) else load_run(run_dir)
+    configs = front_subnets(run.supernet, front)
+    old_folders = _manifest_folders(output)
+    folders = export_subnets(run, configs, output, squeeze, energy, merge, force)
+    records = [json.loads((folder / SHEARS_FILE).read_text()) for folder in folders]
+    manifest = {"format": EXPORT_FORMAT, "run": str(run_dir.resolve()), "objectives": front.get("objectives"),
+                "hypervolume": front.get("hypervolume"),
+                "subnets": [{"folder": f.name, "config": r["config"], "ranks": rank_summary(r["module_ranks"]),
+                             "objectives": r["objectives"], "adapter_params": r["adapter_params"],
+                             "exported_adapter_params": r["exported_adapter_params"]}
+                            for f, r in zip(folders, records)]}
+    write_atomic(output / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    write_atomic(output / README, front_readme(manifest, base_source(run)))
+    _remove_stale(output, old_folders - {f.name for f in folders})
+    return folders
+
+
+def _manifest_folders(output: Path) -> set[str]:
+    try:
+        return {s["folder"] for s in json.loads((output / MANIFEST).read_text())["subnets"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def _remove_stale(output: Path, names: set[str]) -> None:
+    """Folders of an earlier front export that the new front no longer has (ours: they hold shears.json)."""
+    for name in names:
+        folder = output / name
+        if Path(name).name == name and (folder / SHEARS_FILE).is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def front_readme(manifest: dict, base_source: str) -> str:
+    names = manifest["objectives"] or sorted({k for s in manifest["subnets"] for k in s["objectives"]})
+    names = [n for n in names if n != "adapter_params"]  # already its own column
+    lines = [f"# Pareto-front subnets of {manifest['run']}", "",
+             f"{len(manifest['subnets'])} non-dominated subnets (hypervolume {manifest['hypervolume']}), "
+             "smallest first. Each folder is a stock PEFT LoRA adapter with per-module ranks:", "",
+             "| folder | adapter params | " + " | ".join(names) + " | ranks (rank x modules) |",
+             "|---|---:|" + "---:|" * len(names) + "---|"]
+    for s in manifest["subnets"]:
+        values = " | ".join(f"{s['objectives'].get(n, float('nan')):.6g}" for n in names)
+        lines.append(f"| {s['folder']} | {s['exported_adapter_params']:,} | {values} | {s['ranks']} |")
+    lines += ["", "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
+              f"base = AutoModelForCausalLM.from_pretrained({base_source!r})",
+              f"model = PeftModel.from_pretrained(base, \"{manifest['subnets'][0]['folder']}\")", "```", ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- CLI
+
+def format_table(folders: list[Path]) -> str:
+    header = ["subnet", "ranks", "adapter params", "squeezed rank", "merged sparsity", "folder"]
+    rows = []
+    for folder in folders:
+        r = json.loads((folder / SHEARS_FILE).read_text())
+        squeezed = f"{r['squeeze']['rank_before']} -> {r['squeeze']['rank_after']}" if r["squeeze"] else "-"
+        merged = r["merged"]
+        sparsity = (f"{merged['sparsity_before']['total']:.2%} -> {merged['sparsity_after']['total']:.2%}"
+                    if merged else "-")
+        rows.append([r["name"], rank_summary(r["module_ranks"]), f"{r['exported_adapter_params']:,}", squeezed,
+                     sparsity, str(folder)])
+    widths = [max(len(row[j]) for row in [header, *rows]) for j in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m shears.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, help="run directory (recipe.yaml + supernet/)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--front", action="store_true", help="every point of RUN/search/front.json")
+    which.add_argument("--subnet", action="append",
+                       help="maximal | heuristic | minimal | a JSON config or .json file (repeatable)")
+    p.add_argument("--squeeze", action="store_true", help="re-factorise each module to its smallest exact rank")
+    p.add_argument("--energy", type=float, help="with --squeeze: keep this share of each module's sum(σ²) instead")
+    p.add_argument("--merge", action="store_true", help="also write merged/: base + subnet as an HF model folder")
+    p.add_argument("--output", help="output folder (default RUN/export)")
+    p.add_argument("--force", action="store_true", help="overwrite existing subnet folders")
+    return p.parse_args(argv)
+
+
+@cli_errors
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    run_dir = Path(args.run)
+    output = Path(args.output) if args.output else run_dir / "export"
+    if args.energy is not None and not args.squeeze:
+        raise ShearsError("--energy sets the squeezed rank: add --squeeze")
+    if args.front:
+        folders = export_front(run_dir, output, args.squeeze, args.energy, args.merge, args.force)
+    else:
+        run = load_run(run_dir)
+        folders = export_subnets(run, named_subnets(run.supernet, args.subnet), output, args.squeeze,
+                                 args.energy, args.merge, args.force)
+    print(format_table(folders))
+    first = json.loads((folders[0] / SHEARS_FILE).read_text())
+    if first["sparse_adapter"]:
+        print("note: this run trained a SparsePEFT (masked) adapter; the adapter folders hold its unmasked "
+              "factors, and only merged/ (--merge) reproduces the super-network exactly")
+    for folder in folders:
+        merged = json.loads((folder / SHEARS_FILE).read_text())["merged"]
+        if merged:
+            print(f"{folder.name}: merged sparsity {merged['sparsity_before']['total']:.4%} -> "
+                  f"{merged['sparsity_after']['total']:.4%} (base zeros kept: {merged['base_zeros_kept']})")
+    extras = f" + {MANIFEST}, {README}" if args.front else ""
+    print(f"wrote {len(folders)} subnet adapter folder(s){extras} to {output}")
+
+
+if __name__ == "__main__":
+    main()
