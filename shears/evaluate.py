@@ -45,8 +45,8 @@ STOP_STRING = "###"  # an untuned model goes on to write the next "### Instructi
 # A number: optional sign (only when the minus is not part of "5-3"), optional $, then either a
 # thousands-grouped integer ("1,234,567"), a plain integer, with optional decimals, or ".5".
 _NUMBER = re.compile(r"(?<![\w.])(-)?\$?(\d{1,3}(?:,\d{3})+(?!\d)(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
-_OPTION_AFTER_ANSWER = re.compile(r"answer\s*(?:is|:)?\s*:?\s*(?:option\s*)?\(?([A-E])\)?(?![A-Za-z])",
-                                  re.IGNORECASE)
+# "answer" in any case, but the letter itself a capital (or parenthesised): "the answer is a 12" names no option.
+_OPTION_AFTER_ANSWER = re.compile(r"(?i:answer\s*(?:is|:)?\s*:?\s*(?:option\s*)?)(?:\(([A-Ea-e])\)|([A-E])(?![A-Za-z]))")
 _OPTION_IN_PARENS = re.compile(r"\(([A-E])\)")
 _OPTION_ALONE = re.compile(r"(?<![A-Za-z])([A-E])(?![A-Za-z])")
 _SENTENCE_END = re.compile(r"(?<=[.!?\n])(?!\d)")  # a period inside "13.5" ends no sentence
@@ -74,7 +74,7 @@ def extract_option(text: str) -> str | None:
     option, where a parenthesised "(X)" beats a bare capital (which may be the article "A")."""
     after_answer = _OPTION_AFTER_ANSWER.findall(text)
     if after_answer:
-        return after_answer[-1].upper()
+        return "".join(after_answer[-1]).upper()
     for sentence in reversed([s for s in _SENTENCE_END.split(text) if s.strip()]):
         for pattern in (_OPTION_IN_PARENS, _OPTION_ALONE):
             found = pattern.findall(sentence)
@@ -416,6 +416,8 @@ def evaluate(model_or_supernet, tokenizer, records: Sequence[dict], task: str, l
         raise ShearsError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
     if batch_size < 1 or max_new_tokens < 1:
         raise ShearsError("batch_size and max_new_tokens must be at least 1")
+    if limit is not None and limit < 1:
+        raise ShearsError(f"limit must be at least 1, got {limit}: pass a positive --limit or none")
     records = list(records)[:limit] if limit is not None else list(records)
     if not records:
         raise ShearsError("no records to evaluate: check the data file and --limit")
@@ -443,36 +445,13 @@ def summary(result: dict) -> str:
 
 # --------------------------------------------------------------------------- CLI
 
-def _subnet_config(supernet, subnet: str) -> dict:
-    if subnet in ("maximal", "heuristic", "minimal"):
-        return getattr(supernet, subnet)()
-    path = Path(subnet)
-    try:
-        config = json.loads(path.read_text() if path.suffix == ".json" and path.is_file() else subnet)
-    except json.JSONDecodeError:
-        raise ShearsError(f"--subnet {subnet!r} is not maximal, heuristic, minimal, a JSON config or a .json "
-                          "file holding one") from None
-    if not isinstance(config, dict):
-        raise ShearsError("--subnet JSON must be an object mapping config keys to ranks")
-    return config
-
-
 def load_for_run(run: str | os.PathLike, subnet: str, dtype: str | None = None):
     """(SuperNet with `subnet` active, tokenizer, recipe) of a run directory."""
-    from .elastic import SuperNet
-    from .models import load_model, load_tokenizer
-    from .recipe import load_recipe
+    from .run import load_run, subnet_config
 
-    run = Path(run)
-    if not (run / "recipe.yaml").is_file():
-        raise ShearsError(f"{run} has no recipe.yaml: pass a run directory written by shears-train-supernet")
-    if not (run / "supernet").is_dir():
-        raise ShearsError(f"{run} has no supernet/: train it first with shears-train-supernet")
-    recipe = load_recipe(run / "recipe.yaml")
-    base = str(run / "sparse_base") if (run / "sparse_base").is_dir() else recipe.model
-    supernet = SuperNet.load(run / "supernet", load_model(base, dtype=dtype or recipe.dtype))
-    supernet.activate(_subnet_config(supernet, subnet))
-    return supernet, load_tokenizer(base), recipe
+    loaded = load_run(run, dtype=dtype)
+    loaded.supernet.activate(subnet_config(loaded.supernet, subnet))
+    return loaded.supernet, loaded.tokenizer, loaded.recipe
 
 
 def _load_plain(model_name: str, adapter: str | None, dtype: str):
@@ -511,7 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subnet", default="maximal",
                    help="with --run: maximal | heuristic | minimal | a JSON config | a .json file (default maximal)")
     p.add_argument("--data", required=True, help="records: .json/.jsonl/.csv, or builtin:arithmetic[?n=N]")
-    p.add_argument("--task", choices=TASKS, help="default: the run's recipe evaluation.task, else math")
+    # validated by evaluate(), not argparse: a bad --task then gets the one-line error of every other bad input
+    p.add_argument("--task", help=f"{' | '.join(TASKS)} (default: the run's recipe evaluation.task, else math)")
     p.add_argument("--limit", type=int, help="evaluate only the first N records")
     p.add_argument("--batch-size", type=int, help="records per forward/generate call (default recipe, else 16)")
     p.add_argument("--max-new-tokens", type=int, help="math generation budget (default recipe, else 256)")
@@ -523,6 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _given(value, default):
+    """The flag's value when it was passed (0 included, so that evaluate() can refuse it), else the default."""
+    return default if value is None else value
+
+
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
     from .data import load_records
@@ -531,6 +516,11 @@ def main(argv: list[str] | None = None) -> None:
     output = Path(args.output) if args.output else None
     if output is not None and output.exists() and not args.overwrite:
         raise ShearsError(f"{output} exists: pass --overwrite or choose another --output")
+    if args.task is not None and args.task not in TASKS:
+        raise ShearsError(f"unknown task {args.task!r}: use --task {' | '.join(TASKS)}")
+    if args.limit is not None and args.limit < 1:
+        raise ShearsError(f"--limit must be at least 1, got {args.limit}")
+    records = load_records(args.data)  # before the model: a bad data path fails in a second, not after a load
     if args.run:
         if args.adapter:
             raise ShearsError("--adapter goes with --model; a --run evaluates its own super-network")
@@ -544,11 +534,11 @@ def main(argv: list[str] | None = None) -> None:
         described = args.model + (f" + {args.adapter}" if args.adapter else "")
     if torch.cuda.is_available():
         unwrap(model).to("cuda")
-    records = load_records(args.data)
     result = evaluate(model, tokenizer, records, args.task or task, limit=args.limit,
-                      batch_size=args.batch_size or batch_size, max_new_tokens=args.max_new_tokens or max_new_tokens,
+                      batch_size=_given(args.batch_size, batch_size),
+                      max_new_tokens=_given(args.max_new_tokens, max_new_tokens),
                       choices=args.choices.split(",") if args.choices else None,
-                      cutoff_len=args.cutoff_len or cutoff_len)
+                      cutoff_len=_given(args.cutoff_len, cutoff_len))
     result = {"model": described, "data": args.data, **result}
     print(f"{described} on {args.data}: {summary(result)}")
     if output is not None:
