@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.utils.other import transpose
 from torch import nn
 
+from .atomic import atomic_folder
 from .errors import ShearsError
 from .models import model_fingerprint
 from .search_space import BoundSpace, Config, SearchSpace, load_search_space
@@ -225,20 +224,11 @@ class SuperNet:
 
     def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the stock-PEFT adapter at r_max + search_space.json + shears.json, atomically."""
-        out = Path(directory)
-        if out.exists() and not overwrite:
-            raise ShearsError(f"{out} already exists: choose another folder or pass overwrite=True")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
+        with atomic_folder(directory, force=overwrite, hint="choose another folder or pass overwrite=True") as tmp:
             self.model.save_pretrained(tmp, safe_serialization=True)
             (tmp / SEARCH_SPACE_FILE).write_text(json.dumps(self.space.to_dict(), indent=1))
             (tmp / SHEARS_FILE).write_text(json.dumps(self._metadata(), indent=1))
-            _replace_dir(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return out
+        return Path(directory)
 
     def _metadata(self) -> dict:
         base = self.model.get_base_model()
@@ -274,13 +264,3 @@ class SuperNet:
                               f"(unexpected {result.unexpected_keys[:3]}, missing {missing[:3]}): re-save it")
         return net
 
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished folder `tmp` to `out`; an existing `out` is moved aside first, then deleted."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-    os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)

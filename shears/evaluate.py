@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,6 +32,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import write_json
 from .errors import ShearsError, cli_errors
 
 TASKS = ("math", "choice", "loss")
@@ -467,20 +466,6 @@ def _load_plain(model_name: str, adapter: str | None, dtype: str):
     return model, load_tokenizer(model_name)
 
 
-def write_json_atomic(data: Any, path: Path, overwrite: bool = False) -> None:
-    if path.exists() and not overwrite:
-        raise ShearsError(f"{path} exists: pass --overwrite or choose another --output")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as out:
-            json.dump(data, out, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shears-evaluate", description=__doc__.split("\n\n")[0])
     source = p.add_mutually_exclusive_group(required=True)
@@ -542,7 +527,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {"model": described, "data": args.data, **result}
     print(f"{described} on {args.data}: {summary(result)}")
     if output is not None:
-        write_json_atomic(result, output, overwrite=args.overwrite)
+        write_json(output, result, force=args.overwrite, hint="pass --overwrite or choose another --output")
         print(f"wrote {len(result['predictions'])} predictions to {output}")
     else:
         print("wrote nothing (pass --output FILE to keep the per-example predictions)")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +39,11 @@ from tqdm.auto import tqdm
 from .elastic import SCALING_RULE, SuperNet
 from .errors import ShearsError, cli_errors
 from .models import load_model
+from .atomic import atomic_folder, refuse_existing, write_text
 from .run import Run, load_run, subnet_config
-from .search.history import write_atomic
 from .search_space import Config, canonical
 from .sparsity import SPARSITY_JSON, sparsity_report
-from .squeeze import (ADAPTER_WEIGHTS, DEFAULT_TOL, check_output, publish, alpha_for_scale,
+from .squeeze import (ADAPTER_WEIGHTS, DEFAULT_TOL, alpha_for_scale,
                       lora_factor_keys, pattern_key, squeeze_lora)
 
 EXPORT_FORMAT = "shears-export/1"
@@ -268,7 +267,7 @@ def export_subnets(run: Run | str | Path, configs: dict[str, Config], output: st
     output = Path(output)
     for name in configs:
         _check_name(name)
-        check_output(output / name, force)
+        refuse_existing(output / name, force)
     run = run if isinstance(run, Run) else load_run(run)
     configs = {name: run.supernet.space.validate(config) for name, config in configs.items()}
     objectives = search_objectives(Path(run.path))
@@ -276,12 +275,8 @@ def export_subnets(run: Run | str | Path, configs: dict[str, Config], output: st
     output.mkdir(parents=True, exist_ok=True)
     written = []
     for name, config in tqdm(configs.items(), desc="export", unit="subnet"):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=output))
-        try:
+        with atomic_folder(output / name, force) as tmp:
             export_one(run, name, config, tmp, objectives.get(canonical(config)), squeeze, energy, target)
-            publish(tmp, output / name, force)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         written.append(output / name)
     return written
 
@@ -301,7 +296,7 @@ def export_front(run: Run | str | Path, output: str | Path | None = None, squeez
     run_dir = Path(run.path if isinstance(run, Run) else run)
     front = read_front(run_dir)
     output = Path(output) if output is not None else run_dir / "export"
-    check_output(output / MANIFEST, force)
+    refuse_existing(output / MANIFEST, force)
     run = run if isinstance(run, Run) else load_run(run_dir)
     configs = front_subnets(run.supernet, front)
     old_folders = _manifest_folders(output)
@@ -313,8 +308,8 @@ def export_front(run: Run | str | Path, output: str | Path | None = None, squeez
                              "objectives": r["objectives"], "adapter_params": r["adapter_params"],
                              "exported_adapter_params": r["exported_adapter_params"]}
                             for f, r in zip(folders, records)]}
-    write_atomic(output / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    write_atomic(output / README, front_readme(manifest, base_source(run)))
+    write_text(output / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    write_text(output / README, front_readme(manifest, base_source(run)))
     _remove_stale(output, old_folders - {f.name for f in folders})
     return folders
 

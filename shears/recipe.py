@@ -20,6 +20,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from .atomic import write_text
 from .errors import ShearsError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -322,8 +323,4 @@ def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | list
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
     """Write the fully resolved recipe (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.dump(recipe.to_dict(), Dumper=_Dumper, sort_keys=False))
-    os.replace(tmp, path)
+    write_text(path, yaml.dump(recipe.to_dict(), Dumper=_Dumper, sort_keys=False))

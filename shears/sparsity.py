@@ -33,8 +33,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -43,6 +41,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .atomic import atomic_folder
 from .errors import ShearsError
 from .models import decoder_layers, linear_names
 
@@ -332,37 +331,16 @@ def sparsity_report(model: nn.Module) -> dict:
             "layers": layers, "modules": modules}
 
 
-def _replace_dir(tmp: Path, out: Path, force: bool) -> None:
-    """Move the finished temp folder onto `out`; an existing `out` is swapped out only with force."""
-    if out.exists():
-        if not force:
-            raise ShearsError(f"{out} already exists: choose another output or pass --force")
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-        os.replace(out, trash / out.name)
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def save_pruned(model: nn.Module, tokenizer, output_dir: str | os.PathLike, info: dict, force: bool = False) -> Path:
     """Write `model` (safetensors) + `tokenizer` + sparsity.json (`info` plus the measured sparsity)
     as an ordinary HF folder, atomically."""
     out = Path(output_dir)
-    if out.exists() and not force:
-        raise ShearsError(f"{out} already exists: choose another output or pass --force")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out, force, hint="choose another output or pass --force") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         record = {**info, **sparsity_report(model)}
         (tmp / SPARSITY_JSON).write_text(json.dumps(record, indent=2) + "\n")
-        _replace_dir(tmp, out, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -45,6 +45,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .atomic import atomic_folder, refuse_existing
 from .errors import ShearsError, cli_errors
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -305,45 +306,14 @@ def write_adapter(folder: Path, squeezed: SqueezedAdapter, source: Path, rule: d
     (folder / SQUEEZE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def check_output(output: Path, force: bool) -> None:
-    if output.exists() and not force:
-        raise ShearsError(f"{output} already exists: pass --force to overwrite it or choose another --output")
-
-
-def publish(tmp: Path, output: Path, force: bool) -> None:
-    """Move the finished temporary folder into place; an old output is swapped out, then deleted."""
-    check_output(output, force)
-    if output.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
-        os.replace(output, old / output.name)
-        os.replace(tmp, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, output)
-
-
-def _squeeze_into_temp(adapter_dir: Path, output: Path, rank, energy, tol) -> tuple[Path, SqueezedAdapter]:
-    squeezed = squeeze_adapter(adapter_dir, rank=rank, energy=energy, tol=tol)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        write_adapter(tmp, squeezed, adapter_dir, {"rank": rank, "energy": energy, "tol": tol})
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return tmp, squeezed
-
-
 def squeeze_adapter_dir(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, rank: int | None = None,
                         energy: float | None = None, tol: float | None = None, force: bool = False) -> SqueezedAdapter:
     """Squeeze a stock PEFT LoRA folder into a stock PEFT folder with per-module ranks, written atomically."""
-    adapter_dir, output = Path(adapter_dir), Path(output_dir)
-    check_output(output, force)
-    tmp, squeezed = _squeeze_into_temp(adapter_dir, output, rank, energy, tol)
-    try:
-        publish(tmp, output, force)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    adapter_dir = Path(adapter_dir)
+    refuse_existing(output_dir, force)
+    squeezed = squeeze_adapter(adapter_dir, rank=rank, energy=energy, tol=tol)
+    with atomic_folder(output_dir, force) as tmp:
+        write_adapter(tmp, squeezed, adapter_dir, {"rank": rank, "energy": energy, "tol": tol})
     return squeezed
 
 
@@ -438,23 +408,21 @@ def _base_model_of(adapter_dir: Path, override: str | None) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     adapter_dir, output = Path(args.adapter), Path(args.output)
-    check_output(output, args.force)
+    refuse_existing(output, args.force)  # before any work
     if args.recover_steps < 0:
         raise ShearsError(f"--recover-steps must be >= 0, got {args.recover_steps}")
     if args.recover_steps and not args.data:
         raise ShearsError("--recover-steps needs --data (the recovery training set)")
     base_model = _base_model_of(adapter_dir, args.model) if args.recover_steps else None
-    tmp, squeezed = _squeeze_into_temp(adapter_dir, output, args.rank, args.energy, args.tol)
-    try:
-        print_report(squeezed)
+    squeezed = squeeze_adapter(adapter_dir, rank=args.rank, energy=args.energy, tol=args.tol)
+    print_report(squeezed)
+    with atomic_folder(output, args.force) as tmp:
+        write_adapter(tmp, squeezed, adapter_dir, {"rank": args.rank, "energy": args.energy, "tol": args.tol})
         if args.recover_steps:
             recovery = Recovery(args.recover_steps, args.data, args.model, args.lr, args.batch_size,
                                 args.cutoff_len, args.seed)
             loss = recover(tmp, base_model, recovery)
             print(f"recovered {args.recover_steps} steps on {args.data} at the squeezed ranks: final loss {loss:.4f}")
-        publish(tmp, output, args.force)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote squeezed adapter ({ADAPTER_CONFIG}, {ADAPTER_WEIGHTS}, {SQUEEZE_RECORD}) to {output}")
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
+from .atomic import write_json
 from .data import Collator, TokenizedDataset, load_records, split_validation
 from .elastic import SuperNet
 from .errors import ShearsError, cli_errors
@@ -272,7 +273,7 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
         trained += trainer.trained_configs
         if stage.checkpoints != run_dir / "checkpoints" and is_main_process():
             supernet.save(finished, overwrite=True)
-            _write_json(finished / "trained.json", trained)
+            write_json(finished / "trained.json", trained)
 
     if trainer is None:  # every stage was already finished: a trainer only to evaluate
         trainer = Trainer(model=supernet.model, args=training_arguments(recipe, stage), eval_dataset=val_set,
@@ -284,7 +285,7 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
     if is_main_process():
         supernet.activate(supernet.maximal())
         supernet.save(out, overwrite=True)  # check_run_dir already refused to clobber a finished run
-        _write_json(run_dir / "train_summary.json", {
+        write_json(run_dir / "train_summary.json", {
             "base": base_source, "steps": len({step for step, _ in trained}), "validation": summary,
             "trained_configs": [{"step": s, "config": json.loads(c)} for s, c in trained]})
         _print_summary(run_dir, summary)
@@ -296,12 +297,6 @@ def _val_loss(trainer: Trainer, supernet: SuperNet, config: dict) -> dict:
     supernet.activate(config)
     loss = trainer.evaluate(metric_key_prefix="val")["val_loss"]
     return {"loss": loss, "adapter_params": supernet.adapter_params(config)}
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
 
 
 def _write_trace(run_dir: Path, trained: list[tuple[int, str]]) -> None:

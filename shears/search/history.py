@@ -20,12 +20,12 @@ import fcntl
 import json
 import os
 import socket
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import write_text
 from ..errors import ShearsError
 from ..search_space import canonical
 from .objectives import REFERENCE, Objective
@@ -58,18 +58,6 @@ def hypervolume(points, reference: float = REFERENCE) -> float:
     from pymoo.indicators.hv import HV
 
     return float(HV(ref_point=np.full(points.shape[1], reference))(points))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary sibling, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class History:
@@ -180,7 +168,7 @@ def write_front(history: History, out_dir: Path) -> list[Path]:
     rows = [{"config": r["config"], "objectives": r["objectives"], "label": r.get("label"),
              "trial": r.get("trial"), "backend": r.get("backend"), "n": r.get("n")} for r in front]
     json_path, csv_path = out_dir / "front.json", out_dir / "front.csv"
-    write_atomic(json_path, json.dumps({"objectives": names, "hypervolume": history.hypervolume(),
+    write_text(json_path, json.dumps({"objectives": names, "hypervolume": history.hypervolume(),
                                         "evaluations": len(history), "front": rows}, indent=1) + "\n")
     lines = [",".join([*names, "label", "n", "trial", "backend", "config"])]
     for r in rows:
@@ -188,5 +176,5 @@ def write_front(history: History, out_dir: Path) -> list[Path]:
         values = [repr(float(r["objectives"][n])) for n in names]
         lines.append(",".join([*values, r["label"] or "", str(r["n"]), str(r["trial"]), r["backend"] or "",
                                f'"{config}"']))
-    write_atomic(csv_path, "\n".join(lines) + "\n")
+    write_text(csv_path, "\n".join(lines) + "\n")
     return [json_path, csv_path]

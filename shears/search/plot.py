@@ -3,10 +3,9 @@ and the maximal / heuristic / minimal subnets labelled."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
+from ..atomic import atomic_file
 from .history import History
 
 
@@ -37,14 +36,9 @@ def plot_front(history: History, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp)
     finally:
         plt.close(fig)
     return path

@@ -1,0 +1,72 @@
+"""Atomic writes: an output appears whole or not at all, and an earlier result is never half-replaced.
+
+Everything is written into a temporary sibling of the target and renamed over it at the end (a
+rename within one folder is atomic on POSIX). An existing target is replaced only when the caller
+says so (`force`, i.e. the CLIs' --force); the old one is moved aside first and deleted only after
+the new one is in place. A crash or an exception leaves the target as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import ShearsError
+
+REPLACE_HINT = "pass --force to replace it, or choose another output"
+
+
+def refuse_existing(path: str | os.PathLike, force: bool, hint: str = REPLACE_HINT) -> None:
+    if Path(path).exists() and not force:
+        raise ShearsError(f"{path} already exists: {hint}")
+
+
+@contextmanager
+def atomic_folder(out: str | os.PathLike, force: bool = False, hint: str = REPLACE_HINT) -> Iterator[Path]:
+    """Yield an empty temporary folder; when the block ends without error it becomes `out`."""
+    out = Path(out)
+    refuse_existing(out, force, hint)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, force: bool = True, hint: str = REPLACE_HINT) -> Iterator[Path]:
+    """Yield a temporary file path (same folder and suffix); when the block ends it becomes `path`."""
+    path = Path(path)
+    refuse_existing(path, force, hint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str, force: bool = True, hint: str = REPLACE_HINT) -> Path:
+    with atomic_file(path, force, hint) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, value: Any, force: bool = True, hint: str = REPLACE_HINT,
+               indent: int = 1) -> Path:
+    return write_text(path, json.dumps(value, indent=indent) + "\n", force, hint)
