@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from shears.errors import ShearsError
 from transformers import (
     AutoModelForCausalLM,
     Gemma3TextConfig,
@@ -94,3 +95,14 @@ def tiny_model_dir(tmp_path):
     make_tiny_model("llama", max_position_embeddings=512).save_pretrained(folder)
     make_tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+def one_line_error(call, *parts):
+    """Run `call`, expect a ShearsError whose message is one line containing every part."""
+    with pytest.raises(ShearsError) as caught:
+        call()
+    message = str(caught.value)
+    assert "\n" not in message, message
+    for part in parts:
+        assert str(part) in message, (part, message)
+    return message

@@ -11,7 +11,7 @@ import re
 
 import pytest
 import torch
-from conftest import make_tiny_model, make_tiny_tokenizer
+from conftest import make_tiny_model, make_tiny_tokenizer, one_line_error
 from tokenizers import Regex, pre_tokenizers, processors
 
 from shears.data import (
@@ -27,7 +27,6 @@ from shears.data import (
     split_validation,
     tokenize_example,
 )
-from shears.errors import ShearsError
 
 RECORDS = [
     {"instruction": "What is 2 + 3?", "input": "", "output": "2 + 3 = 5. The answer is 5.", "answer": "5"},
@@ -40,17 +39,6 @@ RECORDS = [
 def write_json(path, value):
     path.write_text(json.dumps(value))
     return path
-
-
-def one_line_error(call, *parts):
-    """Run `call`, expect a ShearsError whose message is one line containing every part."""
-    with pytest.raises(ShearsError) as caught:
-        call()
-    message = str(caught.value)
-    assert "\n" not in message, message
-    for part in parts:
-        assert str(part) in message, (part, message)
-    return message
 
 
 def char_tokenizer():

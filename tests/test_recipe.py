@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_tiny_model
+from conftest import make_tiny_model, one_line_error
 
-from shears.errors import ShearsError
 from shears.recipe import (
     DEFAULT_RECIPE,
     RECIPES_DIR,
@@ -24,17 +23,6 @@ from shears.search_space import load_search_space
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(RECIPES_DIR.glob("*.yaml"))
-
-
-def one_line_error(call, *parts):
-    """Run `call`, expect a ShearsError whose message is one line containing every part."""
-    with pytest.raises(ShearsError) as caught:
-        call()
-    message = str(caught.value)
-    assert "\n" not in message, message
-    for part in parts:
-        assert str(part) in message, (part, message)
-    return message
 
 
 def write_recipe(tmp_path, values, name="r.yaml"):
