@@ -1,0 +1,148 @@
+"""Wanda vs magnitude pruning on smollm2-135m: wall time and peak resident memory.
+
+Wanda (50% unstructured by default) needs a calibration pass: every block runs the calibration
+tokens twice (once to accumulate ||X_j||^2 for its linears, once more after masking so the next
+block sees pruned outputs), and block 0's hidden states for every sample are kept in memory.
+Magnitude pruning needs no data at all. This measures what that costs.
+
+Peak RSS is a per-process high-water mark (`resource.getrusage(...).ru_maxrss`; tracemalloc does not
+see torch's allocations), so every (method, repetition) runs in a fresh subprocess of this script.
+Repetitions alternate the order (W M, M W, ...) so that load from other processes on the shared CPU
+hits both methods alike; medians are reported.
+
+    python benchmarks/bench_prune.py                       # 16 x 512-token samples, 1 repetition
+    python benchmarks/bench_prune.py --nsamples 128 --reps 3 --data /path/to/train.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+METHODS = ("wanda", "magnitude")
+RESULT_TAG = "BENCH_RESULT "  # prefix of the worker's one JSON line on stdout
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data", default="builtin:arithmetic", help="calibration records (shears.data source)")
+    parser.add_argument("--nsamples", type=int, default=16,
+                        help="calibration samples (the paper uses 128; here 128 x 512 takes >15 min per Wanda run)")
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--batch-size", type=int, default=1, help="calibration samples per block call (CLI default)")
+    parser.add_argument("--reps", type=int, default=1, help="subprocess runs per method, order alternating")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 by default: on a shared, oversubscribed CPU two spinning OpenMP "
+                             "threads run ~4x slower than one (0 = torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- one method, one process
+
+def run_worker(args: argparse.Namespace) -> dict:
+    """Load, (tokenise calibration,) prune; time and RSS of each phase. Runs in its own process."""
+    import torch
+
+    from shears.data import calibration_input_ids, load_records
+    from shears.models import load_model, load_tokenizer
+    from shears.sparsity import sparsity_report, wanda_prune
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    model = load_model(args.model)
+    load_s = time.perf_counter() - start
+    # Weights may still be lazily mapped from the safetensors file: read every page in, so that the
+    # "loaded" RSS holds the whole model and "peak - loaded" is what pruning itself adds.
+    checksum = sum(float(p.detach().abs().sum()) for p in model.parameters())
+    rss_loaded = peak_rss_mib()
+    ids = None
+    if args.worker == "wanda":  # calibration tokens are an input, not part of the pruning time
+        tokenizer = load_tokenizer(args.model)
+        ids = calibration_input_ids(tokenizer, load_records(args.data), args.nsamples, args.seqlen, args.seed)
+    rss_before = peak_rss_mib()
+    start = time.perf_counter()
+    wanda_prune(model, ids, sparsity=args.sparsity, method=args.worker, batch_size=args.batch_size)
+    prune_s = time.perf_counter() - start
+    return {"method": args.worker, "load_s": load_s, "prune_s": prune_s, "rss_loaded_mib": rss_loaded,
+            "rss_before_mib": rss_before, "rss_peak_mib": peak_rss_mib(),
+            "sparsity": sparsity_report(model)["total"], "checksum": checksum,
+            "calibration": None if ids is None else list(ids.shape)}
+
+
+def spawn(method: str, argv: list[str]) -> dict:
+    """Run this script as a worker for `method` in a fresh interpreter; its tqdm bars go to our stderr."""
+    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", method]
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_TAG)]
+    return json.loads(lines[-1][len(RESULT_TAG):])
+
+
+# --------------------------------------------------------------------------- report
+
+def median(results: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in results)
+
+
+def print_table(runs: dict[str, list[dict]], args: argparse.Namespace) -> None:
+    print(f"\nmodel {args.model}, {args.sparsity:.0%} unstructured, Wanda calibration {args.nsamples} x "
+          f"{args.seqlen} tokens of {args.data} (batch {args.batch_size}); medians of {args.reps} fresh "
+          f"process(es) per method, {args.threads or 'default'} torch thread(s)")
+    print("timings on a shared 2-core CPU (other engineers' jobs run alongside): read ratios, not absolutes")
+    header = f"{'method':<10} {'prune s':>9} {'load s':>7} {'RSS loaded MiB':>15} {'peak RSS MiB':>13} " \
+             f"{'peak - loaded':>14} {'sparsity':>9}"
+    print(header)
+    print("-" * len(header))
+    for method in METHODS:
+        r = runs[method]
+        extra = median(r, "rss_peak_mib") - median(r, "rss_loaded_mib")
+        print(f"{method:<10} {median(r, 'prune_s'):>9.2f} {median(r, 'load_s'):>7.2f} "
+              f"{median(r, 'rss_loaded_mib'):>15.0f} {median(r, 'rss_peak_mib'):>13.0f} {extra:>14.0f} "
+              f"{median(r, 'sparsity'):>9.2%}")
+    w, m = runs["wanda"], runs["magnitude"]
+    print("\nratios (wanda / magnitude; one process per run, order alternating per repetition):")
+    print(f"  prune wall time   {median(w, 'prune_s') / median(m, 'prune_s'):8.1f}x")
+    print(f"  peak RSS          {median(w, 'rss_peak_mib') / median(m, 'rss_peak_mib'):8.2f}x")
+    extra_w = median(w, "rss_peak_mib") - median(w, "rss_loaded_mib")
+    extra_m = median(m, "rss_peak_mib") - median(m, "rss_loaded_mib")
+    print(f"  RSS added by pruning (peak - loaded model): wanda +{extra_w:.0f} MiB, magnitude +{extra_m:.0f} MiB")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        print(RESULT_TAG + json.dumps(run_worker(args)), flush=True)
+        return
+    passthrough = sys.argv[1:] if argv is None else list(argv)
+    runs: dict[str, list[dict]] = {m: [] for m in METHODS}
+    for rep in range(args.reps):
+        order = METHODS if rep % 2 == 0 else METHODS[::-1]
+        for method in order:
+            print(f"[rep {rep + 1}/{args.reps}] {method} ...", file=sys.stderr, flush=True)
+            result = spawn(method, passthrough)
+            runs[method].append(result)
+            print(f"[rep {rep + 1}/{args.reps}] {method}: prune {result['prune_s']:.2f} s, "
+                  f"peak RSS {result['rss_peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
+    print_table(runs, args)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

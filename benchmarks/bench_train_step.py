@@ -1,0 +1,199 @@
+"""Cost of one NLS training step against stock PEFT LoRA, on smollm2-135m.
+
+One AdamW step (forward, backward, optimizer step, zero_grad) on the same 4 x 128-token batches of
+builtin:arithmetic for four arms, each on its own copy of the base model:
+
+    peft        stock `get_peft_model` LoRA at r_max over the search space's target modules
+    nls         shears SuperNet, a freshly sampled subnet per step (elastic ranks A[:r], B[:, :r])
+    nls-max     shears SuperNet at the maximal subnet (same ranks as `peft`: the pure elastic overhead)
+    sparsepeft  SuperNet(sparse_adapter=True) on a 50% magnitude-pruned copy, sampled per step
+
+`nls` and `sparsepeft` draw the same sequence of subnets (one seeded generator each), so their
+ratio compares identical subnets. Each repetition runs every arm once on the same batch, the arm
+order rotating per repetition, so load from other processes on the shared CPU hits every arm alike;
+ratios are medians of the per-repetition paired ratios.
+
+    python benchmarks/bench_train_step.py [--reps 8] [--lora-dropout 0] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+ARMS = ("peft", "nls", "nls-max", "sparsepeft")
+# (numerator, denominator, target, label)
+TARGETS = (("nls", "peft", 1.00, "NLS (sampled subnets) / PEFT"),
+           ("nls-max", "peft", 1.05, "NLS maximal / PEFT"),
+           ("sparsepeft", "nls", 1.30, "SparsePEFT / NLS (same subnets)"))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--space", default="llama", help="search space name or YAML path")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seqlen", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=8, help="timed steps per arm (arm order rotates)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per arm first (optimizer state)")
+    parser.add_argument("--lora-dropout", type=float, default=None,
+                        help="override the space's lora_dropout (SparsePEFT folds the mask only when it is 0)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 by default: on a shared, oversubscribed CPU two spinning OpenMP "
+                             "threads run ~4x slower than one (0 = torch's default)")
+    parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table per arm")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- the arms
+
+@dataclass
+class Arm:
+    name: str
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    before_step: Callable[[], None] = lambda: None  # picks the subnet of a sampled arm
+    times_ms: list[float] = field(default_factory=list)
+
+
+def train_step(arm: Arm, batch: torch.Tensor) -> float:
+    arm.before_step()
+    loss = arm.model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    arm.optimizer.step()
+    arm.optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def make_arm(name: str, model: torch.nn.Module, before_step: Callable[[], None] = lambda: None) -> Arm:
+    model.train()  # LoRA dropout on, as in training
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return Arm(name, model, torch.optim.AdamW(trainable, lr=1e-4), before_step)
+
+
+def sampler(net, seed: int) -> Callable[[], None]:
+    rng = np.random.default_rng(seed)
+    return lambda: net.activate(net.sample(rng))
+
+
+def build_arms(base: torch.nn.Module, args: argparse.Namespace) -> dict[str, Arm]:
+    from dataclasses import replace
+
+    from peft import LoraConfig, get_peft_model
+
+    from shears.elastic import SuperNet
+    from shears.search_space import load_search_space
+    from shears.sparsity import wanda_prune
+
+    space = load_search_space(args.space)
+    if args.lora_dropout is not None:
+        space = replace(space, lora_dropout=args.lora_dropout)
+    stock = LoraConfig(r=space.r_max, lora_alpha=space.lora_alpha, lora_dropout=space.lora_dropout,
+                       target_modules=list(space.target_modules), bias="none", task_type="CAUSAL_LM")
+    nls = SuperNet.from_base(copy.deepcopy(base), space)
+    nls_max = SuperNet.from_base(copy.deepcopy(base), space)
+    sparse_base = copy.deepcopy(base)
+    wanda_prune(sparse_base, sparsity=0.5, method="magnitude")  # any 50% pattern times the same
+    sparse = SuperNet.from_base(sparse_base, space, sparse_adapter=True)
+    return {"peft": make_arm("peft", get_peft_model(copy.deepcopy(base), stock)),
+            "nls": make_arm("nls", nls.model, sampler(nls, args.seed)),
+            "nls-max": make_arm("nls-max", nls_max.model),  # from_base activates the maximal subnet
+            "sparsepeft": make_arm("sparsepeft", sparse.model, sampler(sparse, args.seed))}
+
+
+def batches(args: argparse.Namespace, count: int) -> list[torch.Tensor]:
+    """`count` batches of [batch_size, seqlen] token windows of builtin:arithmetic (no padding)."""
+    from shears.data import calibration_input_ids, load_records
+    from shears.models import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    ids = calibration_input_ids(tokenizer, load_records("builtin:arithmetic"), count * args.batch_size,
+                                args.seqlen, args.seed)
+    return list(ids.split(args.batch_size))
+
+
+# --------------------------------------------------------------------------- measuring
+
+def run(arms: dict[str, Arm], data: list[torch.Tensor], warmup: int) -> None:
+    from tqdm.auto import tqdm
+
+    for arm in arms.values():
+        for _ in range(warmup):
+            train_step(arm, data[0])
+    order = list(arms)
+    for rep, batch in enumerate(tqdm(data, desc="timed steps (all arms)", unit="rep")):
+        for name in order[rep % len(order):] + order[:rep % len(order)]:
+            start = time.perf_counter()
+            train_step(arms[name], batch)
+            arms[name].times_ms.append(1e3 * (time.perf_counter() - start))
+
+
+def paired_ratio(a: Arm, b: Arm) -> float:
+    return statistics.median(x / y for x, y in zip(a.times_ms, b.times_ms))
+
+
+def profile(arms: dict[str, Arm], batch: torch.Tensor) -> None:
+    """Self-CPU time per op over one step of each arm: where an arm's extra time goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for arm in arms.values():
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            train_step(arm, batch)
+        print(f"\n--- torch.profiler, one step of {arm.name} (top ops by self CPU time)")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40))
+
+
+def print_report(arms: dict[str, Arm], args: argparse.Namespace) -> None:
+    print(f"\nmodel {args.model}, search space {args.space}, AdamW step (forward + backward + step + zero_grad) "
+          f"on {args.batch_size} x {args.seqlen} tokens of builtin:arithmetic; {args.reps} timed steps per arm, "
+          f"order rotating, {torch.get_num_threads()} torch threads")
+    print("timings on a shared 2-core CPU (other engineers' jobs run alongside): read ratios, not absolutes")
+    header = f"{'arm':<11} {'trainable':>10} {'median ms':>10} {'mean ms':>9} {'min ms':>8}"
+    print(header)
+    print("-" * len(header))
+    for arm in arms.values():
+        n = sum(p.numel() for p in arm.model.parameters() if p.requires_grad)
+        t = arm.times_ms
+        print(f"{arm.name:<11} {n:>10,} {statistics.median(t):>10.0f} {statistics.fmean(t):>9.0f} {min(t):>8.0f}")
+    print(f"\n{'ratio':<33} {'paired median':>13} {'of means':>9} {'target':>7}  verdict")
+    for num, den, target, label in TARGETS:
+        ratio = paired_ratio(arms[num], arms[den])
+        of_means = statistics.fmean(arms[num].times_ms) / statistics.fmean(arms[den].times_ms)
+        verdict = "ok" if ratio <= target else "MISSED"
+        print(f"{label:<33} {ratio:>13.3f} {of_means:>9.3f} {'<= ' + format(target, '.2f'):>7}  {verdict}")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from shears.models import load_model
+
+    torch.manual_seed(args.seed)
+    base = load_model(args.model)
+    arms = build_arms(base, args)
+    del base
+    data = batches(args, args.reps)
+    run(arms, data, args.warmup)
+    print_report(arms, args)
+    if args.profile:
+        profile(arms, data[0])
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
