@@ -106,3 +106,13 @@ def one_line_error(call, *parts):
     for part in parts:
         assert str(part) in message, (part, message)
     return message
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny matmuls gain nothing from threads, and on a shared, busy CPU torch's spinning threads make
+    them 5-30x slower. Tests that load the real model are few and pay for this."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -37,15 +37,6 @@ from shears.search_space import SearchSpace
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls gain nothing from threads, and on a shared CPU their spin-waits cost seconds per call.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_model(arch="llama", seed=0):
     # initializer_range 0.5 (not 0.02): near-uniform logits would make every prompt generate the same
     # text, and then a padding or position bug could not change anything a test looks at.

@@ -83,16 +83,6 @@ def randomise_adapter(run: Path, seed: int, deficient: bool = False) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a shared, busy CPU torch's spinning threads make
-    them 5-10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def llama_run(tmp_path_factory) -> TinyRun:
     return train_tiny_run(tmp_path_factory.mktemp("llama"), "llama")

@@ -50,7 +50,11 @@ def problem_from_run(run, objective_names, eval_limit: int | None, batch_size: i
 def format_front(result, objectives) -> str:
     names = [o.name for o in objectives]
     header = ["#", *names, "label", "trial"]
-    rows = [[str(i), *(f"{r['objectives'][n]:.6g}" for n in names), r.get("label") or "", str(r.get("trial"))]
+    def cell(objective, value: float) -> str:  # sizes are counts: print them whole, with separators
+        return f"{value:,.0f}" if objective.is_size else f"{value:.4f}"
+
+    rows = [[str(i), *(cell(o, r["objectives"][o.name]) for o in objectives), r.get("label") or "",
+             str(r.get("trial"))]
             for i, r in enumerate(result.front)]
     widths = [max(len(row[j]) for row in [header, *rows]) for j in range(len(header))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in [header, *rows])
