@@ -32,10 +32,16 @@ class Run:
     def validation_records(self) -> list[dict]:
         """The recipe's deterministic validation split of its training data (never a test file)."""
         if self._val is None:
-            d = self.recipe.data
-            records = load_records(d.sources(), fields=d.fields or None, limit=d.train_limit, seed=d.val_seed)
-            self._val = split_validation(records, d.val_size, d.val_seed)[1]
+            self._val = recipe_splits(self.recipe)[1]
         return self._val
+
+
+def recipe_splits(recipe: Recipe) -> tuple[list[dict], list[dict]]:
+    """(train, validation): the recipe's training data and the deterministic split carved from it --
+    the one definition training and every later stage share."""
+    d = recipe.data
+    records = load_records(d.sources(), fields=d.fields or None, limit=d.train_limit, seed=d.val_seed)
+    return split_validation(records, d.val_size, d.val_seed)
 
 
 def base_source(run_dir: Path, recipe: Recipe) -> str:

@@ -30,11 +30,12 @@ import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
 from .atomic import write_json
-from .data import Collator, TokenizedDataset, load_records, split_validation
+from .data import Collator, TokenizedDataset
 from .elastic import SuperNet
 from .errors import ShearsError, cli_errors
 from .models import load_model, load_tokenizer
 from .recipe import Recipe, load_recipe, save_recipe
+from .run import recipe_splits
 from .search_space import BoundSpace, SearchSpace, canonical, load_search_space
 from .sparsity import prune_to_folder
 from .squeeze import squeeze_lora
@@ -117,7 +118,6 @@ class Stage:
     max_steps: int
     num_train_epochs: float
     checkpoints: Path
-    step_offset: int  # optimizer steps of the stages before (epoch-based: counted as they finish)
 
 
 def stage_space(space: SearchSpace, r_max: int) -> SearchSpace:
@@ -146,8 +146,7 @@ def plan_stages(recipe: Recipe, space: SearchSpace, run_dir: Path) -> list[Stage
     steps = [t.max_steps // n + (t.max_steps % n if i == n - 1 else 0) for i in range(n)] if t.max_steps > 0 \
         else [-1] * n
     root = run_dir / "checkpoints"
-    return [Stage(i, stage_space(space, r), steps[i], t.num_train_epochs / n,
-                  root if n == 1 else root / f"stage-{i}", sum(max(0, s) for s in steps[:i]))
+    return [Stage(i, stage_space(space, r), steps[i], t.num_train_epochs / n, root if n == 1 else root / f"stage-{i}")
             for i, r in enumerate(schedule)]
 
 
@@ -244,8 +243,7 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
         save_recipe(recipe, run_dir / "recipe.yaml")
 
     d = recipe.data
-    records = load_records(d.sources(), fields=d.fields or None, limit=d.train_limit, seed=d.val_seed)
-    train_records, val_records = split_validation(records, d.val_size, d.val_seed)
+    train_records, val_records = recipe_splits(recipe)
     base, tokenizer, base_source = prepare_base(recipe, run_dir, train_records)
 
     space = resolve_search_space(recipe)
@@ -268,7 +266,7 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
             model=supernet.model, args=training_arguments(recipe, stage), train_dataset=train_set,
             eval_dataset=val_set, data_collator=Collator(tokenizer), supernet=supernet,
             sampler=SubnetSampler(supernet.space, recipe.training.strategy, seed=recipe.training.seed),
-            step_offset=stage.step_offset if stage.max_steps > 0 else len({s for s, _ in trained}))
+            step_offset=len({step for step, _ in trained}))  # steps of the earlier stages
         trainer.train(resume_from_checkpoint=last_checkpoint(stage.checkpoints) if resume else None)
         trained += trainer.trained_configs
         if stage.checkpoints != run_dir / "checkpoints" and is_main_process():
