@@ -8,8 +8,14 @@ module's full anchored path: PEFT takes the first key k with re.match(rf"(.*\\.)
 a short key such as `q_proj` would pin every layer's q_proj to one rank. `r` / `lora_alpha` hold the
 most common rank, which keeps the patterns short.
 
+Every module of every export has the same alpha / r (the super-network's lora_alpha / r_max, which
+a squeeze keeps), so an engine that ignores the patterns and applies one global lora_alpha / r --
+vLLM before it read rank_pattern -- still scales each module correctly. Engines that need one rank
+per adapter (SGLang, LoRAX, TGI) get --uniform-rank: every module zero-padded to the subnet's
+largest rank, [A; 0] and [B, 0], which leaves B·A unchanged, with no patterns at all.
+
     python -m shears.export --run RUN (--front | --subnet maximal|heuristic|minimal|<config json>)
-                            [--squeeze [--energy E]] [--merge] [--output DIR] [--force]
+                            [--squeeze [--energy E]] [--uniform-rank] [--merge] [--output DIR] [--force]
 
 --squeeze re-factorises every exported module with shears.squeeze: to the smallest rank that keeps
 its update exact (tol mode), or to the rank keeping a share E of its energy, at the same scale.
@@ -129,6 +135,16 @@ def squeeze_factors(factors: Factors, scale: float, energy: float | None) -> tup
     return squeezed, records
 
 
+def pad_factors(factors: Factors, rank: int) -> Factors:
+    """Every module at `rank`: A gains zero rows and B zero columns, so B·A -- the update -- is unchanged."""
+    padded = {}
+    for module, (A, B) in factors.items():
+        extra = rank - A.shape[0]
+        padded[module] = (torch.cat([A, A.new_zeros(extra, A.shape[1])]).contiguous(),
+                          torch.cat([B, B.new_zeros(B.shape[0], extra)], dim=1).contiguous())
+    return padded
+
+
 def most_common_rank(ranks: dict[str, int]) -> int:
     counts = Counter(ranks.values())
     return max(counts, key=lambda r: (counts[r], r))
@@ -143,6 +159,18 @@ def lora_config(ranks: dict[str, int], scale: float, lora_dropout: float, base_s
                       rank_pattern={pattern_key(m): k for m, k in others.items()},
                       alpha_pattern={pattern_key(m): alpha_for_scale(scale, k, False) for m, k in others.items()},
                       base_model_name_or_path=base_source, inference_mode=True)
+
+
+def global_scale(config: dict) -> float:
+    """lora_alpha / r of an adapter_config, after checking every pattern entry has that same ratio: the
+    invariant that lets an engine applying one global scale serve our per-module ranks."""
+    scale = config["lora_alpha"] / config["r"]
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    for key in ranks.keys() | alphas.keys():
+        ratio = alphas.get(key, config["lora_alpha"]) / ranks.get(key, config["r"])
+        if abs(ratio - scale) > 1e-9 * max(1.0, abs(scale)):
+            raise ValueError(f"module {key!r} has alpha/r {ratio} but the adapter's is {scale}")
+    return scale
 
 
 def write_adapter(folder: Path, factors: Factors, config: LoraConfig) -> None:
@@ -215,7 +243,7 @@ def base_record(run: Run) -> dict:
 
 
 def export_one(run: Run, name: str, config: Config, folder: Path, objectives: dict | None,
-               squeeze: bool, energy: float | None, target: MergeTarget | None) -> dict:
+               squeeze: bool, energy: float | None, target: MergeTarget | None, uniform_rank: bool = False) -> dict:
     """Write one subnet into the fresh temporary `folder`; returns its shears.json record."""
     supernet, space = run.supernet, run.supernet.space
     scale = space.space.lora_alpha / space.r_max
@@ -227,7 +255,12 @@ def export_one(run: Run, name: str, config: Config, folder: Path, objectives: di
                           "rank_before": sum(m["rank_before"] for m in modules),
                           "rank_after": sum(m["rank_after"] for m in modules), "modules": modules}
     ranks = {module: A.shape[0] for module, (A, _) in factors.items()}
-    write_adapter(folder, factors, lora_config(ranks, scale, space.space.lora_dropout, base_source(run)))
+    padded_to = max(ranks.values()) if uniform_rank else None
+    written = pad_factors(factors, padded_to) if uniform_rank else factors
+    adapter = lora_config({m: A.shape[0] for m, (A, _) in written.items()}, scale, space.space.lora_dropout,
+                          base_source(run))
+    global_scale(adapter.to_dict())  # the invariant, checked on what is written
+    write_adapter(folder, written, adapter)
     merge_record = None
     if target is not None:
         zeros_kept = merge_into(target.model, supernet, factors, scale)
@@ -237,8 +270,9 @@ def export_one(run: Run, name: str, config: Config, folder: Path, objectives: di
     record = {
         "format": EXPORT_FORMAT, "name": name, "config": config,
         "adapter_params": supernet.adapter_params(config),
-        "exported_adapter_params": sum(A.numel() + B.numel() for A, B in factors.values()),
-        "module_ranks": ranks, "objectives": objectives,
+        "exported_adapter_params": sum(A.numel() + B.numel() for A, B in written.values()),
+        "module_ranks": ranks, "max_rank": max(ranks.values()), "uniform_rank": padded_to,
+        "objectives": objectives,
         "base_model": base_record(run), "run": str(Path(run.path).resolve()),
         "r_max": space.r_max, "lora_alpha": space.space.lora_alpha, "scaling": SCALING_RULE,
         "sparse_adapter": supernet.sparse_adapter,
@@ -256,8 +290,10 @@ def _check_name(name: str) -> None:
 
 
 def export_subnets(run: Run | str | Path, configs: dict[str, Config], output: str | Path, squeeze: bool = False,
-                   energy: float | None = None, merge: bool = False, force: bool = False) -> list[Path]:
-    """Export each {name: config} as the stock-PEFT folder OUTPUT/name (each written atomically)."""
+                   energy: float | None = None, merge: bool = False, force: bool = False,
+                   uniform_rank: bool = False) -> list[Path]:
+    """Export each {name: config} as the stock-PEFT folder OUTPUT/name (each written atomically);
+    uniform_rank zero-pads every module to the subnet's largest rank (one rank, no patterns)."""
     if energy is not None and not squeeze:
         raise ShearsError("energy sets the squeezed rank: pass squeeze=True as well (--squeeze --energy E)")
     if energy is not None and not 0.0 < energy <= 1.0:
@@ -276,7 +312,8 @@ def export_subnets(run: Run | str | Path, configs: dict[str, Config], output: st
     written = []
     for name, config in tqdm(configs.items(), desc="export", unit="subnet"):
         with atomic_folder(output / name, force) as tmp:
-            export_one(run, name, config, tmp, objectives.get(canonical(config)), squeeze, energy, target)
+            export_one(run, name, config, tmp, objectives.get(canonical(config)), squeeze, energy, target,
+                       uniform_rank)
         written.append(output / name)
     return written
 
@@ -290,7 +327,8 @@ def rank_summary(ranks: dict[str, int]) -> str:
 
 
 def export_front(run: Run | str | Path, output: str | Path | None = None, squeeze: bool = False,
-                 energy: float | None = None, merge: bool = False, force: bool = False) -> list[Path]:
+                 energy: float | None = None, merge: bool = False, force: bool = False,
+                 uniform_rank: bool = False) -> list[Path]:
     """Export every point of RUN/search/front.json to OUTPUT/front-<i>-<adapter_params>/ (default
     OUTPUT: RUN/export), plus manifest.json and README.md listing them."""
     run_dir = Path(run.path if isinstance(run, Run) else run)
@@ -300,12 +338,13 @@ def export_front(run: Run | str | Path, output: str | Path | None = None, squeez
     run = run if isinstance(run, Run) else load_run(run_dir)
     configs = front_subnets(run.supernet, front)
     old_folders = _manifest_folders(output)
-    folders = export_subnets(run, configs, output, squeeze, energy, merge, force)
+    folders = export_subnets(run, configs, output, squeeze, energy, merge, force, uniform_rank)
     records = [json.loads((folder / SHEARS_FILE).read_text()) for folder in folders]
     manifest = {"format": EXPORT_FORMAT, "run": str(run_dir.resolve()), "objectives": front.get("objectives"),
-                "hypervolume": front.get("hypervolume"),
+                "hypervolume": front.get("hypervolume"), "uniform_rank": uniform_rank,
                 "subnets": [{"folder": f.name, "config": r["config"], "ranks": rank_summary(r["module_ranks"]),
-                             "objectives": r["objectives"], "adapter_params": r["adapter_params"],
+                             "max_rank": r["max_rank"], "objectives": r["objectives"],
+                             "adapter_params": r["adapter_params"],
                              "exported_adapter_params": r["exported_adapter_params"]}
                             for f, r in zip(folders, records)]}
     write_text(output / MANIFEST, json.dumps(manifest, indent=1) + "\n")
@@ -342,8 +381,42 @@ def front_readme(manifest: dict, base_source: str) -> str:
         lines.append(f"| {s['folder']} | {s['exported_adapter_params']:,} | {values} | {s['ranks']} |")
     lines += ["", "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
               f"base = AutoModelForCausalLM.from_pretrained({base_source!r})",
-              f"model = PeftModel.from_pretrained(base, \"{manifest['subnets'][0]['folder']}\")", "```", ""]
+              f"model = PeftModel.from_pretrained(base, \"{manifest['subnets'][0]['folder']}\")", "```", "",
+              *engine_notes(manifest, base_source)]
     return "\n".join(lines)
+
+
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
+
+
+def vllm_max_lora_rank(rank: int) -> int | None:
+    """The smallest --max-lora-rank vLLM accepts that holds `rank` (None: larger than vLLM allows)."""
+    return next((r for r in VLLM_MAX_LORA_RANKS if r >= rank), None)
+
+
+def engine_notes(manifest: dict, base_source: str) -> list[str]:
+    """Which folders suit which serving engine, and the vLLM flag that serves all of them."""
+    largest = max(s["max_rank"] for s in manifest["subnets"])
+    flag = vllm_max_lora_rank(largest)
+    vllm = (f"`--enable-lora --max-lora-rank {flag}` (every folder here has rank <= {largest})" if flag else
+            f"no --max-lora-rank holds rank {largest} (vLLM allows up to {VLLM_MAX_LORA_RANKS[-1]}): "
+            "export with --squeeze --energy E")
+    folders = ("every module zero-padded to its subnet's largest rank, no rank_pattern" if manifest["uniform_rank"]
+               else "per-module ranks in rank_pattern/alpha_pattern")
+    lines = ["## Serving engines", "",
+             f"These folders hold {folders}. Every module has the same `lora_alpha / r`, so an engine that applies "
+             "one global scale still scales each module correctly.", "",
+             "| engine | these folders | how |", "|---|---|---|",
+             "| PEFT / transformers | yes | `PeftModel.from_pretrained` (above) |",
+             f"| vLLM | yes | {vllm} |"]
+    if manifest["uniform_rank"]:
+        lines += ["| SGLang, LoRAX, TGI | yes | one rank per adapter, as these engines require |"]
+    else:
+        lines += ["| SGLang, LoRAX, TGI | no: they need one rank per adapter | re-export with "
+                  "`python -m shears.export --run RUN --front --uniform-rank --output DIR` |"]
+    lines += ["", f"vLLM example: `vllm serve {base_source} --enable-lora --max-lora-rank {flag or largest} "
+              f"--lora-modules {manifest['subnets'][0]['folder']}=PATH/{manifest['subnets'][0]['folder']}`", ""]
+    return lines
 
 
 # --------------------------------------------------------------------------- CLI
@@ -357,7 +430,8 @@ def format_table(folders: list[Path]) -> str:
         merged = r["merged"]
         sparsity = (f"{merged['sparsity_before']['total']:.2%} -> {merged['sparsity_after']['total']:.2%}"
                     if merged else "-")
-        rows.append([r["name"], rank_summary(r["module_ranks"]), f"{r['exported_adapter_params']:,}", squeezed,
+        ranks = rank_summary(r["module_ranks"]) + (f" (padded to {r['uniform_rank']})" if r.get("uniform_rank") else "")
+        rows.append([r["name"], ranks, f"{r['exported_adapter_params']:,}", squeezed,
                      sparsity, str(folder)])
     widths = [max(len(row[j]) for row in [header, *rows]) for j in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
@@ -372,6 +446,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="maximal | heuristic | minimal | a JSON config or .json file (repeatable)")
     p.add_argument("--squeeze", action="store_true", help="re-factorise each module to its smallest exact rank")
     p.add_argument("--energy", type=float, help="with --squeeze: keep this share of each module's sum(σ²) instead")
+    p.add_argument("--uniform-rank", action="store_true",
+                   help="zero-pad every module to the subnet's largest rank, no rank_pattern (SGLang, LoRAX, TGI)")
     p.add_argument("--merge", action="store_true", help="also write merged/: base + subnet as an HF model folder")
     p.add_argument("--output", help="output folder (default RUN/export)")
     p.add_argument("--force", action="store_true", help="overwrite existing subnet folders")
@@ -386,11 +462,12 @@ def main(argv=None) -> None:
     if args.energy is not None and not args.squeeze:
         raise ShearsError("--energy sets the squeezed rank: add --squeeze")
     if args.front:
-        folders = export_front(run_dir, output, args.squeeze, args.energy, args.merge, args.force)
+        folders = export_front(run_dir, output, args.squeeze, args.energy, args.merge, args.force,
+                               args.uniform_rank)
     else:
         run = load_run(run_dir)
         folders = export_subnets(run, named_subnets(run.supernet, args.subnet), output, args.squeeze,
-                                 args.energy, args.merge, args.force)
+                                 args.energy, args.merge, args.force, args.uniform_rank)
     print(format_table(folders))
     first = json.loads((folders[0] / SHEARS_FILE).read_text())
     if first["sparse_adapter"]:

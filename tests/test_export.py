@@ -326,6 +326,105 @@ def test_merge_of_a_dense_adapter_gives_the_subnets_logits(llama_run, tmp_path):
     assert max_diff(logits(model), hand_merged_logits(llama_run, MIXED)) <= 1e-5
 
 
+# --------------------------------------------------------------------------- serving engines
+
+EXPORT_MODES = {"plain": {}, "squeezed": {"squeeze": True}, "energy": {"squeeze": True, "energy": 0.9}}
+
+
+def module_scales(adapter_config: dict, modules: list[str]) -> dict[str, float]:
+    """alpha / r per module, resolved the way PEFT resolves its patterns."""
+    out = {}
+    for module in modules:
+        rank_key = get_pattern_key(adapter_config["rank_pattern"].keys(), module)
+        alpha_key = get_pattern_key(adapter_config["alpha_pattern"].keys(), module)
+        out[module] = adapter_config["alpha_pattern"].get(alpha_key, adapter_config["lora_alpha"]) / \
+                      adapter_config["rank_pattern"].get(rank_key, adapter_config["r"])
+    return out
+
+
+@pytest.mark.parametrize("mode", sorted(EXPORT_MODES))
+def test_every_module_of_every_export_has_the_global_alpha_over_r(mode, llama_run, tmp_path):
+    """Engines that ignore rank_pattern/alpha_pattern apply lora_alpha / r to every module: right only
+    because each module's own alpha / r is that same number, in plain, squeezed and energy exports."""
+    run = copy_run(llama_run, tmp_path)
+    randomise_adapter(run.path, seed=11, deficient=True)  # squeezes give each module another rank
+    export_subnets(run.path, {"mixed": MIXED}, tmp_path / "export", **EXPORT_MODES[mode])
+    folder = tmp_path / "export" / "mixed"
+    adapter_config = json.loads((folder / "adapter_config.json").read_text())
+    record = json.loads((folder / "shears.json").read_text())
+    modules = sorted(record["module_ranks"])
+    if mode != "plain":  # the squeeze really made the ranks heterogeneous
+        assert len(set(record["module_ranks"].values())) >= 2
+    assert adapter_config["lora_alpha"] / adapter_config["r"] == pytest.approx(SCALE)
+    assert module_scales(adapter_config, modules) == pytest.approx({m: SCALE for m in modules})
+    _, model = peft_logits(run, folder)  # and PEFT itself built every layer at that scale
+    scales = {name: layer.scaling["default"] for name, layer in model.get_base_model().named_modules()
+              if isinstance(layer, LoraLayer)}
+    assert sorted(scales) == modules and all(s == pytest.approx(SCALE) for s in scales.values())
+
+
+def engine_view(folder: Path, out: Path, max_lora_rank: int) -> Path:
+    """What an engine that knows one rank makes of an export: rank_pattern/alpha_pattern dropped, one
+    global scale lora_alpha / r, every factor zero-padded to max_lora_rank (vLLM's --max-lora-rank).
+    Written as a stock-PEFT folder at rank max_lora_rank with the same global scale."""
+    adapter_config = json.loads((folder / "adapter_config.json").read_text())
+    scale = adapter_config["lora_alpha"] / adapter_config["r"]
+    padded = {}
+    for key, t in load_file(folder / "adapter_model.safetensors").items():
+        if "lora_A" in key:
+            padded[key] = torch.zeros(max_lora_rank, t.shape[1]).index_copy_(0, torch.arange(t.shape[0]), t)
+        else:
+            padded[key] = torch.zeros(t.shape[0], max_lora_rank).index_copy_(1, torch.arange(t.shape[1]), t)
+    out.mkdir()
+    save_file(padded, out / "adapter_model.safetensors")
+    adapter_config.update(r=max_lora_rank, lora_alpha=scale * max_lora_rank, rank_pattern={}, alpha_pattern={})
+    (out / "adapter_config.json").write_text(json.dumps(adapter_config))
+    return out
+
+
+@pytest.mark.parametrize("mode", sorted(EXPORT_MODES))
+def test_an_engine_that_ignores_patterns_and_pads_ranks_gets_identical_logits(mode, llama_run, tmp_path):
+    run = copy_run(llama_run, tmp_path)
+    randomise_adapter(run.path, seed=5, deficient=True)
+    export_subnets(run.path, {"mixed": MIXED}, tmp_path / "export", **EXPORT_MODES[mode])
+    folder = tmp_path / "export" / "mixed"
+    reference, _ = peft_logits(run, folder)  # the export as stock PEFT reads it, patterns and all
+    if mode != "energy":  # energy drops real directions, so only the lossless exports equal the super-network
+        assert max_diff(reference, supernet_logits(run, {"mixed": MIXED})["mixed"]) <= 1e-5
+    engine, model = peft_logits(run, engine_view(folder, tmp_path / "engine", max_lora_rank=16))
+    assert {layer.r["default"] for layer in model.modules() if isinstance(layer, LoraLayer)} == {16}
+    assert max_diff(engine, reference) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", sorted(EXPORT_MODES))
+def test_uniform_rank_export_has_one_rank_no_patterns_and_the_same_logits(mode, llama_run, tmp_path):
+    run = copy_run(llama_run, tmp_path)
+    randomise_adapter(run.path, seed=3, deficient=True)
+    export_subnets(run.path, {"mixed": MIXED}, tmp_path / "patterned", **EXPORT_MODES[mode])
+    export_subnets(run.path, {"mixed": MIXED}, tmp_path / "uniform", uniform_rank=True, **EXPORT_MODES[mode])
+    patterned, uniform = tmp_path / "patterned" / "mixed", tmp_path / "uniform" / "mixed"
+    record = json.loads((uniform / "shears.json").read_text())
+    largest = max(record["module_ranks"].values())
+    assert record["uniform_rank"] == record["max_rank"] == largest
+    assert record["module_ranks"] == json.loads((patterned / "shears.json").read_text())["module_ranks"]
+    adapter_config = json.loads((uniform / "adapter_config.json").read_text())
+    assert adapter_config["r"] == largest and adapter_config["lora_alpha"] == pytest.approx(SCALE * largest)
+    assert not adapter_config["rank_pattern"] and not adapter_config["alpha_pattern"]
+    tensors, original = load_file(uniform / "adapter_model.safetensors"), load_file(patterned / "adapter_model.safetensors")
+    assert tensors.keys() == original.keys()
+    for key, t in tensors.items():
+        k = original[key].shape[0 if "lora_A" in key else 1]
+        kept, pad = (t[:k], t[k:]) if "lora_A" in key else (t[:, :k], t[:, k:])
+        assert t.shape[0 if "lora_A" in key else 1] == largest, key
+        assert torch.equal(kept, original[key]) and not pad.any(), key
+    assert record["exported_adapter_params"] == sum(t.numel() for t in tensors.values())
+    ours, model = peft_logits(run, uniform)
+    assert {layer.r["default"] for layer in model.modules() if isinstance(layer, LoraLayer)} == {largest}
+    assert max_diff(ours, peft_logits(run, patterned)[0]) <= 1e-5
+    if mode != "energy":
+        assert max_diff(ours, supernet_logits(run, {"mixed": MIXED})["mixed"]) <= 1e-5
+
+
 # --------------------------------------------------------------------------- the front
 
 def write_search(run: TinyRun, points: list[tuple[dict, float]]) -> dict:
@@ -367,6 +466,9 @@ def test_front_exports_every_point_with_manifest_and_readme(llama_run, tmp_path,
         assert manifest["subnets"][i]["adapter_params"] == params
         assert folder.name in readme and str(folder) in printed
     assert len(manifest["subnets"]) == 3 and manifest["objectives"] == ["accuracy", "adapter_params"]
+    # the largest rank on this front is 8: vLLM serves every folder with --max-lora-rank 8, SGLang & co need
+    # the one-rank re-export
+    assert "--max-lora-rank 8 " in readme and "--uniform-rank" in readme
     assert sorted(p.name for p in out.iterdir()) == sorted([*folders, "manifest.json", "README.md"])
     assert "manifest.json" in printed
 
