@@ -9,8 +9,9 @@ Alpaca template of `shears.data.format_prompt`:
           first A-E anywhere in the text, which would be the article "A" half of the time.
   choice  multiple choice by log-likelihood, as lm-eval scores it: every candidate continuation is
           scored after the prompt, the highest sum of log-probs wins (`accuracy`), and the highest sum
-          per character of the continuation (`accuracy_norm`). Candidates that differ only in their last
-          token share one row of the forward pass, so a 4-way question costs one sequence, not four.
+          per character of the continuation (`accuracy_norm`). Each question's prompt is run once
+          however many candidates it has (KV cache), and the prompt template's header once per
+          evaluation: `score_continuations` scores any (context, [continuations]) this way.
   loss    mean response-token cross-entropy (and perplexity), the cheap proxy a search may use.
 
 `evaluate(...)` takes a model, a PeftModel or a SuperNet (duck-typed: `.model` and `.activate`);
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import math
 import os
 import re
@@ -34,6 +36,7 @@ from tqdm.auto import tqdm
 
 from .atomic import write_json
 from .errors import ShearsError, cli_errors
+from .precision import autocast, precision_name
 
 TASKS = ("math", "choice", "loss")
 TOLERANCE = 1e-3  # |prediction - gold| within this counts as correct (LLM-Adapters)
@@ -286,54 +289,218 @@ def _evaluate_math(model, tokenizer, records, batch_size, max_new_tokens, progre
     return {"accuracy": correct / len(records), "predictions": predictions}
 
 
-# --------------------------------------------------------------------------- choice
+# --------------------------------------------------------------------------- continuation scoring
 
 @dataclass
-class _Question:
-    labels: list[str]
-    continuations: list[str]
-    rows: list[list[int]]  # distinct token rows serving this question's candidates
-    queries: list[Query]  # one per candidate, `row` indexing into `rows`
+class Continuations:
+    """Score every continuation in `continuations` (token ids each) after the same `context` (token ids).
+
+    Context and continuation are tokenised separately and concatenated (as lm-eval does), so a
+    continuation's tokens are exactly those after the context's, whatever the tokenizer would merge
+    across the boundary."""
+
+    context: list[int]
+    continuations: list[list[int]]
 
 
-def _build_question(tokenizer, record: dict, choices: Sequence[str] | None) -> _Question:
-    """Token rows and queries for every candidate of one record.
+def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    shortest = min(sequences, key=len)
+    for i, token in enumerate(shortest):
+        if any(seq[i] != token for seq in sequences):
+            return i
+    return len(shortest)
 
-    Context and continuation are tokenised separately and concatenated (as lm-eval does), so the
-    continuation's tokens are exactly those after the prompt's, whatever the tokenizer would merge
-    across the boundary. A candidate needs the logits at positions len(context)-1 .. len(full)-2,
-    i.e. a row beginning with full[:-1]; candidates that differ only in their last token share one."""
-    labels = choice_labels(record, choices)
-    continuations = choice_continuations(record, labels)
-    context = _prompt_ids(tokenizer, record)
+
+def _candidate_rows(request: Continuations) -> tuple[list[list[int]], list[Query]]:
+    """The distinct token rows one request needs, and one query per continuation (`row` into them).
+
+    Continuation k needs the logits at positions len(context)-1 .. len(context)+len(k)-2, i.e. a row
+    beginning with context + k[:-1]; a continuation whose row is a prefix of another's (e.g. labels
+    that differ only in their last token) shares that row."""
+    context = request.context
     rows: list[list[int]] = []
-    queries: list[Query | None] = [None] * len(labels)
-    for k in sorted(range(len(labels)), key=lambda k: -len(continuations[k])):
-        tokens = tokenizer(continuations[k], add_special_tokens=False)["input_ids"]
+    queries: list[Query | None] = [None] * len(request.continuations)
+    for k in sorted(range(len(request.continuations)), key=lambda k: -len(request.continuations[k])):
+        tokens = request.continuations[k]
         if not tokens:
-            raise ShearsError(f"the candidate {labels[k]!r} tokenises to nothing: give non-empty choices")
+            raise ShearsError("a continuation tokenises to nothing: give non-empty candidates")
         needed = context + tokens[:-1]
         row = next((r for r, ids in enumerate(rows) if ids[:len(needed)] == needed), None)
         if row is None:
             rows.append(needed)
             row = len(rows) - 1
-        queries[k] = Query(row, list(range(len(context) - 1, len(needed))), tokens)
-    return _Question(labels, continuations, rows, queries)
+        queries[k] = Query(row, list(range(len(context) - 1, len(needed))), list(tokens))
+    return rows, queries
 
 
-def score_choices(model, tokenizer, records, choices=None) -> list[dict]:
-    """Sum of log-probs of every candidate continuation of every record, in one forward pass."""
-    questions = [_build_question(tokenizer, r, choices) for r in records]
-    rows, queries = [], []
-    for q in questions:
-        queries += [Query(len(rows) + query.row, query.positions, query.targets) for query in q.queries]
-        rows += q.rows
-    logprobs = iter(gather_logprobs(model, rows, queries, _pad_id(tokenizer)))
-    scored = []
-    for q in questions:
-        sums = [float(next(logprobs).sum()) for _ in q.labels]
-        scored.append({"labels": q.labels, "continuations": q.continuations, "logprobs": sums})
-    return scored
+def _sliding_window(model) -> int | None:
+    window = getattr(getattr(model, "config", None), "sliding_window", None)
+    return window if isinstance(window, int) and window > 0 else None
+
+
+class _PromptCache:
+    """The KV cache of the prefix every request of one evaluation shares (the prompt template's header),
+    computed once; each batch starts from a copy repeated to its size."""
+
+    def __init__(self, model, prefix: list[int]):
+        self.length = len(prefix)
+        self.cache = None
+        if prefix:
+            ids = torch.tensor([prefix], device=_device(model))
+            self.cache = model(input_ids=ids, use_cache=True, logits_to_keep=1).cache
+
+    def for_batch(self, size: int):
+        if self.cache is None:
+            return None
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(size)
+        return cache
+
+
+def _shared_prompt_logprobs(model, requests: list[Continuations], prompt: _PromptCache,
+                            pad_id: int) -> list[list[torch.Tensor]]:
+    """Log-probs of every continuation of a batch of requests, each context run once.
+
+    Three stages of one causal sequence per candidate, each stage extending the KV cache of the one
+    before: the shared prefix (`prompt`, P tokens, cached once per evaluation); stage 1, the rest of
+    each request's context and the part its candidates share, left-padded so that every row ends at
+    the same column and stage 2 follows on directly; stage 2, each distinct candidate remainder,
+    right-padded. Positions are passed explicitly, so left padding shifts no real token's position."""
+    device, P = _device(model), prompt.length
+    plans = []  # per request: (stage-1 tokens, rows, queries)
+    for request in requests:
+        rows, queries = _candidate_rows(request)
+        shared = _common_prefix_length(rows)
+        plans.append((rows[0][P:shared], rows, queries))
+    # --- stage 1
+    L1 = max(len(s1) for s1, _, _ in plans)
+    ids1 = torch.full((len(plans), L1), pad_id, dtype=torch.long)
+    mask1 = torch.zeros((len(plans), L1), dtype=torch.long)
+    for b, (s1, _, _) in enumerate(plans):
+        ids1[b, L1 - len(s1):] = torch.tensor(s1)
+        mask1[b, L1 - len(s1):] = 1
+    positions1 = (P + mask1.cumsum(-1) - 1).clamp(min=P)  # real tokens: P, P+1, ...; pads: anything
+    first = min(L1 - len(s1) + (q.positions[0] - P) for s1, _, queries in plans for q in queries)  # < L1 always
+    full_mask1 = torch.cat([torch.ones((len(plans), P), dtype=torch.long), mask1], dim=1)
+    out1 = model(input_ids=ids1.to(device), attention_mask=full_mask1.to(device),
+                 position_ids=positions1.to(device), cache=prompt.for_batch(len(plans)),
+                 use_cache=True, logits_to_keep=L1 - first)
+    logits1 = out1.logits
+    # --- stage 2: what each distinct row holds beyond its request's stage-1 tokens
+    stage2 = []  # (request b, row r, remainder)
+    for b, (s1, rows, _) in enumerate(plans):
+        stage2 += [(b, r, row[P + len(s1):]) for r, row in enumerate(rows) if len(row) > P + len(s1)]
+    where2 = {(b, r): j for j, (b, r, _) in enumerate(stage2)}
+    if stage2:
+        L2 = max(len(rest) for _, _, rest in stage2)
+        ids2 = torch.full((len(stage2), L2), pad_id, dtype=torch.long)
+        mask2 = torch.zeros((len(stage2), L2), dtype=torch.long)
+        for j, (_, _, rest) in enumerate(stage2):
+            ids2[j, :len(rest)] = torch.tensor(rest)
+            mask2[j, :len(rest)] = 1
+        owner = torch.tensor([b for b, _, _ in stage2])
+        starts = torch.tensor([P + len(plans[b][0]) for b, _, _ in stage2])
+        cache = out1.cache
+        cache.batch_select_indices(owner.to(device))
+        full_mask2 = torch.cat([torch.ones((len(stage2), P), dtype=torch.long), mask1[owner], mask2], dim=1)
+        logits2 = model(input_ids=ids2.to(device), attention_mask=full_mask2.to(device),
+                        position_ids=(starts[:, None] + torch.arange(L2)).to(device),
+                        cache=cache, use_cache=True).logits
+    results = []
+    for b, (s1, _, queries) in enumerate(plans):
+        scored = []
+        for q in queries:
+            picked = []
+            for p in q.positions:  # positions rise: stage-1 ones first, then the row's stage-2 ones
+                if p < P + len(s1):
+                    picked.append(logits1[b, L1 - len(s1) + (p - P) - first])
+                else:
+                    picked.append(logits2[where2[(b, q.row)], p - P - len(s1)])
+            logprobs = torch.stack(picked).float().log_softmax(-1)
+            scored.append(logprobs.gather(-1, torch.tensor(q.targets, device=device)[:, None])[:, 0].cpu())
+        results.append(scored)
+    return results
+
+
+def _plain_logprobs(model, requests: list[Continuations], pad_id: int) -> list[list[torch.Tensor]]:
+    """The same log-probs from one right-padded forward over every request's full rows (no cache)."""
+    rows, queries, counts = [], [], []
+    for request in requests:
+        own_rows, own_queries = _candidate_rows(request)
+        queries += [Query(len(rows) + q.row, q.positions, q.targets) for q in own_queries]
+        rows += own_rows
+        counts.append(len(own_queries))
+    logprobs = iter(gather_logprobs(model, rows, queries, pad_id))
+    return [[next(logprobs) for _ in range(count)] for count in counts]
+
+
+def iter_continuation_logprobs(model, requests: Sequence[Continuations], pad_id: int, batch_size: int = 16,
+                               share_prompt: bool = True):
+    """Yield (index, [log-probs of each continuation's tokens]) for every request, a batch at a time.
+
+    Requests go longest first (similar lengths share a batch: little padding; memory runs out early
+    if at all), so indices arrive out of order. With `share_prompt` (the default) every context is
+    run once however many continuations it has, and the prefix common to all requests (the prompt
+    template) once per call: see `_shared_prompt_logprobs`. `share_prompt=False` is the plain
+    computation (one full row per distinct candidate), used when a sliding-window model could see
+    the padding the cached layout leaves between stages."""
+    requests = list(requests)
+    if not requests:
+        return
+    with torch.inference_mode():
+        yield from _iter_continuation_logprobs(model, requests, pad_id, batch_size, share_prompt)
+
+
+def _iter_continuation_logprobs(model, requests, pad_id, batch_size, share_prompt):
+    order = sorted(range(len(requests)),
+                   key=lambda i: -(len(requests[i].context) + max(map(len, requests[i].continuations))))
+    window = _sliding_window(model)
+    prompt = None
+    if share_prompt:
+        # at most len(context) - 1 tokens: the logits at the context's last token are always wanted
+        shared = min(_common_prefix_length([r.context for r in requests]), *(len(r.context) - 1 for r in requests))
+        prompt = _PromptCache(model, requests[0].context[:shared])
+    for batch in _batches(order, batch_size):
+        chunk = [requests[i] for i in batch]
+        longest = max(len(r.context) + max(map(len, r.continuations)) for r in chunk)
+        # columns of the cached layout: prefix + stage 1 + stage 2 <= twice the longest row
+        if prompt is not None and (window is None or 2 * longest < window):
+            scored = _shared_prompt_logprobs(model, chunk, prompt, pad_id)
+        else:
+            scored = _plain_logprobs(model, chunk, pad_id)
+        yield from zip(batch, scored)
+
+
+def score_continuations(model, requests: Sequence[Continuations], pad_id: int, batch_size: int = 16,
+                        share_prompt: bool = True) -> list[list[torch.Tensor]]:
+    """Per request, per continuation: the log-probs of its tokens given the context (in request order)."""
+    results: list = [None] * len(requests)
+    for i, scored in iter_continuation_logprobs(model, requests, pad_id, batch_size, share_prompt):
+        results[i] = scored
+    return results
+
+
+# --------------------------------------------------------------------------- choice
+
+def _choice_request(tokenizer, record: dict, choices: Sequence[str] | None) -> tuple[list[str], list[str], Continuations]:
+    """(labels, continuation texts, the token request) of one record."""
+    labels = choice_labels(record, choices)
+    continuations = choice_continuations(record, labels)
+    tokens = []
+    for label, text in zip(labels, continuations):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ShearsError(f"the candidate {label!r} tokenises to nothing: give non-empty choices")
+        tokens.append(ids)
+    return labels, continuations, Continuations(_prompt_ids(tokenizer, record), tokens)
+
+
+def score_choices(model, tokenizer, records, choices=None, batch_size: int = 16) -> list[dict]:
+    """Sum of log-probs of every candidate continuation of every record."""
+    built = [_choice_request(tokenizer, r, choices) for r in records]
+    scored = score_continuations(model, [request for _, _, request in built], _pad_id(tokenizer), batch_size)
+    return [{"labels": labels, "continuations": texts, "logprobs": [float(lp.sum()) for lp in logprobs]}
+            for (labels, texts, _), logprobs in zip(built, scored)]
 
 
 def _argmax(values: Sequence[float]) -> int:
@@ -341,27 +508,31 @@ def _argmax(values: Sequence[float]) -> int:
 
 
 def _evaluate_choice(model, tokenizer, records, batch_size, choices, progress) -> dict:
-    order = sorted(range(len(records)), key=lambda i: -len(records[i].get("instruction") or ""))
+    built = [_choice_request(tokenizer, r, choices) for r in records]
+    for i, (labels, _, _) in enumerate(built):
+        gold = str(records[i].get("answer") or "").strip()
+        if gold not in labels:  # before any forward pass: bad data fails in a second
+            raise ShearsError(f"record {i}: gold answer {gold!r} is not among the candidates "
+                              f"{labels}: fix the data or --choices")
     predictions: list[dict | None] = [None] * len(records)
     correct = correct_norm = done = 0
+    requests = [request for _, _, request in built]
     with _progress(len(records), "choice", progress) as bar:
-        for batch in _batches(order, batch_size):
-            for i, scored in zip(batch, score_choices(model, tokenizer, [records[i] for i in batch], choices)):
-                gold = str(records[i].get("answer") or "").strip()
-                if gold not in scored["labels"]:
-                    raise ShearsError(f"record {i}: gold answer {gold!r} is not among the candidates "
-                                      f"{scored['labels']}: fix the data or --choices")
-                # acc_norm as lm-eval: log-likelihood per character of the continuation.
-                per_char = [lp / len(c) for lp, c in zip(scored["logprobs"], scored["continuations"])]
-                pick, pick_norm = scored["labels"][_argmax(scored["logprobs"])], scored["labels"][_argmax(per_char)]
-                correct += pick == gold
-                correct_norm += pick_norm == gold
-                predictions[i] = {"index": i, "choices": scored["labels"], "logprobs": scored["logprobs"],
-                                  "prediction": pick, "prediction_norm": pick_norm, "answer": gold,
-                                  "correct": pick == gold, "correct_norm": pick_norm == gold}
-            done += len(batch)
-            bar.update(len(batch))
-            bar.set_postfix(acc=f"{correct / done:.3f}", acc_norm=f"{correct_norm / done:.3f}")
+        for i, token_logprobs in iter_continuation_logprobs(model, requests, _pad_id(tokenizer), batch_size):
+            labels, texts, _ = built[i]
+            gold = str(records[i].get("answer") or "").strip()
+            logprobs = [float(lp.sum()) for lp in token_logprobs]
+            # acc_norm as lm-eval: log-likelihood per character of the continuation.
+            per_char = [lp / len(c) for lp, c in zip(logprobs, texts)]
+            pick, pick_norm = labels[_argmax(logprobs)], labels[_argmax(per_char)]
+            correct += pick == gold
+            correct_norm += pick_norm == gold
+            predictions[i] = {"index": i, "choices": labels, "logprobs": logprobs,
+                              "prediction": pick, "prediction_norm": pick_norm, "answer": gold,
+                              "correct": pick == gold, "correct_norm": pick_norm == gold}
+            done += 1
+            bar.update(1)
+            bar.set_postfix(acc=f"{correct / done:.3f}", acc_norm=f"{correct_norm / done:.3f}", refresh=False)
     return {"accuracy": correct / len(records), "accuracy_norm": correct_norm / len(records),
             "predictions": predictions}
 
@@ -406,8 +577,11 @@ def _evaluate_loss(model, tokenizer, records, batch_size, cutoff_len, progress) 
 
 def evaluate(model_or_supernet, tokenizer, records: Sequence[dict], task: str, limit: int | None = None,
              batch_size: int = 16, max_new_tokens: int = 256, choices: Sequence[str] | None = None,
-             cutoff_len: int = 1024, progress: bool = True) -> dict:
+             cutoff_len: int = 1024, progress: bool = True, bf16: bool = False) -> dict:
     """Score the model (or the SuperNet's active subnet) on `records` (the first `limit`).
+
+    `bf16` runs the forward passes under bf16 autocast (weights stay as they are; log-softmax is
+    taken in float32); resolve a recipe's `auto` with `shears.precision.resolve_bf16` first.
 
     Returns {"task", "accuracy", "n", "predictions", ...}: choice adds "accuracy_norm"; loss gives
     "loss", "perplexity", "tokens" and accuracy None. Predictions are in the records' order."""
@@ -421,14 +595,14 @@ def evaluate(model_or_supernet, tokenizer, records: Sequence[dict], task: str, l
     if not records:
         raise ShearsError("no records to evaluate: check the data file and --limit")
     model = unwrap(model_or_supernet)
-    with evaluation_mode(model):
+    with evaluation_mode(model), autocast(bf16, _device(model)):
         if task == "math":
             result = _evaluate_math(model, tokenizer, records, batch_size, max_new_tokens, progress)
         elif task == "choice":
             result = _evaluate_choice(model, tokenizer, records, batch_size, choices, progress)
         else:
             result = _evaluate_loss(model, tokenizer, records, batch_size, cutoff_len, progress)
-    return {"task": task, "n": len(records), **result}
+    return {"task": task, "n": len(records), "precision": precision_name(bf16), **result}
 
 
 def summary(result: dict) -> str:

@@ -23,6 +23,9 @@ from shears.data import format_prompt
 from shears.elastic import SuperNet
 from shears.errors import ShearsError
 from shears.evaluate import (
+    Continuations,
+    _candidate_rows,
+    score_continuations,
     choice_continuations,
     choice_labels,
     evaluate,
@@ -248,6 +251,69 @@ def test_choice_scores_equal_hand_computed_loglikelihoods(arch):
     assert result["accuracy"] == correct / len(CHOICE_RECORDS)
     assert result["accuracy_norm"] == correct_norm / len(CHOICE_RECORDS)
     assert result["n"] == len(CHOICE_RECORDS)
+
+
+@torch.no_grad()
+def reference_token_logprobs(model, context, tokens):
+    """log p(token | everything before it) per continuation token: one unpadded sequence, no cache."""
+    logp = model(input_ids=torch.tensor([context + tokens])).logits[0].float().log_softmax(-1)
+    return torch.tensor([float(logp[len(context) - 1 + j, t]) for j, t in enumerate(tokens)])
+
+
+def continuation_requests():
+    """Contexts of different lengths sharing a template header; continuations of different lengths, some
+    a prefix of another, some differing only in the last token, one a single token (the option-text case)."""
+    requests = []
+    for k, record in enumerate(CHOICE_RECORDS[:6]):
+        texts = ["the correct answer is yes", "the correct answer is no, not at all", "the correct answer is",
+                 "x", f"option {k}", f"option {k + 1}"][:3 + k % 4]
+        requests.append(Continuations(prompt_ids(record), [TOKENIZER(t, add_special_tokens=False)["input_ids"]
+                                                             for t in texts]))
+    return requests
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_continuation_scores_equal_one_sequence_references(arch, share_prompt):
+    # gemma3 gets a window beyond these rows so that the cached layout runs on it too
+    model = tiny_model(arch) if arch != "gemma3" else make_tiny_model(
+        arch, max_position_embeddings=1024, initializer_range=0.5, sliding_window=1024)
+    requests = continuation_requests()
+    scored = score_continuations(model, requests, TOKENIZER.pad_token_id, batch_size=4, share_prompt=share_prompt)
+    for request, logprobs in zip(requests, scored):
+        assert len(logprobs) == len(request.continuations)
+        for tokens, got in zip(request.continuations, logprobs):
+            torch.testing.assert_close(got, reference_token_logprobs(model, request.context, tokens),
+                                       rtol=1e-5, atol=1e-4)
+
+
+def test_a_sliding_window_shorter_than_the_rows_falls_back_to_full_rows():
+    model = make_tiny_model("gemma3", max_position_embeddings=1024, initializer_range=0.5)  # window 16
+    requests = continuation_requests()[:3]
+    for request, logprobs in zip(requests, score_continuations(model, requests, TOKENIZER.pad_token_id)):
+        for tokens, got in zip(request.continuations, logprobs):
+            torch.testing.assert_close(got, reference_token_logprobs(model, request.context, tokens),
+                                       rtol=1e-5, atol=1e-4)
+
+
+def test_shared_prompt_runs_each_context_once():
+    """The point of sharing: the model sees each context token once (plus the shared header once), not
+    once per candidate row."""
+    model = tiny_model()
+    requests = continuation_requests()
+    seen = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
+    try:
+        score_continuations(model, requests, TOKENIZER.pad_token_id, batch_size=len(requests))
+    finally:
+        hook.remove()
+    header = 0
+    while all(r.context[header] == requests[0].context[header] for r in requests):
+        header += 1
+    plain_rows = sum(sum(len(row) for row in _candidate_rows(r)[0]) for r in requests)
+    assert seen[0] == header  # the template header, run once for the whole call
+    assert len(seen) == 3  # then one pass over the contexts, one over the candidates' remainders
+    assert sum(seen) < 0.5 * plain_rows
 
 
 def test_length_normalised_choice_divides_by_characters():

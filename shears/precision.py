@@ -1,0 +1,77 @@
+"""Compute precision: the one owner of "does this device have native bf16" and of the autocast context.
+
+Every stage that runs the model (training, evaluation, search, Wanda calibration) takes the same
+setting, `auto | true | false`: `auto` autocasts matmuls to bfloat16 where the hardware executes
+them natively (CUDA with bf16, a CPU with AVX512-BF16 or AMX), and stays float32 elsewhere, where
+emulated bf16 would be slower *and* less accurate. Weights, adapter parameters and optimizer
+state stay float32 either way: autocast only changes the dtype the matmuls run in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from pathlib import Path
+from typing import Union
+
+import torch
+
+from .errors import ShearsError
+
+BF16Setting = Union[bool, str]  # True | False | "auto"
+_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_has_native_bf16() -> bool:
+    # torch has no public "native bf16 on this CPU" query; Linux names the ISA extensions in /proc/cpuinfo.
+    # Elsewhere we answer no, so `auto` stays fp32 rather than risk emulated (slow) bf16.
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & set(_CPU_FLAGS))
+
+
+def native_bf16(device: Union[str, torch.device, None] = None) -> bool:
+    """Whether `device` (default: CUDA when present, else the CPU) runs bf16 matmuls natively."""
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return _cpu_has_native_bf16()
+    return False
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_bf16(setting: BF16Setting, device: Union[str, torch.device, None] = None,
+                 key: str = "training.bf16") -> bool:
+    """`auto` -> whether the device has native bf16; `true` -> True, or a one-line error without it."""
+    device = torch.device(device) if device is not None else default_device()
+    if setting == "auto":
+        return native_bf16(device)
+    if setting is True:
+        if not native_bf16(device):
+            raise ShearsError(f"{key}=true but this {device.type} has no native bf16 "
+                              f"(needs CUDA bf16, or a CPU with {' or '.join(_CPU_FLAGS)}): "
+                              f"use {key}=auto (bf16 where supported) or false")
+        return True
+    if setting is False:
+        return False
+    raise ShearsError(f"{key}={setting!r}: use auto, true or false")
+
+
+def precision_name(bf16: bool) -> str:
+    """What run summaries and histories record: the compute dtype of the matmuls."""
+    return "bf16-autocast" if bf16 else "fp32"
+
+
+def autocast(bf16: bool, device: Union[str, torch.device, None] = None):
+    """bf16 autocast on `device` when `bf16`, else a no-op context."""
+    if not bf16:
+        return contextlib.nullcontext()
+    device = torch.device(device) if device is not None else default_device()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
