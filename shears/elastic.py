@@ -43,12 +43,12 @@ from torch import nn
 from .atomic import atomic_folder
 from .errors import ShearsError
 from .models import model_fingerprint
+from .rundir import SHEARS_RECORD
 from .search_space import BoundSpace, Config, SearchSpace, load_search_space
 from .width import ChannelOrder, ElasticWidth, permute_channels
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SEARCH_SPACE_FILE = "search_space.json"
-SHEARS_FILE = "shears.json"
 CHANNEL_ORDER_FILE = "channel_order.safetensors"
 SUPERNET_FORMAT = "shears-supernet/1"
 SCALING_RULE = "lora_alpha / r_max for every active rank (export: alpha_pattern = lora_alpha * r / r_max)"
@@ -248,7 +248,7 @@ class SuperNet:
         with atomic_folder(directory, force=overwrite, hint="choose another folder or pass overwrite=True") as tmp:
             self.model.save_pretrained(tmp, safe_serialization=True)
             (tmp / SEARCH_SPACE_FILE).write_text(json.dumps(self.space.to_dict(), indent=1))
-            (tmp / SHEARS_FILE).write_text(json.dumps(self._metadata(), indent=1))
+            (tmp / SHEARS_RECORD).write_text(json.dumps(self._metadata(), indent=1))
             if self.channel_order is not None:
                 from safetensors.torch import save_file
 
@@ -266,12 +266,12 @@ class SuperNet:
     def load(cls, directory: str | os.PathLike, base_model: nn.Module) -> "SuperNet":
         """A super-network saved by `save`, on `base_model` (refused if its fingerprint differs)."""
         folder = Path(directory)
-        for name in (SHEARS_FILE, SEARCH_SPACE_FILE, ADAPTER_WEIGHTS):
+        for name in (SHEARS_RECORD, SEARCH_SPACE_FILE, ADAPTER_WEIGHTS):
             if not (folder / name).is_file():
                 raise ShearsError(f"{folder} is not a shears super-network (no {name}): point at RUN/supernet")
-        meta = json.loads((folder / SHEARS_FILE).read_text())
+        meta = json.loads((folder / SHEARS_RECORD).read_text())
         if meta.get("format") != SUPERNET_FORMAT:
-            raise ShearsError(f"{folder / SHEARS_FILE} has format {meta.get('format')!r}, expected {SUPERNET_FORMAT}")
+            raise ShearsError(f"{folder / SHEARS_RECORD} has format {meta.get('format')!r}, expected {SUPERNET_FORMAT}")
         fingerprint = model_fingerprint(base_model)
         if fingerprint != meta["fingerprint"]:
             raise ShearsError(f"base model fingerprint {fingerprint} differs from the super-network's "

@@ -47,16 +47,15 @@ from .errors import ShearsError, cli_errors
 from .models import load_model
 from .atomic import atomic_folder, refuse_existing, write_text
 from .run import Run, load_run, subnet_config
+from .rundir import SHEARS_RECORD, ExportFiles, RunDir
+from .search.history import read_front as read_search_front, recorded_objectives
 from .search_space import Config, canonical
 from .sparsity import SPARSITY_JSON, sparsity_report
 from .squeeze import (ADAPTER_WEIGHTS, DEFAULT_TOL, alpha_for_scale,
                       lora_factor_keys, pattern_key, squeeze_lora)
 
 EXPORT_FORMAT = "shears-export/1"
-SHEARS_FILE = "shears.json"
-MANIFEST = "manifest.json"
-README = "README.md"
-MERGED = "merged"
+MERGED = "merged"  # the merged model's folder inside a subnet's folder
 ANCHORS = ("maximal", "heuristic", "minimal")
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A [r, in], B [out, r])
@@ -82,11 +81,12 @@ def named_subnets(supernet: SuperNet, subnets: list[str]) -> dict[str, Config]:
     return named
 
 
-def read_front(run_dir: Path) -> dict:
-    path = run_dir / "search" / "front.json"
-    if not path.is_file():
-        raise ShearsError(f"{path} not found: run python -m shears.search --run {run_dir} --budget N first")
-    return json.loads(path.read_text())
+def read_front(run_dir: RunDir) -> dict:
+    front = read_search_front(run_dir.search.folder)
+    if front is None:
+        raise ShearsError(f"{run_dir.search.front_json} not found: run python -m shears.search --run {run_dir} "
+                          "--budget N first")
+    return front
 
 
 def front_subnets(supernet: SuperNet, front: dict) -> dict[str, Config]:
@@ -95,25 +95,6 @@ def front_subnets(supernet: SuperNet, front: dict) -> dict[str, Config]:
         raise ShearsError("front.json holds no points: run python -m shears.search with a larger --budget")
     return {f"front-{i}-{supernet.adapter_params(row['config'])}": supernet.space.validate(row["config"])
             for i, row in enumerate(front["front"])}
-
-
-def search_objectives(run_dir: Path) -> dict[str, dict]:
-    """canonical(config) -> objectives of every evaluation in RUN/search/history.jsonl (the first one
-    wins, as in the search), then of the points of front.json (which outlives a pruned history)."""
-    history, front = run_dir / "search" / "history.jsonl", run_dir / "search" / "front.json"
-    records = []
-    if history.is_file():
-        for line in history.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:  # a line torn by a killed search: the search skips it too
-                continue
-    if front.is_file():
-        records += json.loads(front.read_text()).get("front", [])
-    found: dict[str, dict] = {}
-    for record in records:
-        found.setdefault(canonical(record["config"]), record["objectives"])
-    return found
 
 
 # --------------------------------------------------------------------------- one subnet's adapter
@@ -273,14 +254,14 @@ def export_one(run: Run, name: str, config: Config, folder: Path, objectives: di
         "exported_adapter_params": sum(A.numel() + B.numel() for A, B in written.values()),
         "module_ranks": ranks, "max_rank": max(ranks.values()), "uniform_rank": padded_to,
         "objectives": objectives,
-        "base_model": base_record(run), "run": str(Path(run.path).resolve()),
+        "base_model": base_record(run), "run": str(run.path.resolve()),
         "r_max": space.r_max, "lora_alpha": space.space.lora_alpha, "scaling": SCALING_RULE,
         "sparse_adapter": supernet.sparse_adapter,
         # SparsePEFT masks the update; a stock adapter can only apply the unmasked factors
         "adapter_reproduces_supernet": not supernet.sparse_adapter,
         "squeeze": squeeze_record, "merged": merge_record,
     }
-    (folder / SHEARS_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    (folder / SHEARS_RECORD).write_text(json.dumps(record, indent=1) + "\n")
     return record
 
 
@@ -289,9 +270,16 @@ def _check_name(name: str) -> None:
         raise ShearsError(f"subnet name {name!r} is not a plain folder name: use letters, digits, - and _")
 
 
+@dataclass
+class Exported:
+    """One written subnet folder and its shears.json record."""
+    folder: Path
+    record: dict
+
+
 def export_subnets(run: Run | str | Path, configs: dict[str, Config], output: str | Path, squeeze: bool = False,
                    energy: float | None = None, merge: bool = False, force: bool = False,
-                   uniform_rank: bool = False) -> list[Path]:
+                   uniform_rank: bool = False) -> list[Exported]:
     """Export each {name: config} as the stock-PEFT folder OUTPUT/name (each written atomically);
     uniform_rank zero-pads every module to the subnet's largest rank (one rank, no patterns)."""
     if energy is not None and not squeeze:
@@ -300,21 +288,21 @@ def export_subnets(run: Run | str | Path, configs: dict[str, Config], output: st
         raise ShearsError(f"--energy must be in (0, 1], got {energy}")
     if not configs:
         raise ShearsError("no subnets to export: pass --front or --subnet")
-    output = Path(output)
+    files = ExportFiles(Path(output))
     for name in configs:
         _check_name(name)
-        refuse_existing(output / name, force)
+        refuse_existing(files.subnet(name), force)
     run = run if isinstance(run, Run) else load_run(run)
     configs = {name: run.supernet.space.validate(config) for name, config in configs.items()}
-    objectives = search_objectives(Path(run.path))
+    objectives = recorded_objectives(run.dir.search.folder)
     target = load_merge_target(run) if merge else None
-    output.mkdir(parents=True, exist_ok=True)
+    files.folder.mkdir(parents=True, exist_ok=True)
     written = []
     for name, config in tqdm(configs.items(), desc="export", unit="subnet"):
-        with atomic_folder(output / name, force) as tmp:
-            export_one(run, name, config, tmp, objectives.get(canonical(config)), squeeze, energy, target,
-                       uniform_rank)
-        written.append(output / name)
+        with atomic_folder(files.subnet(name), force) as tmp:
+            record = export_one(run, name, config, tmp, objectives.get(canonical(config)), squeeze, energy, target,
+                                uniform_rank)
+        written.append(Exported(files.subnet(name), record))
     return written
 
 
@@ -328,43 +316,41 @@ def rank_summary(ranks: dict[str, int]) -> str:
 
 def export_front(run: Run | str | Path, output: str | Path | None = None, squeeze: bool = False,
                  energy: float | None = None, merge: bool = False, force: bool = False,
-                 uniform_rank: bool = False) -> list[Path]:
+                 uniform_rank: bool = False) -> list[Exported]:
     """Export every point of RUN/search/front.json to OUTPUT/front-<i>-<adapter_params>/ (default
     OUTPUT: RUN/export), plus manifest.json and README.md listing them."""
-    run_dir = Path(run.path if isinstance(run, Run) else run)
+    run_dir = run.dir if isinstance(run, Run) else RunDir(run)
     front = read_front(run_dir)
-    output = Path(output) if output is not None else run_dir / "export"
-    refuse_existing(output / MANIFEST, force)
+    files = ExportFiles(Path(output)) if output is not None else run_dir.export
+    refuse_existing(files.manifest, force)
     run = run if isinstance(run, Run) else load_run(run_dir)
     configs = front_subnets(run.supernet, front)
-    old_folders = _manifest_folders(output)
-    folders = export_subnets(run, configs, output, squeeze, energy, merge, force, uniform_rank)
-    records = [json.loads((folder / SHEARS_FILE).read_text()) for folder in folders]
-    manifest = {"format": EXPORT_FORMAT, "run": str(run_dir.resolve()), "objectives": front.get("objectives"),
+    old_folders = _manifest_folders(files)
+    exported = export_subnets(run, configs, files.folder, squeeze, energy, merge, force, uniform_rank)
+    manifest = {"format": EXPORT_FORMAT, "run": str(run_dir.root.resolve()), "objectives": front.get("objectives"),
                 "hypervolume": front.get("hypervolume"), "uniform_rank": uniform_rank,
-                "subnets": [{"folder": f.name, "config": r["config"], "ranks": rank_summary(r["module_ranks"]),
-                             "max_rank": r["max_rank"], "objectives": r["objectives"],
-                             "adapter_params": r["adapter_params"],
-                             "exported_adapter_params": r["exported_adapter_params"]}
-                            for f, r in zip(folders, records)]}
-    write_text(output / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    write_text(output / README, front_readme(manifest, base_source(run)))
-    _remove_stale(output, old_folders - {f.name for f in folders})
-    return folders
+                "subnets": [{"folder": e.folder.name, "config": e.record["config"],
+                             "ranks": rank_summary(e.record["module_ranks"]), "max_rank": e.record["max_rank"],
+                             "objectives": e.record["objectives"], "adapter_params": e.record["adapter_params"],
+                             "exported_adapter_params": e.record["exported_adapter_params"]} for e in exported]}
+    write_text(files.manifest, json.dumps(manifest, indent=1) + "\n")
+    write_text(files.readme, front_readme(manifest, base_source(run)))
+    _remove_stale(files, old_folders - {e.folder.name for e in exported})
+    return exported
 
 
-def _manifest_folders(output: Path) -> set[str]:
+def _manifest_folders(files: ExportFiles) -> set[str]:
     try:
-        return {s["folder"] for s in json.loads((output / MANIFEST).read_text())["subnets"]}
+        return {s["folder"] for s in json.loads(files.manifest.read_text())["subnets"]}
     except (OSError, ValueError, KeyError, TypeError):
         return set()
 
 
-def _remove_stale(output: Path, names: set[str]) -> None:
+def _remove_stale(files: ExportFiles, names: set[str]) -> None:
     """Folders of an earlier front export that the new front no longer has (ours: they hold shears.json)."""
     for name in names:
-        folder = output / name
-        if Path(name).name == name and (folder / SHEARS_FILE).is_file():
+        folder = files.subnet(name)
+        if Path(name).name == name and (folder / SHEARS_RECORD).is_file():
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -421,11 +407,11 @@ def engine_notes(manifest: dict, base_source: str) -> list[str]:
 
 # --------------------------------------------------------------------------- CLI
 
-def format_table(folders: list[Path]) -> str:
+def format_table(exported: list[Exported]) -> str:
     header = ["subnet", "ranks", "adapter params", "squeezed rank", "merged sparsity", "folder"]
     rows = []
-    for folder in folders:
-        r = json.loads((folder / SHEARS_FILE).read_text())
+    for e in exported:
+        folder, r = e.folder, e.record
         squeezed = f"{r['squeeze']['rank_before']} -> {r['squeeze']['rank_after']}" if r["squeeze"] else "-"
         merged = r["merged"]
         sparsity = (f"{merged['sparsity_before']['total']:.2%} -> {merged['sparsity_after']['total']:.2%}"
@@ -457,29 +443,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 @cli_errors
 def main(argv=None) -> None:
     args = parse_args(argv)
-    run_dir = Path(args.run)
-    output = Path(args.output) if args.output else run_dir / "export"
+    run_dir = RunDir(args.run)
+    files = ExportFiles(Path(args.output)) if args.output else run_dir.export
     if args.energy is not None and not args.squeeze:
         raise ShearsError("--energy sets the squeezed rank: add --squeeze")
     if args.front:
-        folders = export_front(run_dir, output, args.squeeze, args.energy, args.merge, args.force,
-                               args.uniform_rank)
+        exported = export_front(run_dir, files.folder, args.squeeze, args.energy, args.merge, args.force,
+                                args.uniform_rank)
     else:
         run = load_run(run_dir)
-        folders = export_subnets(run, named_subnets(run.supernet, args.subnet), output, args.squeeze,
-                                 args.energy, args.merge, args.force, args.uniform_rank)
-    print(format_table(folders))
-    first = json.loads((folders[0] / SHEARS_FILE).read_text())
-    if first["sparse_adapter"]:
+        exported = export_subnets(run, named_subnets(run.supernet, args.subnet), files.folder, args.squeeze,
+                                  args.energy, args.merge, args.force, args.uniform_rank)
+    print(format_table(exported))
+    if exported[0].record["sparse_adapter"]:
         print("note: this run trained a SparsePEFT (masked) adapter; the adapter folders hold its unmasked "
               "factors, and only merged/ (--merge) reproduces the super-network exactly")
-    for folder in folders:
-        merged = json.loads((folder / SHEARS_FILE).read_text())["merged"]
+    for e in exported:
+        merged = e.record["merged"]
         if merged:
-            print(f"{folder.name}: merged sparsity {merged['sparsity_before']['total']:.4%} -> "
+            print(f"{e.folder.name}: merged sparsity {merged['sparsity_before']['total']:.4%} -> "
                   f"{merged['sparsity_after']['total']:.4%} (base zeros kept: {merged['base_zeros_kept']})")
-    extras = f" + {MANIFEST}, {README}" if args.front else ""
-    print(f"wrote {len(folders)} subnet adapter folder(s){extras} to {output}")
+    extras = f" + {files.manifest.name}, {files.readme.name}" if args.front else ""
+    print(f"wrote {len(exported)} subnet adapter folder(s){extras} to {files.folder}")
 
 
 if __name__ == "__main__":

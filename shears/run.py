@@ -1,6 +1,6 @@
 """Read a run directory: what the stages after training (evaluate, search, export) start from.
 
-RUN is the only thing stages share. `load_run(RUN)` rebuilds the trained super-network on its base
+RUN is the only thing stages share; its layout is `shears.rundir.RunDir`. `load_run(RUN)` rebuilds the trained super-network on its base
 (RUN/sparse_base when the run pruned, else the recipe's model) and the validation split the recipe
 carved out of the training data — the same records every later stage scores on.
 """
@@ -17,11 +17,12 @@ from .elastic import SuperNet
 from .errors import ShearsError
 from .models import load_model, load_tokenizer
 from .recipe import Recipe, load_recipe
+from .rundir import RunDir
 
 
 @dataclass
 class Run:
-    path: Path
+    dir: RunDir
     recipe: Recipe
     supernet: SuperNet
     tokenizer: Any
@@ -35,6 +36,10 @@ class Run:
             self._val = recipe_splits(self.recipe)[1]
         return self._val
 
+    @property
+    def path(self) -> Path:
+        return self.dir.root
+
 
 def recipe_splits(recipe: Recipe) -> tuple[list[dict], list[dict]]:
     """(train, validation): the recipe's training data and the deterministic split carved from it --
@@ -44,24 +49,30 @@ def recipe_splits(recipe: Recipe) -> tuple[list[dict], list[dict]]:
     return split_validation(records, d.val_size, d.val_seed)
 
 
-def base_source(run_dir: Path, recipe: Recipe) -> str:
-    sparse = run_dir / "sparse_base"
-    return str(sparse) if (sparse / "config.json").is_file() else recipe.model
+def base_source(run_dir: RunDir, recipe: Recipe) -> str:
+    """Where the run's base model loads from: RUN/sparse_base when the run pruned, else the recipe's model."""
+    return str(run_dir.sparse_base) if run_dir.has_base() else recipe.model
 
 
-def load_run(run_dir: str | Path, dtype: str | None = None, device: str | None = None) -> Run:
+def load_run_recipe(run_dir: str | Path | RunDir) -> Recipe:
+    """RUN/recipe.yaml, or a one-line error when RUN is not a run directory."""
+    run_dir = RunDir(run_dir)
+    if not run_dir.recipe.is_file():
+        raise ShearsError(f"{run_dir} is not a shears run (no {run_dir.recipe.name}): train one with "
+                          "`python -m shears.train_supernet --output RUN`, or pass that --output")
+    return load_recipe(run_dir.recipe)
+
+
+def load_run(run_dir: str | Path | RunDir, dtype: str | None = None, device: str | None = None) -> Run:
     """The trained super-network of RUN, on its base model, ready for `activate(config)`."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "recipe.yaml").is_file():
-        raise ShearsError(f"{run_dir} is not a shears run (no recipe.yaml): train one with "
-                          "`python -m shears.train_supernet --output RUN`")
-    if not (run_dir / "supernet" / "adapter_config.json").is_file():
-        raise ShearsError(f"{run_dir} has no trained super-network yet (no supernet/): finish "
+    run_dir = RunDir(run_dir)
+    recipe = load_run_recipe(run_dir)
+    if not run_dir.has_supernet():
+        raise ShearsError(f"{run_dir} has no trained super-network yet (no {run_dir.supernet.name}/): finish "
                           f"`python -m shears.train_supernet --output {run_dir} --resume` first")
-    recipe = load_recipe(run_dir / "recipe.yaml")
     source = base_source(run_dir, recipe)
     base = load_model(source, dtype=dtype or recipe.dtype, device=device)
-    supernet = SuperNet.load(run_dir / "supernet", base)
+    supernet = SuperNet.load(run_dir.supernet, base)
     supernet.model.eval()
     return Run(run_dir, recipe, supernet, load_tokenizer(source), source)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +28,14 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
-from .atomic import write_json
+from .atomic import write_json, write_text
 from .data import Collator, TokenizedDataset
 from .elastic import SuperNet
 from .errors import ShearsError, cli_errors
 from .models import load_model, load_tokenizer
 from .recipe import Recipe, load_recipe, save_recipe
 from .run import recipe_splits
+from .rundir import RunDir
 from .search_space import BoundSpace, SearchSpace, canonical, load_search_space
 from .sparsity import prune_to_folder
 from .squeeze import squeeze_lora
@@ -98,13 +98,13 @@ def resolve_search_space(recipe: Recipe) -> SearchSpace:
     return load_search_space(recipe.search_space)
 
 
-def prepare_base(recipe: Recipe, run_dir: Path, train_records: list[dict]):
+def prepare_base(recipe: Recipe, run_dir: RunDir, train_records: list[dict]):
     """The frozen base: the recipe's model, pruned into RUN/sparse_base first when sparsity > 0."""
     s = recipe.sparsity
     source = recipe.model
     if s.sparsity > 0:
         source = str(prune_to_folder(
-            recipe.model, run_dir / "sparse_base", sparsity=s.sparsity, pattern=s.pattern, method=s.method,
+            recipe.model, run_dir.sparse_base, sparsity=s.sparsity, pattern=s.pattern, method=s.method,
             calibration_records=train_records, nsamples=s.nsamples, seqlen=s.seqlen, seed=s.seed,
             exclude=s.exclude))
     return load_model(source, dtype=recipe.dtype), load_tokenizer(source), source
@@ -134,7 +134,7 @@ def stage_space(space: SearchSpace, r_max: int) -> SearchSpace:
     return SearchSpace.from_dict(data, source=f"{space.source} at r_max={r_max}")
 
 
-def plan_stages(recipe: Recipe, space: SearchSpace, run_dir: Path) -> list[Stage]:
+def plan_stages(recipe: Recipe, space: SearchSpace, run_dir: RunDir) -> list[Stage]:
     t = recipe.training
     schedule = list(t.rank_schedule) or [space.r_max]
     if schedule != sorted(set(schedule), reverse=True) or schedule[-1] != space.r_max:
@@ -145,8 +145,7 @@ def plan_stages(recipe: Recipe, space: SearchSpace, run_dir: Path) -> list[Stage
         raise ShearsError(f"training.max_steps={t.max_steps} cannot be split over {n} rank stages: raise it")
     steps = [t.max_steps // n + (t.max_steps % n if i == n - 1 else 0) for i in range(n)] if t.max_steps > 0 \
         else [-1] * n
-    root = run_dir / "checkpoints"
-    return [Stage(i, stage_space(space, r), steps[i], t.num_train_epochs / n, root if n == 1 else root / f"stage-{i}")
+    return [Stage(i, stage_space(space, r), steps[i], t.num_train_epochs / n, run_dir.stage_checkpoints(i, n))
             for i, r in enumerate(schedule)]
 
 
@@ -211,24 +210,23 @@ def last_checkpoint(checkpoints_dir: Path) -> str | None:
     return str(checkpoints[-1]) if checkpoints else None
 
 
-def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, force: bool) -> None:
+def check_run_dir(run_dir: RunDir, recipe: Recipe, resume: bool, force: bool) -> None:
     """Never destroy earlier results: refuse a finished run unless --force, and resume only a matching recipe."""
-    saved = run_dir / "recipe.yaml"
+    saved = run_dir.recipe
     if resume:
         if not saved.is_file():
-            raise ShearsError(f"nothing to resume in {run_dir}: it has no recipe.yaml (drop --resume to start)")
+            raise ShearsError(f"nothing to resume in {run_dir}: it has no {saved.name} (drop --resume to start)")
         previous = load_recipe(saved)
         for section in ("model", "search_space", "data", "sparsity", "training"):
             if getattr(previous, section) != getattr(recipe, section):
                 raise ShearsError(f"--resume with a recipe whose {section!r} differs from {saved}: resume with the "
                                   "same recipe, or start a new --output")
         return
-    if (run_dir / "supernet").exists() or (run_dir / "checkpoints").exists():
+    if run_dir.holds_training():
         if not force:
             raise ShearsError(f"{run_dir} already holds a super-network or checkpoints: pass --resume to continue, "
                               "--force to start over, or choose another --output")
-        for stale in ("supernet", "checkpoints", "search", "export"):
-            shutil.rmtree(run_dir / stale, ignore_errors=True)
+        run_dir.discard_training()
 
 
 def is_main_process() -> bool:
@@ -237,10 +235,10 @@ def is_main_process() -> bool:
 
 def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, force: bool = False) -> Path:
     """Run the whole stage; returns RUN/supernet."""
-    run_dir = Path(run_dir)
+    run_dir = RunDir(run_dir)
     check_run_dir(run_dir, recipe, resume, force)
     if is_main_process():
-        save_recipe(recipe, run_dir / "recipe.yaml")
+        save_recipe(recipe, run_dir.recipe)
 
     d = recipe.data
     train_records, val_records = recipe_splits(recipe)
@@ -269,7 +267,7 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
             step_offset=len({step for step, _ in trained}))  # steps of the earlier stages
         trainer.train(resume_from_checkpoint=last_checkpoint(stage.checkpoints) if resume else None)
         trained += trainer.trained_configs
-        if stage.checkpoints != run_dir / "checkpoints" and is_main_process():
+        if stage.checkpoints != run_dir.checkpoints and is_main_process():
             supernet.save(finished, overwrite=True)
             write_json(finished / "trained.json", trained)
 
@@ -279,11 +277,11 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
     summary = {name: _val_loss(trainer, supernet, config)
                for name, config in (("maximal", supernet.maximal()), ("heuristic", supernet.heuristic()),
                                     ("minimal", supernet.minimal()))}
-    out = run_dir / "supernet"
+    out = run_dir.supernet
     if is_main_process():
         supernet.activate(supernet.maximal())
         supernet.save(out, overwrite=True)  # check_run_dir already refused to clobber a finished run
-        write_json(run_dir / "train_summary.json", {
+        write_json(run_dir.train_summary, {
             "base": base_source, "steps": len({step for step, _ in trained}), "validation": summary,
             "trained_configs": [{"step": s, "config": json.loads(c)} for s, c in trained]})
         _print_summary(run_dir, summary)
@@ -297,23 +295,20 @@ def _val_loss(trainer: Trainer, supernet: SuperNet, config: dict) -> dict:
     return {"loss": loss, "adapter_params": supernet.adapter_params(config)}
 
 
-def _write_trace(run_dir: Path, trained: list[tuple[int, str]]) -> None:
-    """Each process writes the configs it trained; under DDP the files must be identical."""
+def _write_trace(run_dir: RunDir, trained: list[tuple[int, str]]) -> None:
+    """Each process writes the configs it trained (under DDP the files must be identical), atomically."""
     rank = int(os.environ.get("RANK", "0"))
-    trace = run_dir / "trace"
-    trace.mkdir(exist_ok=True)
-    with open(trace / f"rank{rank}.jsonl", "a") as handle:
-        for step, config in trained:
-            handle.write(json.dumps({"step": step, "config": config}) + "\n")
+    write_text(run_dir.trace_file(rank), "".join(json.dumps({"step": step, "config": config}) + "\n"
+                                                 for step, config in trained))
 
 
-def _print_summary(run_dir: Path, summary: dict) -> None:
+def _print_summary(run_dir: RunDir, summary: dict) -> None:
     print("\nvalidation loss of the super-network's reference subnets:")
     for name, row in summary.items():
         print(f"  {name:<9}  loss {row['loss']:.4f}   adapter params {row['adapter_params']:,}")
-    print(f"\nwrote {run_dir / 'supernet'} (stock-PEFT adapter at r_max + search_space.json), "
-          f"{run_dir / 'recipe.yaml'}, {run_dir / 'train_summary.json'}"
-          + (f", {run_dir / 'sparse_base'}" if (run_dir / 'sparse_base').exists() else ""))
+    print(f"\nwrote {run_dir.supernet} (stock-PEFT adapter at r_max + search_space.json), "
+          f"{run_dir.recipe}, {run_dir.train_summary}, {run_dir.trace}"
+          + (f", {run_dir.sparse_base}" if run_dir.sparse_base.exists() else ""))
 
 
 @cli_errors

@@ -165,8 +165,8 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_stock_peft_reproduces_every_subnet(arch, request, tmp_path):
     run = request.getfixturevalue(f"{arch}_run")
     configs = {"maximal": MAXIMAL, "minimal": MINIMAL, "mixed": MIXED}
-    folders = export_subnets(run.path, configs, tmp_path / "export")
-    assert folders == [tmp_path / "export" / name for name in configs]
+    exported = export_subnets(run.path, configs, tmp_path / "export")
+    assert [e.folder for e in exported] == [tmp_path / "export" / name for name in configs]
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == sorted(configs)  # no temp folders left
     full = load_file(run.path / "supernet" / "adapter_model.safetensors")
     reference = supernet_logits(run, configs)

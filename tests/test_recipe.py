@@ -249,3 +249,25 @@ def test_llama_7b_math_recipe_is_the_shears_paper_setting():
     assert len(bound.keys) == 3 * 2
     ranks = bound.module_ranks(bound.maximal())
     assert len(ranks) == 5 * 2 and set(ranks.values()) == {32}
+
+
+# ---- the run directory's one owner
+
+def test_rundir_names_every_path_and_a_fresh_start_discards_training_and_what_follows(tmp_path):
+    from shears.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    assert run.recipe == tmp_path / "run" / "recipe.yaml"
+    assert run.stage_checkpoints(0, 1) == run.checkpoints
+    assert run.stage_checkpoints(1, 2) == run.checkpoints / "stage-1"
+    assert run.search.history == tmp_path / "run" / "search" / "history.jsonl"
+    assert run.export.subnet("maximal") == tmp_path / "run" / "export" / "maximal"
+    for folder in (run.sparse_base, run.supernet, run.checkpoints, run.trace, run.search.folder, run.export.folder):
+        folder.mkdir(parents=True)
+        (folder / "x").write_text("x")
+    run.recipe.write_text("model: m\n")
+    run.train_summary.write_text("{}")
+    assert run.holds_training()
+    run.discard_training()
+    assert sorted(p.name for p in run.root.iterdir()) == ["recipe.yaml", "sparse_base"]
+    assert not run.holds_training()

@@ -22,6 +22,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..errors import ShearsError
+from ..rundir import SearchFiles
 from .history import History, hypervolume, hypervolume_2d, write_front
 from .objectives import Objective, parse_objectives
 from .optuna_backend import SAMPLERS, OptunaBackend
@@ -48,17 +49,17 @@ def search(problem: SearchProblem, out_dir: str | Path, budget: int, backend: Ba
     """Spend up to `budget` distinct evaluations in total (those in out_dir/history.jsonl included)."""
     if not isinstance(budget, int) or budget < 1:
         raise ShearsError(f"budget must be a positive number of evaluations, got {budget!r}")
-    out_dir = Path(out_dir)
-    history = History(out_dir / "history.jsonl", problem.objectives)
+    files = SearchFiles(Path(out_dir))
+    history = History(files.history, problem.objectives)
     with tqdm(total=budget, initial=min(len(history), budget), desc=f"search {backend.name}", unit="eval",
               disable=not progress, dynamic_ncols=True) as bar:
         evaluator = Evaluator(problem, history, backend.name, bar)
         evaluator.show()
         backend.run(problem, evaluator, budget)
     history.refresh()
-    paths = [history.path, *write_front(history, out_dir)]
+    paths = [history.path, *write_front(history, files.folder)]
     if plot and len(history):
-        paths.append(plot_front(history, out_dir / "front.png"))
+        paths.append(plot_front(history, files.front_png))
     return SearchResult(history, history.front(), history.hypervolume(), evaluator.fresh, paths)
 
 

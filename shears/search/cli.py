@@ -7,9 +7,9 @@ the same --storage share one study and one budget (give each its own --seed).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..errors import ShearsError, cli_errors
+from ..rundir import RunDir
 from .objectives import QUALITY, SIZES, parse_objectives, size_function, supernet_objective
 from .optuna_backend import SAMPLERS, OptunaBackend
 from .problem import SearchProblem
@@ -63,15 +63,11 @@ def format_front(result, objectives) -> str:
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
     from . import search
-    from ..run import load_run
-
-    from ..recipe import load_recipe
+    from ..run import load_run, load_run_recipe
 
     args = parse_args(argv)
-    run_dir = Path(args.run)
-    if not (run_dir / "recipe.yaml").is_file():
-        raise ShearsError(f"{run_dir} is not a shears run (no recipe.yaml): pass the --output of train_supernet")
-    cfg = load_recipe(run_dir / "recipe.yaml").search  # settings are checked before the model loads
+    run_dir = RunDir(args.run)
+    cfg = load_run_recipe(run_dir).search  # settings are checked before the model loads
     backend_name = args.backend or cfg.backend
     budget = args.budget if args.budget is not None else cfg.budget
     seed = args.seed if args.seed is not None else cfg.seed
@@ -80,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ShearsError(f"--backend pymoo runs NSGA-II only: drop --sampler {args.sampler} or use --backend optuna")
         backend = PymooBackend(seed=seed, population_size=args.population_size)
     else:
-        storage = args.storage or cfg.storage or f"sqlite:///{(run_dir / 'search' / 'study.db').resolve()}"
+        storage = args.storage or cfg.storage or f"sqlite:///{run_dir.search.study_db.resolve()}"
         backend = OptunaBackend(sampler=args.sampler or cfg.sampler, storage=storage, study_name=args.study_name,
                                 seed=seed, population_size=args.population_size)
     names = args.objectives or cfg.objectives
@@ -90,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     run = load_run(run_dir)
     eval_limit = args.eval_limit if args.eval_limit is not None else cfg.eval_limit
     problem = problem_from_run(run, names, eval_limit, args.batch_size)
-    result = search(problem, run_dir / "search", budget, backend, progress=not args.no_progress)
+    result = search(problem, run_dir.search.folder, budget, backend, progress=not args.no_progress)
     print(f"\nPareto front: {len(result.front)} of {len(result.history)} evaluated subnets "
           f"({result.evaluated} new), hypervolume {result.hypervolume:.4f}")
     print(format_front(result, problem.objectives))

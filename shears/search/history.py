@@ -27,6 +27,7 @@ import numpy as np
 
 from ..atomic import write_text
 from ..errors import ShearsError
+from ..rundir import SearchFiles
 from ..search_space import canonical
 from .objectives import REFERENCE, Objective
 
@@ -58,6 +59,46 @@ def hypervolume(points, reference: float = REFERENCE) -> float:
     from pymoo.indicators.hv import HV
 
     return float(HV(ref_point=np.full(points.shape[1], reference))(points))
+
+
+def _parse_lines(data: bytes) -> list[dict]:
+    """The records of complete history lines; a line torn by a kill mid-write is skipped (it was
+    never counted, and its config is evaluated again)."""
+    records = []
+    for line in data.splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def read_history(path: str | os.PathLike) -> list[dict]:
+    """Every record of a history file, in file order, without checking objectives (for readers such
+    as export that only look results up). A missing file holds none."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    return _parse_lines(data[: data.rfind(b"\n") + 1])
+
+
+def read_front(folder: str | os.PathLike) -> dict | None:
+    """front.json of a search's `folder` as `write_front` wrote it, or None when there is none."""
+    path = SearchFiles(Path(folder)).front_json
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def recorded_objectives(folder: str | os.PathLike) -> dict[str, dict]:
+    """canonical(config) -> objectives of every evaluation of a search's `folder`: its history (the
+    first evaluation wins, as in the search), then the points of front.json (which outlives a
+    pruned history)."""
+    records = read_history(SearchFiles(Path(folder)).history) + ((read_front(folder) or {}).get("front") or [])
+    found: dict[str, dict] = {}
+    for record in records:
+        found.setdefault(canonical(record["config"]), record["objectives"])
+    return found
 
 
 class History:
@@ -122,12 +163,8 @@ class History:
         f.seek(self._offset)
         data = f.read()
         end = data.rfind(b"\n") + 1  # a line without its newline is still being written
-        for line in data[:end].splitlines():
-            if line.strip():
-                try:
-                    self._add(json.loads(line))
-                except json.JSONDecodeError:  # torn by a kill mid-write: skip it, it was never counted
-                    continue
+        for record in _parse_lines(data[:end]):
+            self._add(record)
         self._offset += end
 
     def refresh(self) -> None:
@@ -161,13 +198,15 @@ class History:
         return record
 
 
-def write_front(history: History, out_dir: Path) -> list[Path]:
-    """front.json and front.csv: the non-dominated records, by size ascending (written atomically)."""
+def write_front(history: History, folder: str | os.PathLike) -> list[Path]:
+    """front.json and front.csv in a search's `folder`: the non-dominated records, by size ascending
+    (written atomically)."""
+    files = SearchFiles(Path(folder))
     front = history.front()
     names = [o.name for o in history.objectives]
     rows = [{"config": r["config"], "objectives": r["objectives"], "label": r.get("label"),
              "trial": r.get("trial"), "backend": r.get("backend"), "n": r.get("n")} for r in front]
-    json_path, csv_path = out_dir / "front.json", out_dir / "front.csv"
+    json_path, csv_path = files.front_json, files.front_csv
     write_text(json_path, json.dumps({"objectives": names, "hypervolume": history.hypervolume(),
                                         "evaluations": len(history), "front": rows}, indent=1) + "\n")
     lines = [",".join([*names, "label", "n", "trial", "backend", "config"])]
