@@ -16,6 +16,8 @@ import numpy as np
 import optuna
 import pytest
 
+from conftest import one_line_error
+
 from shears.errors import ShearsError
 from shears.search import (ANCHORS, History, OptunaBackend, PymooBackend, SearchProblem, hypervolume_2d,
                            parse_objectives, search)
@@ -135,7 +137,8 @@ def test_history_skips_a_torn_last_line_and_refuses_other_objectives(tmp_path):
     again.append(SPACE_MIN, toy_values(SPACE_MIN), 0.1, "test")
     assert len(History(path, problem.objectives)) == 2
     with pytest.raises(ShearsError, match="objectives"):
-        History(path, parse_objectives("accuracy,nonzero_params", lambda n, c: 0.0, {}, {}))
+        History(path, parse_objectives("accuracy,nonzero_params", lambda n, c: toy_values(c)["adapter_params"],
+                                       SPACE_MIN, SPACE_MAX))
 
 
 SPACE_MAX = {k: max(v) for k, v in SPACE.choices.items()}
@@ -219,6 +222,8 @@ def test_bad_input_names_the_fix(tmp_path):
         parse_objectives("accuracy,flops", lambda n, c: 0.0, {}, {})
     with pytest.raises(ShearsError, match="one quality"):
         parse_objectives("accuracy,loss", lambda n, c: 0.0, {}, {})
+    one_line_error(lambda: parse_objectives("accuracy,nonzero_params", lambda n, c: 1234.0, SPACE_MIN, SPACE_MAX),
+                   "nonzero_params", "1,234", "every subnet", "adapter_params")
     with pytest.raises(ShearsError, match="journal"):
         open_storage("study.db")
     with pytest.raises(ShearsError, match="budget"):
@@ -342,9 +347,49 @@ def test_real_tiny_supernet_search_and_analytic_sizes(tmp_path):
     assert len(result.history) == 10
     assert [r["config"] for r in result.history.records[:3]] == [bound.maximal(), bound.heuristic(), bound.minimal()]
     assert "loss" in format_front(result, objectives)
-    # sizes, checked against the model itself: adapter tensors of the subnet, non-zeros after a dense merge
-    config = bound.heuristic()
-    assert sizes["adapter_params"](config) == sum(t.numel() for t in supernet.subnet_state_dict(config).values())
-    supernet.activate(config)
-    merged = copy.deepcopy(supernet.model).merge_and_unload()
-    assert sizes["nonzero_params"](config) == sum(int(p.count_nonzero()) for p in merged.parameters())
+    # sizes, checked against the model itself: the adapter tensors of the subnet, and the non-zeros of
+    # what a user deploys -- the sparse base (a dense merge would fill its zeros) plus the subnet's adapter
+    with torch.no_grad():
+        supernet.model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight[1, :5] = 0.0
+    base_nonzeros = sum(int(p.count_nonzero()) for n, p in base.named_parameters() if "lora_" not in n)
+    deployed = [sum(int(t.count_nonzero()) for t in supernet.subnet_state_dict(c).values())
+                for c in (bound.minimal(), bound.heuristic(), bound.maximal())]
+    nonzeros = size_function(supernet, "nonzero_params")
+    for config, adapter_nonzeros in zip((bound.minimal(), bound.heuristic(), bound.maximal()), deployed):
+        assert sizes["adapter_params"](config) == sum(t.numel() for t in supernet.subnet_state_dict(config).values())
+        assert nonzeros(config) == base_nonzeros + adapter_nonzeros
+    assert len({nonzeros(c) for c in (bound.minimal(), bound.heuristic(), bound.maximal())}) == 3
+    parse_objectives("loss,nonzero_params", lambda n, c: nonzeros(c), bound.minimal(), bound.maximal())  # varies
+
+
+def test_nonzero_params_of_a_masked_adapter_is_the_merged_models_and_is_refused_as_constant():
+    import copy
+
+    import torch
+    from conftest import make_tiny_model
+
+    from shears.elastic import SuperNet
+    from shears.search.objectives import size_function
+    from shears.search_space import SearchSpace
+
+    base = make_tiny_model("llama")
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if name.endswith("proj.weight"):
+                p.mul_((torch.rand_like(p) > 0.5).float())
+    space = SearchSpace.from_dict({"target_modules": ["q_proj", "up_proj"], "r_max": 8, "lora_alpha": 16,
+                                   "lora_dropout": 0.0, "groups": [
+                                       {"name": "q", "modules": ["q_proj"], "choices": [8, 2]},
+                                       {"name": "up", "modules": ["up_proj"], "choices": [8, 4]}]})
+    supernet = SuperNet.from_base(base, space, sparse_adapter=True)
+    with torch.no_grad():
+        for name, p in supernet.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    bound, nonzeros = supernet.space, size_function(supernet, "nonzero_params")
+    for config in (bound.minimal(), bound.maximal()):
+        supernet.activate(config)
+        merged = copy.deepcopy(supernet.model).merge_and_unload()  # the masked update keeps the zeros
+        assert nonzeros(config) == sum(int(p.count_nonzero()) for p in merged.parameters())
+    one_line_error(lambda: parse_objectives("loss,nonzero_params", lambda n, c: nonzeros(c), bound.minimal(),
+                                            bound.maximal()), "nonzero_params", "every subnet", "adapter_params")

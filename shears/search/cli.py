@@ -10,7 +10,7 @@ import argparse
 
 from ..errors import ShearsError, cli_errors
 from ..rundir import RunDir
-from .objectives import QUALITY, SIZES, parse_objectives, size_function, supernet_objective
+from .objectives import QUALITY, SIZES, check_objective_names, parse_objectives, size_function, supernet_objective
 from .optuna_backend import SAMPLERS, OptunaBackend
 from .problem import SearchProblem
 from .pymoo_backend import PymooBackend
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         backend = OptunaBackend(sampler=args.sampler or cfg.sampler, storage=storage, study_name=args.study_name,
                                 seed=seed, population_size=args.population_size)
     names = args.objectives or cfg.objectives
-    parse_objectives(names, lambda name, config: 0.0, {}, {})  # names only, sizes come with the model
+    check_objective_names(names)  # before the model loads; sizes come with it
     if budget is None or budget < 1:
         raise ShearsError(f"--budget must be a positive number of evaluations, got {budget}")
     run = load_run(run_dir)

@@ -4,7 +4,7 @@ objectives computed analytically from the config (never by a model run).
     accuracy        validation accuracy (maximise)         -> normalised 1 - accuracy
     loss            validation loss (minimise)             -> normalised 1 - exp(-loss)
     adapter_params  LoRA parameters of the subnet          -> normalised (s - s_min) / (s_max - s_min)
-    nonzero_params  non-zeros of the merged model          -> normalised the same way
+    nonzero_params  non-zeros of the deployed model        -> normalised the same way
 
 Normalised values are minimised and lie in [0, 1] (s_min/s_max are the minimal and maximal subnets'
 sizes, known before any evaluation; exp(-loss) is the geometric-mean probability of the target
@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
+
+from peft import get_peft_model_state_dict
 
 from ..errors import ShearsError
 
@@ -51,11 +53,16 @@ class Objective:
         return -value if self.maximize else value
 
 
-def parse_objectives(names: str | list[str], size_of: Callable[[str, Config], float],
-                     minimal: Config, maximal: Config) -> tuple[Objective, ...]:
-    """Objectives from names like "accuracy,adapter_params"; sizes get their [min, max] range."""
+# Why a size objective can be the same for every subnet, and what to search on instead.
+CONSTANT_HINT = {"nonzero_params": "a masked (sparse_adapter) update merges into the base's sparsity pattern, "
+                                   "so the deployed model has the base's non-zeros whatever the ranks"}
+
+
+def check_objective_names(names: str | list[str]) -> list[str]:
+    """The names of "accuracy,adapter_params"-style objectives, or a ShearsError naming the fix."""
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
+    names = list(names)
     known = [*QUALITY, *SIZES]
     for name in names:
         if name not in known:
@@ -65,12 +72,27 @@ def parse_objectives(names: str | list[str], size_of: Callable[[str, Config], fl
     if not any(n in QUALITY for n in names) or not any(n in SIZES for n in names):
         raise ShearsError(f"objectives {names} need one quality (accuracy or loss) and one size "
                           "(adapter_params or nonzero_params), e.g. --objectives accuracy,adapter_params")
+    return names
+
+
+def parse_objectives(names: str | list[str], size_of: Callable[[str, Config], float],
+                     minimal: Config, maximal: Config) -> tuple[Objective, ...]:
+    """Objectives from names like "accuracy,adapter_params"; sizes get their [min, max] range.
+
+    Every size here grows with each rank, so a size equal at the minimal and maximal subnets is equal
+    for every subnet: a search on it would have no size axis, and is refused."""
     out = []
-    for name in names:
+    for name in check_objective_names(names):
         if name in QUALITY:
             out.append(Objective(name, QUALITY[name]))
-        else:
-            out.append(Objective(name, False, float(size_of(name, minimal)), float(size_of(name, maximal))))
+            continue
+        low, high = float(size_of(name, minimal)), float(size_of(name, maximal))
+        if low == high:
+            why = f" ({CONSTANT_HINT[name]})" if name in CONSTANT_HINT else ""
+            others = [s for s in SIZES if s != name]
+            raise ShearsError(f"size objective {name} is {low:,.0f} for every subnet of this space{why}: search on "
+                              f"{' or '.join(others)} instead")
+        out.append(Objective(name, False, low, high))
     return tuple(out)
 
 
@@ -78,22 +100,28 @@ def parse_objectives(names: str | list[str], size_of: Callable[[str, Config], fl
 
 
 def nonzero_counter(supernet) -> Callable[[Config], float]:
-    """Non-zeros of the merged model of a config: the base's non-zeros, with every adapted module
-    (rank > 0) counted dense, since B @ A fills the pruned entries — unless the super-network was
-    trained with sparse_adapter, whose update is masked and keeps the base's zeros."""
+    """Non-zeros of the model a user deploys with a config's subnet.
+
+    A dense adapter is deployed beside the sparse base, unmerged (merging B @ A would fill the pruned
+    entries): the base's non-zeros plus those of the subnet's sliced A[:r] and B[:, :r], which grow with r.
+    A masked adapter (sparse_adapter) merges into the base's sparsity pattern, so the deployed (merged)
+    model has the base's non-zeros -- the same for every config, which parse_objectives refuses."""
     base = supernet.model.get_base_model()
     base_nonzeros = sum(int(p.count_nonzero()) for n, p in base.named_parameters() if "lora_" not in n)
-    zeros = {}  # module -> zeros of its base weight, what a dense merge would fill
-    for name in supernet.space.module_names():
-        module = base.get_submodule(name)
-        weight = module.get_base_layer().weight if hasattr(module, "get_base_layer") else module.weight
-        zeros[name] = weight.numel() - int(weight.count_nonzero())
+    if supernet.sparse_adapter:
+        return lambda config: float(base_nonzeros)
+    # module -> non-zeros of its adapter at every rank 0..r_max: cumulated rows of A plus columns of B
+    by_rank: dict[str, list[int]] = {}
+    for key, tensor in get_peft_model_state_dict(supernet.model).items():
+        module, _, kind = key.removeprefix("base_model.model.").rpartition(".lora_")
+        per_rank = (tensor != 0).sum(dim=1 if kind == "A.weight" else 0)  # A: r x in; B: out x r
+        counts = by_rank.setdefault(module, [0] * (len(per_rank) + 1))
+        for r, total in enumerate(per_rank.cumsum(0).tolist(), start=1):
+            counts[r] += int(total)
 
     def count(config: Config) -> float:
-        if supernet.sparse_adapter:
-            return float(base_nonzeros)
         ranks = supernet.space.module_ranks(config)
-        return float(base_nonzeros + sum(zeros[m] for m, r in ranks.items() if r > 0))
+        return float(base_nonzeros + sum(by_rank[m][r] for m, r in ranks.items()))
 
     return count
 
