@@ -1,12 +1,17 @@
-"""Evaluation throughput on smollm2-135m: the batched path against the unbatched one, in one process.
+"""Evaluation throughput on smollm2-135m: shears' evaluation against the method it replaced, in one process.
 
-`math` (greedy generation, left-padded batches, KV cache) runs on the first --math-limit records of
-math/gsm8k_test.json and `choice` (log-likelihood scoring, candidates sharing rows) on the first
---choice-limit of commonsense/arc-easy_test.json; both print examples/second and the zero-shot
-accuracy. The peer is the same code at batch_size=1, timed on the first --peer-limit records against
-the batched path on those same records, so the speed-up is a ratio measured on identical work.
+Peers ("before"), run at batch size 1 in float32 as evaluation ran until issue 11:
+  choice  one full row per question (prompt + candidate; candidates differing only in their last token
+          share it), no cache (`score_continuations(share_prompt=False)`);
+  math    `model.generate` greedy with a KV cache and stop_strings=["###"], one prompt at a time.
+Arms ("after"): `shears.evaluate.evaluate` at --batch-size, float32 and bf16 autocast: each prompt run once
+with the template header cached once per evaluation, length-sorted batches, and math generation that
+drops finished rows. The arms are interleaved per chunk of records so that load from other processes
+hits them alike; the ratio is time(peer) / time(arm) on identical records. Predictions are compared
+on every record: differing choice picks are listed with their log-prob margins (peer's and arm's),
+differing math predictions with both completions. Padded-token share of each layout is printed too.
 
-    python benchmarks/bench_eval.py [--data-dir ../shared/data/llm-adapters] [--math-limit 64]
+    python benchmarks/bench_eval.py [--data-dir ../shared/data/llm-adapters] [--choice-limit 64] [--math-limit 32]
 """
 
 from __future__ import annotations
@@ -21,64 +26,152 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # a script run from a checkout: import this shears, installed or not
 
-from shears.data import load_records  # noqa: E402
-from shears.evaluate import evaluate  # noqa: E402
+from shears.data import format_prompt, load_records  # noqa: E402
+from shears.evaluate import (  # noqa: E402
+    STOP_STRING,
+    _choice_request,
+    _pad_id,
+    evaluate,
+    score_continuations,
+    score_math,
+    truncate_completion,
+)
 from shears.models import load_model, load_tokenizer  # noqa: E402
+from shears.precision import native_bf16  # noqa: E402
 
 
-def timed(model, tokenizer, records, task, batch_size, max_new_tokens):
+# --------------------------------------------------------------------------- the peers (before issue 11)
+
+def choice_peer(model, tokenizer, records) -> list[list[float]]:
+    requests = [_choice_request(tokenizer, r, None)[2] for r in records]
+    with torch.inference_mode():
+        scored = score_continuations(model, requests, _pad_id(tokenizer), batch_size=1, share_prompt=False)
+    return [[float(lp.sum()) for lp in per] for per in scored]
+
+
+def math_peer(model, tokenizer, records, max_new_tokens) -> list[str]:
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                              pad_token_id=_pad_id(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                              stop_strings=[STOP_STRING])
+    completions = []
+    with torch.inference_mode():
+        for record in records:
+            ids = torch.tensor([tokenizer(format_prompt(record))["input_ids"]])
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                                 tokenizer=tokenizer)
+            completions.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return completions
+
+
+# --------------------------------------------------------------------------- padding accounting
+
+def padded_share(lengths: list[int], batch_size: int, sort: bool) -> float:
+    """Share of pad tokens when `lengths` are batched in order (or longest first) and padded to the longest."""
+    order = sorted(lengths, reverse=True) if sort else list(lengths)
+    total = sum(max(order[i:i + batch_size]) * len(order[i:i + batch_size]) for i in range(0, len(order), batch_size))
+    return 1 - sum(lengths) / total
+
+
+def timed(fn):
     start = time.perf_counter()
-    result = evaluate(model, tokenizer, records, task, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    return result, len(records) / (time.perf_counter() - start)
+    out = fn()
+    return out, time.perf_counter() - start
 
 
-def same_predictions(a: dict, b: dict) -> int:
-    # choice log-probs differ in the last float bits between batch shapes; the picks must not
-    fields = ("completion", "prediction") if a["task"] == "math" else ("prediction", "prediction_norm")
-    return sum(all(x[f] == y[f] for f in fields) for x, y in zip(a["predictions"], b["predictions"]))
-
-
-def bench(model, tokenizer, path: Path, task: str, limit: int, peer_limit: int, batch_size: int,
-          max_new_tokens: int) -> None:
+def bench_choice(model, tokenizer, path: Path, limit: int, chunk: int, batch_size: int, arms: list[bool]) -> None:
     records = load_records(path)[:limit]
-    result, speed = timed(model, tokenizer, records, task, batch_size, max_new_tokens)
-    accuracy = f"accuracy {result['accuracy']:.4f}"
-    if task == "choice":
-        accuracy += f"  accuracy_norm {result['accuracy_norm']:.4f}"
-    budget = f"  max_new_tokens={max_new_tokens}" if task == "math" else ""
-    print(f"{task:6s} {path.name:22s} n={len(records):<4d} batch_size={batch_size}{budget}: "
-          f"{speed:7.2f} examples/s  {accuracy}")
+    times = {"peer": 0.0, **{bf16: 0.0 for bf16 in arms}}
+    peer_lp, arm_results = [], {bf16: [] for bf16 in arms}
+    for start in range(0, len(records), chunk):
+        part = records[start:start + chunk]
+        lp, t = timed(lambda: choice_peer(model, tokenizer, part))
+        peer_lp += lp
+        times["peer"] += t
+        for bf16 in arms:
+            res, t = timed(lambda: evaluate(model, tokenizer, part, "choice", batch_size=batch_size, bf16=bf16,
+                                            progress=False))
+            arm_results[bf16] += res["predictions"]
+            times[bf16] += t
+    n = len(records)
+    print(f"choice {path.name} n={n}: peer (batch 1, fp32, full rows) {n / times['peer']:.2f} ex/s")
+    for bf16 in arms:
+        preds = arm_results[bf16]
+        differ = [i for i, p in enumerate(preds) if p["choices"][max(range(len(peer_lp[i])), key=peer_lp[i].__getitem__)]
+                  != p["prediction"]]
+        acc = sum(p["correct"] for p in preds) / n
+        print(f"  batch {batch_size} {'bf16' if bf16 else 'fp32'}: {n / times[bf16]:.2f} ex/s  "
+              f"speed-up x{times['peer'] / times[bf16]:.2f}  accuracy {acc:.4f}  "
+              f"same prediction {n - len(differ)}/{n}")
+        for i in differ:
+            top = sorted(peer_lp[i], reverse=True)
+            ours = sorted(preds[i]["logprobs"], reverse=True)
+            print(f"    record {i}: peer margin {top[0] - top[1]:.4f}, arm margin {ours[0] - ours[1]:.4f}")
+    # padding: rows of one question (the old layout) in file order vs length-sorted contexts
+    lengths = [len(_choice_request(tokenizer, r, None)[2].context) for r in records]
+    print(f"  padded-token share at batch {batch_size}: file order {padded_share(lengths, batch_size, False):.1%}, "
+          f"length-sorted {padded_share(lengths, batch_size, True):.1%}")
 
-    subset = records[:peer_limit]
-    batched, batched_speed = timed(model, tokenizer, subset, task, batch_size, max_new_tokens)
-    single, single_speed = timed(model, tokenizer, subset, task, 1, max_new_tokens)
-    print(f"       first {len(subset)}: batch_size={batch_size} {batched_speed:7.2f} examples/s, "
-          f"batch_size=1 (peer) {single_speed:7.2f} examples/s -> speed-up x{batched_speed / single_speed:.2f}; "
-          f"same predictions {same_predictions(batched, single)}/{len(subset)}")
+
+def bench_math(model, tokenizer, path: Path, limit: int, chunk: int, batch_size: int, max_new_tokens: int,
+               arms: list[bool]) -> None:
+    records = load_records(path)[:limit]
+    times = {"peer": 0.0, **{bf16: 0.0 for bf16 in arms}}
+    peer, arm_results = [], {bf16: [] for bf16 in arms}
+    for start in range(0, len(records), chunk):
+        part = records[start:start + chunk]
+        out, t = timed(lambda: math_peer(model, tokenizer, part, max_new_tokens))
+        peer += out
+        times["peer"] += t
+        for bf16 in arms:
+            res, t = timed(lambda: evaluate(model, tokenizer, part, "math", batch_size=batch_size, bf16=bf16,
+                                            max_new_tokens=max_new_tokens, progress=False))
+            arm_results[bf16] += res["predictions"]
+            times[bf16] += t
+    n = len(records)
+    peer_scored = [score_math(c, r["answer"]) for c, r in zip(peer, records)]
+    print(f"math {path.name} n={n} max_new_tokens={max_new_tokens}: peer (batch 1, fp32, HF generate) "
+          f"{n / times['peer']:.3f} ex/s  accuracy {sum(ok for _, ok in peer_scored) / n:.4f}")
+    for bf16 in arms:
+        preds = arm_results[bf16]
+        differ = [i for i, p in enumerate(preds) if p["prediction"] != peer_scored[i][0]]
+        acc = sum(p["correct"] for p in preds) / n
+        print(f"  batch {batch_size} {'bf16' if bf16 else 'fp32'}: {n / times[bf16]:.3f} ex/s  "
+              f"speed-up x{times['peer'] / times[bf16]:.2f}  accuracy {acc:.4f}  "
+              f"same prediction {n - len(differ)}/{n}")
+        for i in differ:
+            print(f"    record {i}: peer {peer_scored[i][0]!r} from {truncate_completion(peer[i])[-60:]!r}; "
+                  f"arm {preds[i]['prediction']!r} from {truncate_completion(preds[i]['completion'])[-60:]!r}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "llm-adapters")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--math-limit", type=int, default=64)
-    p.add_argument("--choice-limit", type=int, default=256)
-    p.add_argument("--peer-limit", type=int, default=16, help="records timed at batch_size=1 (and batched)")
+    p.add_argument("--choice-limit", type=int, default=64)
+    p.add_argument("--math-limit", type=int, default=32)
+    p.add_argument("--chunk", type=int, default=16, help="records per interleaved round of peer and arms")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default torch's); 1 wins on a busy shared CPU")
+    p.add_argument("--tasks", default="arc-easy,boolq,gsm8k")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    arms = [False] + ([True] if native_bf16("cpu") else [])
     params = sum(t.numel() for t in model.parameters()) / 1e6
-    print(f"{args.model} ({params:.1f}M params, float32, {torch.get_num_threads()} CPU threads, "
-          f"torch {torch.__version__}) on {args.data_dir}")
-    bench(model, tokenizer, args.data_dir / "math" / "gsm8k_test.json", "math", args.math_limit,
-          args.peer_limit, args.batch_size, args.max_new_tokens)
-    bench(model, tokenizer, args.data_dir / "commonsense" / "arc-easy_test.json", "choice", args.choice_limit,
-          args.peer_limit, args.batch_size, args.max_new_tokens)
+    print(f"{args.model} ({params:.1f}M params, float32 weights, {torch.get_num_threads()} CPU threads, "
+          f"native bf16: {native_bf16('cpu')}, torch {torch.__version__}) on {args.data_dir}")
+    for task in args.tasks.split(","):
+        if task == "gsm8k":
+            bench_math(model, tokenizer, args.data_dir / "math" / "gsm8k_test.json", args.math_limit, args.chunk,
+                       args.batch_size, args.max_new_tokens, arms)
+        else:
+            bench_choice(model, tokenizer, args.data_dir / "commonsense" / f"{task}_test.json", args.choice_limit,
+                         args.chunk, args.batch_size, arms)
 
 
 if __name__ == "__main__":

@@ -54,9 +54,22 @@ _OPTION_ALONE = re.compile(r"(?<![A-Za-z])([A-E])(?![A-Za-z])")
 _SENTENCE_END = re.compile(r"(?<=[.!?\n])(?!\d)")  # a period inside "13.5" ends no sentence
 
 
+# A completed final-answer line: "The answer is 42." (or "... is (C)") and the newline that ends it.
+_FINAL_ANSWER_LINE = re.compile(r"(?i:\bthe answer is\b)[^\n]*?(?:\d|\([A-Ea-e]\)|(?<![A-Za-z])[A-E](?![A-Za-z]))[^\n]*\n")
+
+
 def truncate_completion(text: str) -> str:
-    """The response proper: the text before a hallucinated next "###" block."""
-    return text.split(STOP_STRING, 1)[0]
+    """The response proper: the text before a hallucinated next "###" block, and at most up to the end
+    of the first completed final-answer line ("The answer is 42.\n"): what the model committed to.
+    Generation stops there too (`completion_finished`), so nothing after it is generated or scored."""
+    text = text.split(STOP_STRING, 1)[0]
+    line = _FINAL_ANSWER_LINE.search(text)
+    return text[:line.end()] if line else text
+
+
+def completion_finished(text: str) -> bool:
+    """Whether generating more could not change what `truncate_completion` keeps."""
+    return STOP_STRING in text or _FINAL_ANSWER_LINE.search(text) is not None
 
 
 def extract_number(text: str) -> float | None:
@@ -182,16 +195,6 @@ def evaluation_mode(model):
         model.train(was_training)
 
 
-@contextlib.contextmanager
-def padding_side(tokenizer, side: str):
-    previous = tokenizer.padding_side
-    tokenizer.padding_side = side
-    try:
-        yield tokenizer
-    finally:
-        tokenizer.padding_side = previous
-
-
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -249,21 +252,66 @@ def _progress(total: int, task: str, enabled: bool):
 
 # --------------------------------------------------------------------------- math
 
-def generate_completions(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int) -> list[str]:
-    """Greedy completions of a batch of prompts: left-padded so every prompt ends at the last column
-    (generation appends there), attention mask and pad id passed, EOS or "###" stops a row."""
-    from transformers import GenerationConfig
+def _left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[b, width - len(row):] = 1
+    return ids, mask
 
-    with padding_side(tokenizer, "left"):
-        batch = tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt")
-    device = _device(model)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                              pad_token_id=_pad_id(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                              stop_strings=[STOP_STRING])
-    output = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                            generation_config=config, tokenizer=tokenizer)
-    new_tokens = output[:, batch["input_ids"].shape[1]:]
-    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+def generate_completions(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
+                         prompt: "_PromptCache | None" = None) -> list[str]:
+    """Greedy completions of a batch of prompts: one batched forward per new token on a KV cache.
+
+    Prompts are left-padded so that every row's next token goes in the same column; positions are
+    passed explicitly, so padding shifts no real token. A row leaves the batch (and its cache rows
+    are dropped) as soon as it is finished: EOS, "###", or a completed final-answer line
+    (`completion_finished`); the others go on, up to `max_new_tokens`. `prompt` is the KV cache of
+    a prefix every prompt starts with (the template header), run once for a whole evaluation."""
+    device, pad_id, eos = _device(model), _pad_id(tokenizer), tokenizer.eos_token_id
+    P = prompt.length if prompt is not None else 0
+    ids, mask = _left_padded([p[P:] for p in prompt_ids], pad_id)
+    mask = torch.cat([torch.ones((len(prompt_ids), P), dtype=torch.long), mask], dim=1).to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, P:]
+    out = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions,
+                cache=prompt.for_batch(len(prompt_ids)) if prompt is not None else None,
+                use_cache=True, logits_to_keep=1)
+    cache, next_position = out.cache, positions[:, -1:] + 1
+    token = out.logits[:, -1].argmax(-1)
+    new: list[list[int]] = [[] for _ in prompt_ids]
+    active = list(range(len(prompt_ids)))  # rows of `new` still in the batch, in batch order
+    for step in range(max_new_tokens):
+        keep = []
+        for j, (b, t) in enumerate(zip(active, token.tolist())):
+            new[b].append(t)
+            if t != eos and not completion_finished(tokenizer.decode(new[b], skip_special_tokens=True)):
+                keep.append(j)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(active):
+            kept = torch.tensor(keep, device=device)
+            cache.batch_select_indices(kept)
+            mask, next_position, token = mask[kept], next_position[kept], token[kept]
+            active = [active[j] for j in keep]
+        mask = torch.cat([mask, torch.ones((len(active), 1), dtype=torch.long, device=device)], dim=1)
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position, cache=cache,
+                    use_cache=True)
+        cache, next_position = out.cache, next_position + 1
+        token = out.logits[:, -1].argmax(-1)
+    return tokenizer.batch_decode(new, skip_special_tokens=True)
+
+
+def _shared_prompt(model, prompts: list[list[int]], longest: int) -> "_PromptCache | None":
+    """The KV cache of the prefix all `prompts` share (at most all but each one's last token), or None
+    when a sliding-window model could see the padding that sits between it and the rest."""
+    window = _sliding_window(model)
+    if window is not None and 2 * longest >= window:
+        return None
+    shared = min(_common_prefix_length(prompts), *(len(p) - 1 for p in prompts))
+    return _PromptCache(model, prompts[0][:shared])
 
 
 def _evaluate_math(model, tokenizer, records, batch_size, max_new_tokens, progress) -> dict:
@@ -275,9 +323,10 @@ def _evaluate_math(model, tokenizer, records, batch_size, max_new_tokens, progre
     order = sorted(range(len(records)), key=lambda i: -len(prompts[i]))
     predictions: list[dict | None] = [None] * len(records)
     correct = done = 0
+    prompt = _shared_prompt(model, prompts, max(map(len, prompts)) + max_new_tokens)
     with _progress(len(records), "math", progress) as bar:
         for batch in _batches(order, batch_size):
-            completions = generate_completions(model, tokenizer, [prompts[i] for i in batch], max_new_tokens)
+            completions = generate_completions(model, tokenizer, [prompts[i] for i in batch], max_new_tokens, prompt)
             for i, completion in zip(batch, completions):
                 predicted, ok = score_math(completion, records[i]["answer"])
                 correct += ok
@@ -454,17 +503,12 @@ def iter_continuation_logprobs(model, requests: Sequence[Continuations], pad_id:
 def _iter_continuation_logprobs(model, requests, pad_id, batch_size, share_prompt):
     order = sorted(range(len(requests)),
                    key=lambda i: -(len(requests[i].context) + max(map(len, requests[i].continuations))))
-    window = _sliding_window(model)
-    prompt = None
-    if share_prompt:
-        # at most len(context) - 1 tokens: the logits at the context's last token are always wanted
-        shared = min(_common_prefix_length([r.context for r in requests]), *(len(r.context) - 1 for r in requests))
-        prompt = _PromptCache(model, requests[0].context[:shared])
+    longest = max(len(r.context) + max(map(len, r.continuations)) for r in requests)
+    # the logits at each context's last token are always wanted, so the shared prefix stops before it
+    prompt = _shared_prompt(model, [r.context for r in requests], longest) if share_prompt else None
     for batch in _batches(order, batch_size):
         chunk = [requests[i] for i in batch]
-        longest = max(len(r.context) + max(map(len, r.continuations)) for r in chunk)
-        # columns of the cached layout: prefix + stage 1 + stage 2 <= twice the longest row
-        if prompt is not None and (window is None or 2 * longest < window):
+        if prompt is not None:
             scored = _shared_prompt_logprobs(model, chunk, prompt, pad_id)
         else:
             scored = _plain_logprobs(model, chunk, pad_id)

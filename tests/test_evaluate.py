@@ -25,6 +25,10 @@ from shears.errors import ShearsError
 from shears.evaluate import (
     Continuations,
     _candidate_rows,
+    _shared_prompt,
+    completion_finished,
+    generate_completions,
+    truncate_completion,
     score_continuations,
     choice_continuations,
     choice_labels,
@@ -127,12 +131,15 @@ def reference_losses(model, records, cutoff_len):
 
 @torch.no_grad()
 def reference_greedy(model, record, max_new_tokens):
-    """Greedy decoding by hand: full forward pass per step, stop at EOS or once "###" appears."""
+    """Greedy decoding by hand: full forward pass per step, stop at EOS, once "###" appears, or once a
+    line "The answer is ...<digit or option>..." has ended with a newline."""
     ids, new = prompt_ids(record), []
     for _ in range(max_new_tokens):
         token = int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
         new.append(token)
-        if token == TOKENIZER.eos_token_id or "###" in TOKENIZER.decode(new, skip_special_tokens=True):
+        text = TOKENIZER.decode(new, skip_special_tokens=True)
+        answer_line = re.search(r"(?i:the answer is)[^\n]*(\d|\([A-Ea-e]\)|\b[A-E]\b)[^\n]*\n", text)
+        if token == TOKENIZER.eos_token_id or "###" in text or answer_line:
             break
     return TOKENIZER.decode(new, skip_special_tokens=True)
 
@@ -356,6 +363,55 @@ def test_loss_equals_hand_computed_mean_response_token_loss(cutoff_len):
 
 
 # ----------------------------------------------------------------------------- batching
+
+
+@torch.no_grad()
+def reference_greedy_tokens(model, ids, max_new_tokens, stop_token):
+    new = []
+    for _ in range(max_new_tokens):
+        new.append(int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax()))
+        if new[-1] == stop_token:
+            break
+    return new
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_generation_drops_finished_rows_and_equals_the_reference_loop(arch):
+    model = tiny_model(arch) if arch != "gemma3" else make_tiny_model(
+        arch, max_position_embeddings=1024, initializer_range=0.5, sliding_window=1024)
+    prompts = [prompt_ids(r) for r in MATH_RECORDS]
+    # A token the model emits often stands in for EOS, so that rows finish at different steps.
+    free = [reference_greedy_tokens(model, p, 16, None) for p in prompts]
+    stop = max(set(sum(free, [])), key=lambda t: len({f.index(t) if t in f else None for f in free}))
+    tokenizer = make_tiny_tokenizer()
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(stop)
+    expected = [tokenizer.decode(reference_greedy_tokens(model, p, 16, stop), skip_special_tokens=True)
+                for p in prompts]
+    widths = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: widths.append(args[0].shape[0]))
+    try:
+        with torch.inference_mode():
+            got = generate_completions(model, tokenizer, prompts, 16, _shared_prompt(model, prompts, 200))
+    finally:
+        hook.remove()
+    assert got == expected
+    if arch == "gemma3":  # its tiny random config greedy-decodes one token forever: every row stops at once
+        return
+    assert len({len(tokenizer(e, add_special_tokens=False)["input_ids"]) for e in expected}) > 1
+    assert widths[0] == 1  # the shared template header, run once
+    assert widths[1] == len(prompts) > widths[-1] and widths[1:] == sorted(widths[1:], reverse=True)  # it shrinks
+
+
+@pytest.mark.parametrize("text, finished, kept", [
+    ("3 + 4 = 7. The answer is 7.", False, "3 + 4 = 7. The answer is 7."),  # the line may still go on
+    ("3 + 4 = 7. The answer is 7.\nNow 8 + 1 = 9.", True, "3 + 4 = 7. The answer is 7.\n"),
+    ("The answer is (C).\nOr (D).", True, "The answer is (C).\n"),
+    ("the answer is a bit tricky:\n2 + 2 = 4", False, "the answer is a bit tricky:\n2 + 2 = 4"),
+    ("4\n\n### Instruction:\nAdd", True, "4\n\n"),
+])
+def test_a_completed_final_answer_line_ends_the_completion(text, finished, kept):
+    assert completion_finished(text) is finished
+    assert truncate_completion(text) == kept
 
 
 def test_batched_math_generation_equals_unbatched_and_hand_greedy():
