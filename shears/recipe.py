@@ -77,7 +77,8 @@ class TrainingConfig:
     val_limit: Optional[int] = 64  # validation examples for the end-of-training loss report
     # In-Squeeze (LoRA-Squeeze): r_max of each training stage, e.g. [64, 32]; it must end at the search
     # space's r_max. Training is split evenly over the stages; at each boundary the adapters are squeezed
-    # (SVD) to the next rank and the optimiser restarts. Empty: one stage at the space's r_max.
+    # (SVD) to the next rank and the optimiser restarts, while the data order and the learning-rate
+    # schedule (one warm-up) continue as in a single stage. Empty: one stage at the space's r_max.
     rank_schedule: list[int] = field(default_factory=list)
 
 

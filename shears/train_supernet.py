@@ -11,6 +11,14 @@ Which subnet trains at step t is a pure function of (seed, t). It is drawn once 
 so every gradient-accumulation micro-batch and every activation recomputation under gradient
 checkpointing sees the same subnet; every DDP process draws the same one, so gradients average over
 one architecture; and a resumed run continues the exact sampling order of an uninterrupted one.
+
+Which records train at step t is a pure function of (seed, t) too (`TrainingOrder`): one endless
+stream of seeded permutations of the training set, read a step's worth at a time. In-Squeeze stages
+(training.rank_schedule) each run their own Trainer, but stage i starts reading the stream -- and the
+learning-rate schedule -- at its first global step, so a run in stages sees exactly the batches and
+learning rates of a run in one stage; only the adapters are squeezed and the optimiser restarted at
+each boundary. A resumed run, at any step of any stage, trains and reports what an uninterrupted run
+does.
 Because this is ordinary Trainer, mixed precision, gradient checkpointing, `accelerate launch` /
 torchrun DDP and FSDP work unchanged.
 """
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -26,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import Trainer, TrainingArguments, set_seed
+from torch.utils.data import Sampler
+from transformers import Trainer, TrainingArguments, get_scheduler, set_seed
 
 from .atomic import write_json, write_text
 from .data import Collator, TokenizedDataset
@@ -58,15 +68,101 @@ class SubnetSampler:
         return [self.space.sample(rng)]
 
 
-class NLSTrainer(Trainer):
-    """HF Trainer whose training step activates the step's sampled subnet(s) before forward/backward."""
+    def trained(self, step: int) -> list[tuple[int, str]]:
+        """(step, canonical config) of every subnet trained at `step`, as the trace records them."""
+        return [(step, canonical(config)) for config in self.configs_for_step(step)]
 
-    def __init__(self, *args, supernet: SuperNet, sampler: SubnetSampler, step_offset: int = 0, **kwargs):
+
+@dataclass(frozen=True)
+class TrainingOrder:
+    """Which training records each optimizer step reads: a pure function of (seed, step).
+
+    The order is one endless stream: permutation 0 of range(size), then permutation 1, ... (each
+    seeded by (seed, k)), read `samples_per_step` = per-device batch x accumulation x processes
+    records per optimizer step. An epoch, as Trainer counts it, is `steps_per_epoch` full steps of
+    the stream, so a step never straddles a partial batch and step t always starts at sample
+    t * samples_per_step -- which is what lets a later In-Squeeze stage continue where the last one
+    stopped."""
+    size: int
+    seed: int
+    samples_per_step: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.size / self.samples_per_step)
+
+    @property
+    def epoch_length(self) -> int:
+        return self.steps_per_epoch * self.samples_per_step
+
+    def _permutation(self, cycle: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, cycle]).permutation(self.size)
+
+    def epoch_indices(self, epoch: int, start_step: int) -> list[int]:
+        """The records of `epoch` (counted from `start_step`, where the stage starts) in order."""
+        position = start_step * self.samples_per_step + epoch * self.epoch_length
+        end = position + self.epoch_length
+        out: list[int] = []
+        while position < end:
+            cycle, offset = divmod(position, self.size)
+            taken = self._permutation(cycle)[offset:offset + end - position]
+            out += taken.tolist()
+            position += len(taken)
+        return out
+
+
+class StreamSampler(Sampler[int]):
+    """A Trainer sampler reading `TrainingOrder` from a stage's first global step; Trainer (and
+    accelerate) call set_epoch, and a resume skips the batches already trained, as with any sampler."""
+
+    def __init__(self, order: TrainingOrder, start_step: int):
+        self.order, self.start_step, self.epoch = order, start_step, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.order.epoch_length
+
+    def __iter__(self):
+        return iter(self.order.epoch_indices(self.epoch, self.start_step))
+
+
+class NLSTrainer(Trainer):
+    """HF Trainer whose training step activates the step's sampled subnet(s) before forward/backward.
+
+    A stage of an In-Squeeze run is one NLSTrainer whose global steps start at `step_offset`: it
+    samples subnets, reads records (TrainingOrder) and follows the learning-rate schedule of the
+    whole run (`total_steps`) from there."""
+
+    def __init__(self, *args, supernet: SuperNet, sampler: SubnetSampler, order: TrainingOrder,
+                 step_offset: int = 0, total_steps: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.supernet, self.sampler = supernet, sampler
-        self.step_offset = step_offset  # steps of earlier In-Squeeze stages: sampling continues across stages
-        self.trained_configs: list[tuple[int, str]] = []  # (step, canonical config), for provenance
+        self.supernet, self.sampler, self.order = supernet, sampler, order
+        self.step_offset = step_offset  # steps of earlier In-Squeeze stages
+        self.total_steps = total_steps if total_steps is not None else step_offset + self.args.max_steps
+        self.trained_configs: list[tuple[int, str]] = []  # (step, canonical config) as trained, for provenance
         self._last_params = 0
+
+    def _get_train_sampler(self, train_dataset=None) -> Sampler:
+        return StreamSampler(self.order, self.step_offset)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The whole run's schedule (warm-up once, one decay over every stage), entered at step_offset."""
+        if self.lr_scheduler is None and (self.step_offset or self.total_steps != num_training_steps):
+            optimizer = optimizer if optimizer is not None else self.optimizer
+            whole = get_scheduler(self.args.lr_scheduler_type, optimizer=optimizer,
+                                  num_warmup_steps=self.args.get_warmup_steps(self.total_steps),
+                                  num_training_steps=self.total_steps,
+                                  scheduler_specific_kwargs=self.args.lr_scheduler_kwargs)
+            if not isinstance(whole, torch.optim.lr_scheduler.LambdaLR):
+                raise ShearsError(f"training.lr_scheduler_type={self.args.lr_scheduler_type!r} cannot span "
+                                  "training.rank_schedule stages: use linear, cosine, constant or polynomial")
+            offset = self.step_offset
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, [lambda step, f=f: f(step + offset) for f in whole.lr_lambdas])
+            self._created_lr_scheduler = True  # as Trainer marks its own: a second train() makes a fresh one
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         step = self.step_offset + self.state.global_step
@@ -79,10 +175,17 @@ class NLSTrainer(Trainer):
                 raise ShearsError(f"the training loss became {loss.item()} at step {step}: lower "
                                   "training.learning_rate (or disable bf16); checkpoints so far are kept")
             total = loss if total is None else total + loss
-            if not self.trained_configs or self.trained_configs[-1] != (step, canonical(config)):
-                self.trained_configs.append((step, canonical(config)))
+        if not self.trained_configs or self.trained_configs[-1][0] != step:  # once per step, not per micro-batch
+            self.trained_configs += [(step, canonical(config)) for config in configs]
         self._last_params = self.supernet.adapter_params(configs[-1])
         return total / len(configs)
+
+    def stage_trained(self) -> list[tuple[int, str]]:
+        """Every (step, config) of this stage. Steps before a resume were trained by the killed process;
+        sampling is a pure function of (seed, step), so they are recomputed, exactly as it trained them."""
+        first = self.trained_configs[0][0] if self.trained_configs else self.step_offset + self.state.global_step
+        earlier = [entry for step in range(self.step_offset, first) for entry in self.sampler.trained(step)]
+        return earlier + self.trained_configs
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs:
@@ -115,8 +218,8 @@ class Stage:
     """One stretch of training at a fixed r_max (a single stage unless the recipe anneals ranks)."""
     index: int
     space: SearchSpace
+    step_offset: int  # global step at which the stage starts
     max_steps: int
-    num_train_epochs: float
     checkpoints: Path
 
 
@@ -134,18 +237,21 @@ def stage_space(space: SearchSpace, r_max: int) -> SearchSpace:
     return SearchSpace.from_dict(data, source=f"{space.source} at r_max={r_max}")
 
 
-def plan_stages(recipe: Recipe, space: SearchSpace, run_dir: RunDir) -> list[Stage]:
+def plan_stages(recipe: Recipe, space: SearchSpace, run_dir: RunDir, steps_per_epoch: int) -> list[Stage]:
+    """The run's stages, with their global steps: training.max_steps, or num_train_epochs of
+    `steps_per_epoch`, split evenly (the last stage takes the remainder)."""
     t = recipe.training
     schedule = list(t.rank_schedule) or [space.r_max]
     if schedule != sorted(set(schedule), reverse=True) or schedule[-1] != space.r_max:
         raise ShearsError(f"training.rank_schedule {schedule} must strictly decrease and end at the search space's "
                           f"r_max ({space.r_max}), e.g. [{4 * space.r_max}, {2 * space.r_max}, {space.r_max}]")
     n = len(schedule)
-    if n > 1 and 0 < t.max_steps < n:
-        raise ShearsError(f"training.max_steps={t.max_steps} cannot be split over {n} rank stages: raise it")
-    steps = [t.max_steps // n + (t.max_steps % n if i == n - 1 else 0) for i in range(n)] if t.max_steps > 0 \
-        else [-1] * n
-    return [Stage(i, stage_space(space, r), steps[i], t.num_train_epochs / n, run_dir.stage_checkpoints(i, n))
+    total = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
+    if total < n:
+        raise ShearsError(f"training of {total} steps cannot be split over {n} rank stages: raise training.max_steps "
+                          "or training.num_train_epochs")
+    steps = [total // n + (total % n if i == n - 1 else 0) for i in range(n)]
+    return [Stage(i, stage_space(space, r), sum(steps[:i]), steps[i], run_dir.stage_checkpoints(i, n))
             for i, r in enumerate(schedule)]
 
 
@@ -173,11 +279,10 @@ def squeeze_supernet(supernet: SuperNet, space: SearchSpace) -> SuperNet:
 
 def training_arguments(recipe: Recipe, stage: Stage) -> TrainingArguments:
     t = recipe.training
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    distributed = world_size() > 1
     return TrainingArguments(
         output_dir=str(stage.checkpoints),
-        max_steps=stage.max_steps,
-        num_train_epochs=stage.num_train_epochs,
+        max_steps=stage.max_steps,  # epochs are converted to steps by plan_stages
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_train_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -229,6 +334,10 @@ def check_run_dir(run_dir: RunDir, recipe: Recipe, resume: bool, force: bool) ->
         run_dir.discard_training()
 
 
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -247,9 +356,13 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
     space = resolve_search_space(recipe)
     train_set = TokenizedDataset(tokenizer, train_records, d.cutoff_len, d.train_on_inputs)
     val_set = TokenizedDataset(tokenizer, val_records[: recipe.training.val_limit], d.cutoff_len, d.train_on_inputs)
+    t = recipe.training
+    order = TrainingOrder(len(train_set), t.seed,
+                          t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size())
+    stages = plan_stages(recipe, space, run_dir, order.steps_per_epoch)
     trained: list[tuple[int, str]] = []
     supernet = trainer = None
-    for stage in plan_stages(recipe, space, run_dir):
+    for stage in stages:
         finished = stage.checkpoints / "end"  # a completed stage of a multi-stage run, for --resume
         if resume and (finished / "trained.json").is_file():
             supernet = SuperNet.load(finished, base if supernet is None else supernet.model.unload())
@@ -263,10 +376,10 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
         trainer = NLSTrainer(
             model=supernet.model, args=training_arguments(recipe, stage), train_dataset=train_set,
             eval_dataset=val_set, data_collator=Collator(tokenizer), supernet=supernet,
-            sampler=SubnetSampler(supernet.space, recipe.training.strategy, seed=recipe.training.seed),
-            step_offset=len({step for step, _ in trained}))  # steps of the earlier stages
+            sampler=SubnetSampler(supernet.space, t.strategy, seed=t.seed), order=order,
+            step_offset=stage.step_offset, total_steps=sum(s.max_steps for s in stages))
         trainer.train(resume_from_checkpoint=last_checkpoint(stage.checkpoints) if resume else None)
-        trained += trainer.trained_configs
+        trained += trainer.stage_trained()
         if stage.checkpoints != run_dir.checkpoints and is_main_process():
             supernet.save(finished, overwrite=True)
             write_json(finished / "trained.json", trained)

@@ -169,7 +169,9 @@ def test_resume_continues_the_same_sampling_order(tiny_model_dir, tmp_path, monk
     def steps(run):
         return json.loads((run / "train_summary.json").read_text())["trained_configs"]
 
-    assert steps(cut) == [s for s in steps(full) if s["step"] >= 3]
+    # the summary and the trace of the resumed run cover every step, as the uninterrupted run's do
+    assert steps(cut) == steps(full) and [s["step"] for s in steps(cut)] == list(range(6))
+    assert (cut / "trace" / "rank0.jsonl").read_text() == (full / "trace" / "rank0.jsonl").read_text()
     a = load_file(full / "supernet" / "adapter_model.safetensors")
     b = load_file(cut / "supernet" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
@@ -282,3 +284,84 @@ def test_rank_schedule_trains_in_stages_and_ends_at_r_max(tiny_model_dir, tmp_pa
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run / "supernet")
     with pytest.raises(ShearsError, match="rank_schedule"):
         train_supernet(load_recipe(tiny_recipe(tiny_model_dir, tmp_path, rank_schedule=[16, 4])), tmp_path / "r2")
+
+
+def kill_at_step(monkeypatch, step: int):
+    """Make NLSTrainer raise KeyboardInterrupt (a stand-in for kill -9) when it reaches its global `step`."""
+    import shears.train_supernet as ts
+
+    original = ts.NLSTrainer.training_step
+
+    def killed(self, *args, **kwargs):
+        if self.step_offset + self.state.global_step == step:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ts.NLSTrainer, "training_step", killed)
+    return lambda: monkeypatch.setattr(ts.NLSTrainer, "training_step", original)
+
+
+def test_resume_inside_an_early_rank_stage_gives_the_later_stages_their_true_step_offset(
+        tiny_model_dir, tmp_path, monkeypatch):
+    recipe = lambda: load_recipe(tiny_recipe(tiny_model_dir, tmp_path, rank_schedule=[16, 8], save_steps=1))
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train_supernet(recipe(), full)
+    restore = kill_at_step(monkeypatch, 1)  # inside stage 0 (steps 0-1), after its checkpoint-1
+    with pytest.raises(KeyboardInterrupt):
+        train_supernet(recipe(), cut)
+    restore()
+    train_supernet(recipe(), cut, resume=True)
+
+    def summary(run):
+        return json.loads((run / "train_summary.json").read_text())
+
+    assert summary(cut)["trained_configs"] == summary(full)["trained_configs"]
+    assert [s["step"] for s in summary(cut)["trained_configs"]] == [0, 1, 2, 3]
+    assert (cut / "trace" / "rank0.jsonl").read_text() == (full / "trace" / "rank0.jsonl").read_text()
+    a = load_file(full / "supernet" / "adapter_model.safetensors")
+    b = load_file(cut / "supernet" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def record_training_batches(monkeypatch) -> list:
+    """(input_ids, learning rate) of every optimizer step's batch, in training order, across stages."""
+    import shears.train_supernet as ts
+
+    seen = []
+    original = ts.NLSTrainer.training_step
+
+    def recording(self, model, inputs, *args, **kwargs):
+        seen.append((inputs["input_ids"].clone(), self.lr_scheduler.get_last_lr()[0]))
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(ts.NLSTrainer, "training_step", recording)
+    return seen
+
+
+def test_rank_stages_continue_the_data_order_and_the_learning_rate_schedule(tiny_model_dir, tmp_path, monkeypatch):
+    # 6 steps of 2 records over 40 training records: the whole run is shorter than an epoch, so a stage
+    # that restarted the data order would replay the first stage's batches.
+    training = {"max_steps": 6, "warmup_steps": 2, "save_steps": 100}
+    seen = record_training_batches(monkeypatch)
+    train_supernet(load_recipe(tiny_recipe(tiny_model_dir, tmp_path, **training)), tmp_path / "one")
+    one_stage = list(seen)
+    seen.clear()
+    train_supernet(load_recipe(tiny_recipe(tiny_model_dir, tmp_path, rank_schedule=[32, 16, 8], **training)),
+                   tmp_path / "three")
+    assert len(seen) == len(one_stage) == 6
+    for (ids, lr), (ids_one, lr_one) in zip(seen, one_stage):
+        assert torch.equal(ids, ids_one)  # the same batches in the same order: no stage replays another's
+        assert lr == pytest.approx(lr_one)  # one warm-up, one decay over the whole run
+    assert len({tuple(ids.flatten().tolist()) for ids, _ in seen}) == 6
+
+
+def test_an_epoch_based_run_sees_every_training_record_once_per_epoch(tiny_model_dir, tmp_path, monkeypatch):
+    from shears.train_supernet import TrainingOrder
+
+    order = TrainingOrder(size=10, seed=3, samples_per_step=4)
+    stream = [i for epoch in range(3) for i in order.epoch_indices(epoch, start_step=0)]
+    assert order.steps_per_epoch == 3 and len(stream) == 36
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    # a later stage starting at step 2 reads the same stream from sample 8 on
+    assert order.epoch_indices(0, start_step=2) == stream[8:20]
