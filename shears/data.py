@@ -2,9 +2,10 @@
 
 A record is the LLM-Adapters instruction format the Shears/LoNAS/SQFT papers train on:
 
-    {"instruction": str, "input": str, "output": str, "answer": str | None}
+    {"instruction": str, "input": str, "output": str, "answer": str | None[, "choices": list[str]]}
 
-`output` is the target completion; `answer` the gold label that evaluation compares against.
+`output` is the target completion; `answer` the gold label that evaluation compares against;
+`choices`, present only in the content answer format (`to_answer_format`), the option texts.
 Sources (`load_records`):
   - a .json (list of objects), .jsonl or .csv file, with optional field renaming;
   - `builtin:arithmetic[?n=N&seed=S]`: seeded, offline arithmetic word problems (the demo task);
@@ -16,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -28,6 +30,7 @@ from .errors import ShearsError
 
 FIELDS = ("instruction", "input", "output", "answer")
 REQUIRED = ("instruction", "output")
+ANSWER_FORMATS = ("label", "content")
 IGNORE_INDEX = -100  # label value HF losses skip
 
 # The Alpaca template, as LLM-Adapters (and so the Shears/SQFT papers) use it.
@@ -136,7 +139,91 @@ def _normalise(item: Any, index: int, where: str, fields: dict[str, str]) -> dic
         record[field] = "" if value is None and field == "input" else value
         if record[field] is not None and not isinstance(record[field], str):
             record[field] = str(record[field])
+    choices = item.get("choices")
+    if choices is not None:  # a content-format record written to a file reads back as one
+        if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+            raise ShearsError(f"{where}: record {index} field 'choices' is not a list of strings")
+        record["choices"] = list(choices)
     return record
+
+
+# --------------------------------------------------------------------------- answer formats
+
+# LLM-Adapters multiple-choice instructions: a lead-in, the question, the options as "Answer1: ..
+# Answer2: .." (Solution1/Option1/Ending1 in PIQA/WinoGrande/HellaSwag), then "Answer format: a/b/..".
+_FORMAT_LINE = re.compile(r"answer format:", re.IGNORECASE)
+_NUMBERED = re.compile(r"([A-Za-z]+)(\d+)")
+# Lead-ins that only announce "here is a question"; the content format drops them so the prompt is
+# the question itself (as lm-eval prompts ARC/OBQA). Lead-ins that carry information ("with true or
+# false", "fill in the blank") stay.
+_BARE_LEAD_INS = re.compile(r"^\s*please choose the correct (?:answer|solution) to the question:\s*", re.IGNORECASE)
+
+
+def parse_choices(record: dict) -> tuple[str, list[str], int]:
+    """(question, option texts, index of the gold option) of an LLM-Adapters multiple-choice record.
+
+    The options are located by their numbered markers ("Answer1:", "Answer2:", ...) in order, each
+    text running to the next marker, so an option may contain any words, colons included. Labels
+    that are not numbered (BoolQ's true/false) are their own texts."""
+    instruction = record.get("instruction") or ""
+    found = list(_FORMAT_LINE.finditer(instruction))
+    if not found:
+        raise ShearsError("no 'Answer format: a/b' line")
+    body, format_line = instruction[:found[-1].start()], instruction[found[-1].end():]
+    labels = [label.strip().rstrip(".") for label in format_line.strip().split("/")]
+    if len(labels) < 2 or not all(labels):
+        raise ShearsError(f"the answer format {format_line.strip()!r} lists fewer than two labels")
+    gold = str(record.get("answer") or "").strip().lower()
+    lowered = [label.lower() for label in labels]
+    if gold not in lowered:
+        raise ShearsError(f"the gold answer {gold!r} is not among the labels {'/'.join(labels)}")
+    numbered = [_NUMBERED.fullmatch(label) for label in labels]
+    if not all(numbered):
+        return _BARE_LEAD_INS.sub("", body).strip(), labels, lowered.index(gold)
+    starts, ends, position = [], [], 0
+    for match in numbered:  # each marker searched after the previous one: option text cannot fake one
+        marker = re.compile(rf"(?<![A-Za-z0-9]){re.escape(match.group(1))}{match.group(2)}\s*:", re.IGNORECASE)
+        hit = marker.search(body, position)
+        if hit is None:
+            raise ShearsError(f"option {match.group(0)!r} of the answer format is missing from the instruction")
+        starts.append(hit.start())
+        ends.append(hit.end())
+        position = hit.end()
+    texts = [body[end:start].strip() for end, start in zip(ends, starts[1:] + [len(body)])]
+    empty = [labels[k] for k, text in enumerate(texts) if not text]
+    if empty:
+        raise ShearsError(f"option {empty[0]!r} has no text")
+    question = _BARE_LEAD_INS.sub("", body[:starts[0]]).strip()
+    if not question:
+        raise ShearsError("no question before the options")
+    return question, texts, lowered.index(gold)
+
+
+def to_answer_format(records: Sequence[dict], answer_format: str) -> list[dict]:
+    """Records in the answer format training and scoring use.
+
+    "label" leaves LLM-Adapters records as they are (the response names a label: "the correct answer
+    is answer2"). "content" rewrites each multiple-choice record so that the prompt is the question
+    alone and the response is the gold option's own text, with the option texts kept in `choices`:
+    the lm-eval way of scoring, which a small model can learn where the label indirection is beyond it."""
+    if answer_format not in ANSWER_FORMATS:
+        raise ShearsError(f"unknown answer format {answer_format!r}: set data.answer_format to label or content")
+    if answer_format == "label":
+        return list(records)
+    rewritten = []
+    for index, record in enumerate(records):
+        if record.get("choices"):  # already in the content format
+            rewritten.append(dict(record))
+            continue
+        try:
+            question, texts, gold = parse_choices(record)
+        except ShearsError as err:
+            raise ShearsError(f"record {index} ({str(record.get('instruction'))[:50]!r}) cannot be rewritten to the "
+                              f"content answer format ({err}): use data.answer_format=label for this "
+                              "data") from None
+        rewritten.append({"instruction": question, "input": record.get("input") or "", "output": texts[gold],
+                          "answer": texts[gold], "choices": texts})
+    return rewritten
 
 
 # --------------------------------------------------------------------------- built-in task

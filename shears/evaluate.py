@@ -9,9 +9,13 @@ Alpaca template of `shears.data.format_prompt`:
           first A-E anywhere in the text, which would be the article "A" half of the time.
   choice  multiple choice by log-likelihood, as lm-eval scores it: every candidate continuation is
           scored after the prompt, the highest sum of log-probs wins (`accuracy`), and the highest sum
-          per character of the continuation (`accuracy_norm`). Each question's prompt is run once
-          however many candidates it has (KV cache), and the prompt template's header once per
-          evaluation: `score_continuations` scores any (context, [continuations]) this way.
+          per character of the continuation (`accuracy_norm`, lm-eval's len(choice) normalisation).
+          Each question's prompt is run once however many candidates it has (KV cache), and the
+          prompt template's header once per evaluation: `score_continuations` scores any (context,
+          [continuations]) this way.
+          A record in the content answer format (data.to_answer_format) has `choices`: each option's
+          own text is its continuation; otherwise (label format) the continuation is the record's
+          response with each label swapped in.
   loss    mean response-token cross-entropy (and perplexity), the cheap proxy a search may use.
 
 `evaluate(...)` takes a model, a PeftModel or a SuperNet (duck-typed: `.model` and `.activate`);
@@ -528,8 +532,11 @@ def score_continuations(model, requests: Sequence[Continuations], pad_id: int, b
 
 def _choice_request(tokenizer, record: dict, choices: Sequence[str] | None) -> tuple[list[str], list[str], Continuations]:
     """(labels, continuation texts, the token request) of one record."""
-    labels = choice_labels(record, choices)
-    continuations = choice_continuations(record, labels)
+    if record.get("choices"):  # content format: the option's text itself is the continuation
+        labels = continuations = list(record["choices"])
+    else:
+        labels = choice_labels(record, choices)
+        continuations = choice_continuations(record, labels)
     tokens = []
     for label, text in zip(labels, continuations):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -699,6 +706,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="records per forward/generate call (default recipe, else 16)")
     p.add_argument("--max-new-tokens", type=int, help="math generation budget (default recipe, else 256)")
     p.add_argument("--choices", help="choice task: comma-separated candidate labels for every record")
+    p.add_argument("--answer-format", help="label | content: how multiple-choice records are scored "
+                                           "(default: the run's recipe data.answer_format, else label)")
     p.add_argument("--cutoff-len", type=int, help="loss task: token cut-off (default recipe data.cutoff_len, else 1024)")
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default recipe, else float32)")
     p.add_argument("--output", help="write the result with per-example predictions to this JSON file")
@@ -713,9 +722,11 @@ def _given(value, default):
 
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
-    from .data import load_records
+    from .data import ANSWER_FORMATS, load_records, to_answer_format
 
     args = build_parser().parse_args(argv)
+    if args.answer_format is not None and args.answer_format not in ANSWER_FORMATS:
+        raise ShearsError(f"unknown --answer-format {args.answer_format!r}: use {' or '.join(ANSWER_FORMATS)}")
     output = Path(args.output) if args.output else None
     if output is not None and output.exists() and not args.overwrite:
         raise ShearsError(f"{output} exists: pass --overwrite or choose another --output")
@@ -724,12 +735,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.limit is not None and args.limit < 1:
         raise ShearsError(f"--limit must be at least 1, got {args.limit}")
     records = load_records(args.data)  # before the model: a bad data path fails in a second, not after a load
+    if args.answer_format:
+        records = to_answer_format(records, args.answer_format)
     if args.run:
         if args.adapter:
             raise ShearsError("--adapter goes with --model; a --run evaluates its own super-network")
         model, tokenizer, recipe = load_for_run(args.run, args.subnet, args.dtype)
         ev = recipe.evaluation
         task, batch_size, max_new_tokens, cutoff_len = ev.task, ev.batch_size, ev.max_new_tokens, recipe.data.cutoff_len
+        if not args.answer_format:  # score in the format the run trained in
+            records = to_answer_format(records, recipe.data.answer_format)
         described = f"{args.run} subnet {args.subnet}"
     else:
         model, tokenizer = _load_plain(args.model, args.adapter, args.dtype or "float32")

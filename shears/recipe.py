@@ -37,6 +37,9 @@ class DataConfig:
     val_seed: int = 0
     cutoff_len: int = 256
     train_on_inputs: bool = False
+    # Multiple-choice records: "label" trains and scores the LLM-Adapters response ("the correct answer
+    # is answer2"); "content" rewrites them so the response is the chosen option's text (data.to_answer_format).
+    answer_format: str = "label"
 
     def sources(self) -> list[str]:
         data_dir = os.environ.get("SHEARS_DATA_DIR", self.data_dir)
@@ -131,6 +134,8 @@ class Recipe:
             raise ShearsError(f"sparsity.method={s.method!r}: use wanda or magnitude")
         if t.strategy not in ("uniform", "sandwich"):
             raise ShearsError(f"training.strategy={t.strategy!r}: use uniform or sandwich")
+        if self.data.answer_format not in ("label", "content"):
+            raise ShearsError(f"data.answer_format={self.data.answer_format!r}: use label or content")
         if self.evaluation.task not in ("math", "choice", "loss"):
             raise ShearsError(f"evaluation.task={self.evaluation.task!r}: use math, choice or loss")
         if self.search.backend not in ("optuna", "pymoo"):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data import load_records, split_validation
+from .data import load_records, split_validation, to_answer_format
 from .elastic import SuperNet
 from .errors import ShearsError
 from .models import load_model, load_tokenizer
@@ -46,7 +46,7 @@ def recipe_splits(recipe: Recipe) -> tuple[list[dict], list[dict]]:
     the one definition training and every later stage share."""
     d = recipe.data
     records = load_records(d.sources(), fields=d.fields or None, limit=d.train_limit, seed=d.val_seed)
-    return split_validation(records, d.val_size, d.val_seed)
+    return split_validation(to_answer_format(records, d.answer_format), d.val_size, d.val_seed)
 
 
 def base_source(run_dir: RunDir, recipe: Recipe) -> str:

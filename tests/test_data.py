@@ -25,6 +25,7 @@ from shears.data import (
     format_prompt,
     load_records,
     split_validation,
+    to_answer_format,
     tokenize_example,
 )
 
@@ -425,3 +426,90 @@ def test_calibration_errors(tiny_tokenizer):
     one_line_error(lambda: calibration_input_ids(tiny_tokenizer, [], 4, 16), "calibration set is empty")
     one_line_error(lambda: calibration_input_ids(tiny_tokenizer, RECORDS, 0, 16), "nsamples > 0")
     one_line_error(lambda: calibration_input_ids(tiny_tokenizer, RECORDS[:1], 2, 5000), "seqlen=5000")
+
+
+# --------------------------------------------------------------------------- answer formats
+
+ARC_RECORD = {"instruction": "Please choose the correct answer to the question: Which gas do plants take in?\n\n"
+                             "Answer1: oxygen Answer2: carbon dioxide: CO2 Answer3: helium Answer4: neon\n\n"
+                             "Answer format: answer1/answer2/answer3/answer4",
+              "input": "", "output": "the correct answer is answer2", "answer": "answer2"}
+BOOLQ_RECORD = {"instruction": "Please answer the following question with true or false, question: is ice hot?"
+                               "\n\nAnswer format: true/false",
+                "input": "", "output": "the correct answer is false", "answer": "false"}
+PIQA_RECORD = {"instruction": "Please choose the correct solution to the question: How do I dry a wet phone?\n\n"
+                              "Solution1: Put it in rice.\n\nSolution2: Put it in soup.\n\n"
+                              "Answer format: solution1/solution2",
+               "input": "", "output": "the correct answer is solution1", "answer": "solution1"}
+WINOGRANDE_RECORD = {"instruction": "Please choose the correct answer to fill in the blank to complete the given "
+                                    "sentence: Sarah was a better surgeon than Maria so _ got the easier cases.\n\n"
+                                    "Option1: Sarah\nOption2: Maria Answer format: option1/option2",
+                     "input": "", "output": "the correct answer is option2", "answer": "option2"}
+
+
+@pytest.mark.parametrize("record, question, choices, gold", [
+    # an option holding a colon stays whole: markers are found in order, not by splitting on ":"
+    (ARC_RECORD, "Which gas do plants take in?", ["oxygen", "carbon dioxide: CO2", "helium", "neon"], 1),
+    # true/false are their own texts; the informative lead-in stays
+    (BOOLQ_RECORD, "Please answer the following question with true or false, question: is ice hot?",
+     ["true", "false"], 1),
+    (PIQA_RECORD, "How do I dry a wet phone?", ["Put it in rice.", "Put it in soup."], 0),
+    (WINOGRANDE_RECORD, "Please choose the correct answer to fill in the blank to complete the given sentence: "
+                        "Sarah was a better surgeon than Maria so _ got the easier cases.", ["Sarah", "Maria"], 1),
+])
+def test_content_format_makes_the_gold_option_text_the_response(record, question, choices, gold):
+    (rewritten,) = to_answer_format([record], "content")
+    assert rewritten == {"instruction": question, "input": "", "output": choices[gold], "answer": choices[gold],
+                         "choices": choices}
+    assert to_answer_format([record], "label") == [record]  # the default leaves records untouched
+    assert to_answer_format([rewritten], "content") == [rewritten]  # idempotent
+
+
+def test_content_records_round_trip_through_a_file(tmp_path):
+    rewritten = to_answer_format([ARC_RECORD, BOOLQ_RECORD], "content")
+    path = tmp_path / "content.json"
+    write_json(path, rewritten)
+    assert load_records(path) == rewritten
+
+
+@pytest.mark.parametrize("record, why", [
+    ({**ARC_RECORD, "instruction": "Which gas do plants take in? Answer1: oxygen Answer2: neon"}, "Answer format"),
+    ({**ARC_RECORD, "instruction": ARC_RECORD["instruction"].replace("Answer3: helium ", "")}, "'answer3' of the"),
+    ({**ARC_RECORD, "answer": "answer7"}, "not among the labels"),
+    ({**ARC_RECORD, "instruction": ARC_RECORD["instruction"].replace("neon", "")}, "'answer4' has no text"),
+    ({**ARC_RECORD, "instruction": "Answer1: a Answer2: b\n\nAnswer format: answer1/answer2", "answer": "answer1"},
+     "no question"),
+])
+def test_a_record_that_cannot_be_rewritten_is_a_one_line_error(record, why):
+    one_line_error(lambda: to_answer_format([ARC_RECORD, record], "content"), "record 1", why,
+                   "data.answer_format=label")
+
+
+def test_unknown_answer_format_is_refused():
+    one_line_error(lambda: to_answer_format([ARC_RECORD], "text"), "label or content")
+
+
+def test_recipe_splits_apply_the_answer_format(tmp_path):
+    from shears.recipe import load_recipe
+    from shears.run import recipe_splits
+
+    path = tmp_path / "mc.json"
+    write_json(path, [ARC_RECORD, BOOLQ_RECORD, PIQA_RECORD, WINOGRANDE_RECORD])
+    train, val = recipe_splits(load_recipe(None, {"data.train": str(path), "data.val_size": 1,
+                                                  "data.answer_format": "content"}))
+    assert len(train) == 3 and len(val) == 1
+    assert all(r["output"] == r["answer"] and r["answer"] in r["choices"] for r in train + val)
+    one_line_error(lambda: load_recipe(None, {"data.answer_format": "text"}), "data.answer_format", "label or content")
+
+
+def test_real_multiple_choice_files_rewrite_completely(llm_adapters_dir):
+    """Every record of every LLM-Adapters commonsense file rewrites, with one text per listed label,
+    the gold text in its place, and no option text swallowing a following marker."""
+    for path in sorted((llm_adapters_dir / "commonsense").glob("*.json")):
+        records = load_records(path)
+        for record, rewritten in zip(records, to_answer_format(records, "content")):
+            labels = record["instruction"].rsplit("Answer format:", 1)[1].strip().split("/")
+            assert len(rewritten["choices"]) == len(labels), path.name
+            assert rewritten["choices"][labels.index(record["answer"])] == rewritten["output"], path.name
+            assert not any(re.search(r"(?i)\b(answer|solution|option)\d+\s*:", text) for text in rewritten["choices"])
+            assert "Answer format" not in rewritten["instruction"] and rewritten["instruction"]

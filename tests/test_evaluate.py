@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
 from conftest import ARCHITECTURES, make_tiny_model, make_tiny_tokenizer
-from shears.data import format_prompt
+from shears.data import format_prompt, to_answer_format
 from shears.elastic import SuperNet
 from shears.errors import ShearsError
 from shears.evaluate import (
@@ -337,6 +337,44 @@ def test_length_normalised_choice_divides_by_characters():
     assert pred["prediction"] != pred["prediction_norm"]  # this pair is one where the two rules disagree
 
 
+CONTENT_RECORDS = to_answer_format([ARC, ARC5, OBQA, PIQA, SIQA, WINOGRANDE, BOOLQ], "content")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_content_choice_scores_each_option_text_as_the_continuation(arch):
+    """Content format: the candidates are the option texts themselves, scored after the question's
+    prompt; acc takes the highest sum of log-probs, acc_norm the highest per character (lm-eval's
+    len(choice))."""
+    model = tiny_model(arch)
+    result = evaluate(model, TOKENIZER, CONTENT_RECORDS, "choice", batch_size=2, progress=False)
+    correct = correct_norm = 0
+    for record, pred in zip(CONTENT_RECORDS, result["predictions"]):
+        texts = record["choices"]
+        sums = [reference_logprob(model, record, text) for text in texts]
+        per_char = [total / len(text) for total, text in zip(sums, texts)]
+        assert pred["choices"] == texts
+        torch.testing.assert_close(torch.tensor(pred["logprobs"]), torch.tensor(sums), rtol=1e-5, atol=1e-4)
+        assert pred["prediction"] == texts[sums.index(max(sums))]
+        assert pred["prediction_norm"] == texts[per_char.index(max(per_char))]
+        assert pred["answer"] == record["output"]
+        correct += pred["prediction"] == record["answer"]
+        correct_norm += pred["prediction_norm"] == record["answer"]
+    assert result["accuracy"] == correct / len(CONTENT_RECORDS)
+    assert result["accuracy_norm"] == correct_norm / len(CONTENT_RECORDS)
+
+
+def test_content_loss_covers_the_answer_span_only():
+    """In the content format the response is the option text, so the loss task scores exactly its
+    tokens (and EOS): none of the prompt's fixed words, none of "the correct answer is"."""
+    model = tiny_model()
+    result = evaluate(model, TOKENIZER, CONTENT_RECORDS, "loss", progress=False)
+    for record, pred in zip(CONTENT_RECORDS, result["predictions"]):
+        assert pred["tokens"] == len(TOKENIZER(record["choices"][record["choices"].index(record["answer"])],
+                                               add_special_tokens=False)["input_ids"]) + 1
+    reference = reference_losses(model, CONTENT_RECORDS, 1024)
+    assert result["loss"] == pytest.approx(sum(n for n, _ in reference) / sum(t for _, t in reference), rel=1e-5)
+
+
 def test_choice_refuses_a_gold_label_outside_the_candidates():
     with pytest.raises(ShearsError, match="not among the candidates"):
         evaluate(tiny_model(), TOKENIZER, [{**ARC, "answer": "answer9"}], "choice", progress=False)
@@ -535,6 +573,15 @@ def test_cli_writes_per_example_predictions(tiny_model_dir, tmp_path, capsys):
     assert written["accuracy"] == expected["accuracy"]
     assert [p.name for p in out.parent.iterdir()] == ["result.json"]  # no temporary file left behind
 
+    content = tmp_path / "out" / "content.json"  # --answer-format content scores the option texts
+    main(["--model", str(tiny_model_dir), "--data", str(data), "--task", "choice", "--limit", "3",
+          "--answer-format", "content", "--output", str(content)])
+    expected = evaluate(load_model(tiny_model_dir), make_tiny_tokenizer(), to_answer_format(CHOICE_RECORDS[:3], "content"),
+                        "choice", progress=False)
+    written = json.loads(content.read_text())
+    assert [p["choices"] for p in written["predictions"]] == [p["choices"] for p in expected["predictions"]]
+    assert written["accuracy_norm"] == expected["accuracy_norm"]
+
     with pytest.raises(SystemExit) as exit_info:  # never overwrites silently
         main(["--model", str(tiny_model_dir), "--data", str(data), "--task", "choice", "--output", str(out)])
     assert exit_info.value.code == 2
@@ -545,9 +592,12 @@ def test_cli_writes_per_example_predictions(tiny_model_dir, tmp_path, capsys):
     (["--data", "{tmp}/missing.json", "--task", "choice"], "error: data file not found"),
     (["--data", "{tmp}/test.json", "--task", "accuracy"], "error: unknown task 'accuracy'"),
     (["--data", "{tmp}/test.json", "--task", "choice", "--limit", "0"], "error: --limit must be at least 1"),
+    (["--data", "{tmp}/test.json", "--answer-format", "text"], "error: unknown --answer-format 'text'"),
+    (["--data", "{tmp}/math.json", "--answer-format", "content"], "error: record 0 ("),
 ])
 def test_cli_bad_input_is_one_line_error(tiny_model_dir, tmp_path, capsys, argv, message):
     write_records(tmp_path / "test.json", CHOICE_RECORDS)
+    write_records(tmp_path / "math.json", MATH_RECORDS)
     argv = ["--model", str(tiny_model_dir)] + [a.format(tmp=tmp_path) for a in argv]
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
