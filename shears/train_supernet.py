@@ -300,6 +300,8 @@ def training_arguments(recipe: Recipe, stage: Stage) -> TrainingArguments:
         # and needs no input-requires-grad trick for a frozen base.
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         bf16=t.bf16,
+        # Trainer refuses bf16 without a GPU unless told the CPU is meant (its autocast then runs there)
+        use_cpu=t.bf16 and not torch.cuda.is_available(),
         seed=t.seed,
         data_seed=t.seed,
         report_to=[],

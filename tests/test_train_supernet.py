@@ -365,3 +365,16 @@ def test_an_epoch_based_run_sees_every_training_record_once_per_epoch(tiny_model
     assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
     # a later stage starting at step 2 reads the same stream from sample 8 on
     assert order.epoch_indices(0, start_step=2) == stream[8:20]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU case: Trainer then needs use_cpu to accept bf16")
+def test_bf16_training_arguments_are_accepted_on_a_cpu(tmp_path):
+    """training.bf16=true on a machine without a GPU: HF Trainer autocasts on the CPU instead of refusing."""
+    from shears.rundir import RunDir
+    from shears.search_space import load_search_space
+    from shears.train_supernet import plan_stages, training_arguments
+
+    recipe = load_recipe(None, {"training.bf16": True, "training.max_steps": 1})
+    (stage,) = plan_stages(recipe, load_search_space("llama"), RunDir(tmp_path), steps_per_epoch=1)
+    args = training_arguments(recipe, stage)
+    assert args.bf16 and args.use_cpu
