@@ -94,13 +94,18 @@ class EvaluationConfig:
 
 @dataclass
 class SearchConfig:
-    backend: str = "optuna"  # optuna | pymoo
+    backend: str = "optuna"  # optuna | pymoo | surrogate (ridge predictor + NSGA-II on it)
     sampler: str = "tpe"  # tpe | nsga2 | gp | random
-    budget: int = 20
+    budget: int = 20  # full-set-equivalent evaluations (distinct subnets when rungs is empty)
     objectives: list[str] = field(default_factory=lambda: ["accuracy", "adapter_params"])
     eval_limit: Optional[int] = None
     storage: Optional[str] = None
     seed: int = 0
+    # Multi-fidelity: validation records each candidate is first scored on, ascending, e.g. [16, 64];
+    # only the best `keep` share of each rung is scored further. Empty: every candidate on the full set.
+    rungs: list[int] = field(default_factory=list)
+    keep: float = 0.34
+    warm_start: list[str] = field(default_factory=list)  # earlier history.jsonl files (or search folders)
 
 
 @dataclass
@@ -138,8 +143,8 @@ class Recipe:
             raise ShearsError(f"data.answer_format={self.data.answer_format!r}: use label or content")
         if self.evaluation.task not in ("math", "choice", "loss"):
             raise ShearsError(f"evaluation.task={self.evaluation.task!r}: use math, choice or loss")
-        if self.search.backend not in ("optuna", "pymoo"):
-            raise ShearsError(f"search.backend={self.search.backend!r}: use optuna or pymoo")
+        if self.search.backend not in ("optuna", "pymoo", "surrogate"):
+            raise ShearsError(f"search.backend={self.search.backend!r}: use optuna, pymoo or surrogate")
         return self
 
 

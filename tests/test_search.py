@@ -393,3 +393,225 @@ def test_nonzero_params_of_a_masked_adapter_is_the_merged_models_and_is_refused_
         assert nonzeros(config) == sum(int(p.count_nonzero()) for p in merged.parameters())
     one_line_error(lambda: parse_objectives("loss,nonzero_params", lambda n, c: nonzeros(c), bound.minimal(),
                                             bound.maximal()), "nonzero_params", "every subnet", "adapter_params")
+
+
+# ----------------------------------------------------------------------------- multi-fidelity screening
+
+
+def fidelity_problem(names="accuracy,adapter_params", n_full=64, noise=0.0):
+    """toy_values on the full set; on the first n examples the same quality plus a shift every
+    config shares (a slice is easier) and optional config-dependent noise that shrinks with n."""
+    calls: list[tuple[str, int | None]] = []
+
+    def objective(config, n_examples=None):
+        calls.append((canonical(config), n_examples))
+        values = dict(toy_values(config))
+        if n_examples is not None:
+            wobble = noise * (((config["qkv.0"] * 5 + config["up.0"] * 3 + config["qkv.1"]) % 7) / 7 - 0.5)
+            shift = 0.05 + wobble * (1 - n_examples / n_full)
+            values["accuracy"] += shift
+            values["loss"] -= shift
+        return values
+
+    base = toy_problem(names=names)
+    problem = SearchProblem(base.keys, base.choices, base.objectives, objective, base.anchors, examples=n_full)
+    return problem, calls
+
+
+def replay_promotions(records, objectives, rung: int, keep: float):
+    """Independently of fidelity.py: for each record at `rung`, in file order, how many earlier-or-same
+    records of the rung strictly out-rank it (fewer dominance levels, counted by brute force)."""
+    def vec(r):
+        return [(1 - r["objectives"][o.name]) if o.name == "accuracy" else r["objectives"][o.name]
+                for o in objectives]
+
+    def levels(pool):
+        left, level, out = list(range(len(pool))), 0, {}
+        while left:
+            top = [i for i in left if not any(all(a <= b for a, b in zip(vec(pool[j]), vec(pool[i])))
+                                                and vec(pool[j]) != vec(pool[i]) for j in left)]
+            for i in top:
+                out[i] = level
+            left = [i for i in left if i not in top]
+            level += 1
+        return out
+
+    verdicts = {}
+    pool = []
+    for record in records:
+        if record.get("n_examples") != rung:
+            continue
+        pool.append(record)
+        ranks = levels(pool)
+        better = sum(1 for i in ranks if ranks[i] < ranks[len(pool) - 1])
+        verdicts[canonical(record["config"])] = better < -(-keep * len(pool) // 1)
+    return verdicts
+
+
+# (TPE is left out here: on a 108-config space it keeps re-proposing configs stopped at a rung)
+@pytest.mark.parametrize("name", ["pymoo", "nsga2", "random"])
+@pytest.mark.parametrize("names", ["accuracy,adapter_params", "loss,adapter_params"])
+def test_multi_fidelity_promotes_exactly_the_rungs_best_and_spends_full_set_equivalents(tmp_path, name, names):
+    from shears.search import Rungs
+
+    problem, calls = fidelity_problem(names, noise=0.3)
+    rungs = Rungs((8, 24), keep=0.34)
+    result = search(problem, tmp_path / "s", 12, backends(tmp_path)[name], progress=False, rungs=rungs)
+    records = read_history(tmp_path / "s" / "history.jsonl")
+    # every score says how many examples are behind it, and costs n/N of a full evaluation
+    assert all(r["n_examples"] in (8, 24, 64) for r in records)
+    spent = sum(r["n_examples"] / 64 for r in records)
+    assert result.history.spent == pytest.approx(spent)
+    assert 12 <= spent < 12 + 1 + (8 + 24) / 64  # stops at the budget, overrunning by at most one candidate
+    assert len(calls) == len(records) == len(set(calls))  # nothing scored twice on the same slice
+    # a config reaches a rung (or the full set) only when it was among the best at the rung below
+    # (the anchors climb every rung)
+    anchors = {canonical(a) for a in problem.anchors.values()}
+    for below, above in ((8, 24), (24, 64)):
+        verdicts = replay_promotions(records, problem.objectives, below, rungs.keep)
+        reached = {canonical(r["config"]) for r in records if r["n_examples"] == above}
+        for key, promoted in verdicts.items():
+            if key not in anchors:
+                assert (key in reached) == promoted, (below, key)
+    # the front is built from full-set scores only
+    full = [r for r in records if r["n_examples"] == 64]
+    assert sorted(canonical(r["config"]) for r in result.front) == brute_force_front(full, problem.objectives)
+    assert len(result.history) == len(full) <= len({canonical(r["config"]) for r in records})
+    front_json = json.loads((tmp_path / "s" / "front.json").read_text())
+    assert front_json["evaluations"] == len(full)
+
+
+def test_screening_with_a_faithful_slice_keeps_the_true_front_cheaper(tmp_path):
+    """When a slice ranks configs exactly as the full set does (a shared shift only), every config
+    of the full front survives screening: the front of a multi-fidelity search over the whole space
+    is the exhaustive front, found for less than one full evaluation per config."""
+    from shears.search import Rungs
+
+    problem, _ = fidelity_problem(noise=0.0)
+    exhaustive = [{"config": dict(zip(SPACE.keys, c)), "objectives": toy_values(dict(zip(SPACE.keys, c)))}
+                  for c in itertools.product(*(SPACE.choices[k] for k in SPACE.keys))]
+    truth = brute_force_front(exhaustive, problem.objectives)
+    result = search(problem, tmp_path / "s", 1000, PymooBackend(seed=0), progress=False, plot=False,
+                    rungs=Rungs((8,), keep=0.5))
+    assert sorted(canonical(r["config"]) for r in result.front) == truth
+    assert result.history.spent < SPACE_SIZE * 0.8
+
+
+def test_rungs_are_checked_against_the_evaluation_set():
+    from shears.search import Rungs
+
+    assert Rungs.from_recipe([], 0.3, 64) is None
+    one_line_error(lambda: Rungs.from_recipe([32, 16], 0.3, 64), "increasing", "64")
+    one_line_error(lambda: Rungs.from_recipe([16, 64], 0.3, 64), "increasing")
+    one_line_error(lambda: Rungs.from_recipe([16], 1.5, 64), "keep")
+    one_line_error(lambda: Rungs.from_recipe([16], 0.3, None), "rungs")
+
+
+# ----------------------------------------------------------------------------- the predictor
+
+
+def test_ridge_matches_the_augmented_least_squares_closed_form_and_loo_matches_refits():
+    from shears.search.surrogate import Ridge, loo_error
+
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(0, 1, (25, 9)), rng.normal(size=25)
+    for alpha in (1e-3, 0.5, 30.0):
+        model = Ridge.fit(x, y, alpha)
+        # independent: min |y - b - Xw|^2 + alpha |w|^2 as one least-squares system with an unpenalised
+        # intercept column and sqrt(alpha) * I rows for w
+        design = np.vstack([np.hstack([np.ones((25, 1)), x]), np.hstack([np.zeros((9, 1)), np.sqrt(alpha) * np.eye(9)])])
+        solution = np.linalg.lstsq(design, np.concatenate([y, np.zeros(9)]), rcond=None)[0]
+        assert model.predict(x) == pytest.approx(solution[0] + x @ solution[1:], abs=1e-9)
+        refits = [Ridge.fit(np.delete(x, i, 0), np.delete(y, i), alpha).predict(x[i:i + 1])[0] for i in range(25)]
+        assert loo_error(x, y, alpha) == pytest.approx(np.mean((y - np.array(refits)) ** 2), rel=1e-9)
+
+
+def test_kendall_tau_matches_pair_counting_and_scipy():
+    from scipy.stats import kendalltau
+
+    from shears.search.surrogate import kendall_tau
+
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        a = rng.integers(0, 5, 12).astype(float)  # ties
+        b = a + rng.normal(0, 2, 12)
+        assert kendall_tau(a, b) == pytest.approx(kendalltau(a, b).statistic, abs=1e-12)
+    a, b = [1, 2, 3, 4], [1, 3, 2, 4]  # 5 concordant, 1 discordant pair
+    assert kendall_tau(a, b) == pytest.approx((5 - 1) / 6)
+    assert kendall_tau([1, 2], [2, 1]) is None
+
+
+def linear_problem():
+    """Quality exactly linear in the ranks (a ridge predictor can learn it), size another linear map:
+    the exhaustive front is known."""
+    weights = {"qkv.0": 3.0, "up.0": 0.2, "qkv.1": 2.0, "up.1": 0.1}
+
+    def values(config):
+        return {"loss": 3.0 - sum(weights[k] * config[k] for k in config) / 100,
+                "adapter_params": 10.0 * sum(config.values())}
+
+    objectives = parse_objectives("loss,adapter_params", lambda n, c: values(c)[n], SPACE_MIN, SPACE_MAX)
+    problem = SearchProblem.from_space(SPACE, objectives, CountingObjective(), sizes=lambda c: {
+        "adapter_params": values(c)["adapter_params"]})
+    problem.objective_fn = lambda config: values(config)
+    return problem, values
+
+
+def test_surrogate_learns_a_linear_quality_and_finds_the_exhaustive_front(tmp_path):
+    from shears.search import SurrogateBackend
+
+    problem, values = linear_problem()
+    exhaustive = [{"config": dict(zip(SPACE.keys, c)), "objectives": values(dict(zip(SPACE.keys, c)))}
+                  for c in itertools.product(*(SPACE.choices[k] for k in SPACE.keys))]
+    truth = brute_force_front(exhaustive, problem.objectives)
+    backend = SurrogateBackend(seed=0, initial=8, population_size=16, generations=8)
+    result = search(problem, tmp_path / "s", 30, backend, progress=False, plot=False)
+    history = read_history(tmp_path / "s" / "history.jsonl")
+    assert len(history) == 30 == len({canonical(r["config"]) for r in history})
+    assert [canonical(r["config"]) for r in history[:3]] == [canonical(problem.anchors[a]) for a in ANCHORS]
+    proposed = [r for r in history if "predicted" in r]
+    assert len(proposed) == len(backend.predictions) == 22
+    assert backend.kendall_tau() > 0.9  # held-out: each prediction was made before its point was fitted
+    found = {canonical(r["config"]) for r in result.front}
+    assert len(found & set(truth)) >= 0.8 * len(truth)
+
+
+def test_surrogate_with_rungs_and_the_cli_parts_fit_together(tmp_path):
+    from shears.search import Rungs, SurrogateBackend
+
+    problem, calls = fidelity_problem("loss,adapter_params", noise=0.2)
+    problem.sizes = lambda c: {"adapter_params": toy_values(c)["adapter_params"]}
+    backend = SurrogateBackend(seed=1, initial=6, population_size=16, generations=5)
+    result = search(problem, tmp_path / "s", 10, backend, progress=False, plot=False, rungs=Rungs((16,), 0.5))
+    assert 10 <= result.history.spent < 11.25
+    assert len(calls) == len(set(calls))
+
+
+# ----------------------------------------------------------------------------- warm start
+
+
+def test_warm_start_imports_only_scores_of_the_same_scorer_and_backends_start_from_them(tmp_path):
+    import dataclasses
+
+    first = CountingObjective()
+    problem = dataclasses.replace(toy_problem(first), scorer="aaaa")
+    search(problem, tmp_path / "earlier", 12, backends(tmp_path)["random"], progress=False, plot=False)
+    other = dataclasses.replace(toy_problem(CountingObjective()), scorer="bbbb")
+    search(other, tmp_path / "other", 5, PymooBackend(seed=3), progress=False, plot=False)
+
+    for name in ("pymoo", "tpe"):
+        again = CountingObjective()
+        warm = dataclasses.replace(toy_problem(again), scorer="aaaa")
+        out = tmp_path / f"warm-{name}"
+        result = search(warm, out, 16, backends(tmp_path / name)[name], progress=False, plot=False,
+                        warm_start=[tmp_path / "earlier", tmp_path / "other" / "history.jsonl"])
+        history = read_history(out / "history.jsonl")
+        imported = [r for r in history if r.get("source")]
+        assert len(imported) == 12 and all(r["source"].endswith("earlier/history.jsonl") for r in imported)
+        assert len(again.calls) == 4 and not set(again.calls) & set(first.calls)  # the budget counts them
+        assert len(result.history) == 16
+    # a history holding another scorer's scores is refused, in one line
+    one_line_error(lambda: search(other, tmp_path / "earlier", 14, PymooBackend(), progress=False, plot=False),
+                   "another super-network", "warm start")
+    one_line_error(lambda: search(problem, tmp_path / "x", 3, PymooBackend(), progress=False,
+                                  warm_start=[tmp_path / "nowhere"]), "nowhere")

@@ -23,15 +23,18 @@ from tqdm.auto import tqdm
 
 from ..errors import ShearsError
 from ..rundir import SearchFiles
+from .fidelity import Rungs
 from .history import History, hypervolume, hypervolume_2d, write_front
 from .objectives import Objective, parse_objectives
 from .optuna_backend import SAMPLERS, OptunaBackend
 from .plot import plot_front
 from .problem import ANCHORS, Backend, Evaluator, SearchProblem
 from .pymoo_backend import PymooBackend
+from .surrogate import SurrogateBackend
+from .warm import check_scorer, import_history
 
 __all__ = ["search", "SearchResult", "SearchProblem", "Objective", "parse_objectives", "History", "Evaluator",
-           "OptunaBackend", "PymooBackend", "Backend", "hypervolume", "hypervolume_2d", "SAMPLERS", "ANCHORS",
+           "OptunaBackend", "PymooBackend", "SurrogateBackend", "Rungs", "Backend", "hypervolume", "hypervolume_2d", "SAMPLERS", "ANCHORS",
            "main"]
 
 
@@ -45,15 +48,21 @@ class SearchResult:
 
 
 def search(problem: SearchProblem, out_dir: str | Path, budget: int, backend: Backend,
-           progress: bool = True, plot: bool = True) -> SearchResult:
-    """Spend up to `budget` distinct evaluations in total (those in out_dir/history.jsonl included)."""
+           progress: bool = True, plot: bool = True, rungs: Rungs | None = None,
+           warm_start: list[str | Path] = ()) -> SearchResult:
+    """Spend up to `budget` full-set-equivalent evaluations in total (those in out_dir/history.jsonl
+    included; without `rungs`, distinct configs). `rungs` screens candidates on slices first
+    (fidelity.py); `warm_start` imports the matching scores of earlier searches' histories (warm.py)."""
     if not isinstance(budget, int) or budget < 1:
         raise ShearsError(f"budget must be a positive number of evaluations, got {budget!r}")
     files = SearchFiles(Path(out_dir))
     history = History(files.history, problem.objectives)
-    with tqdm(total=budget, initial=min(len(history), budget), desc=f"search {backend.name}", unit="eval",
-              disable=not progress, dynamic_ncols=True) as bar:
-        evaluator = Evaluator(problem, history, backend.name, bar)
+    check_scorer(history, problem)
+    for source in warm_start:
+        import_history(history, problem, source)
+    with tqdm(total=budget, initial=min(round(history.spent, 2), budget), desc=f"search {backend.name}",
+              unit="eval", disable=not progress, dynamic_ncols=True) as bar:
+        evaluator = Evaluator(problem, history, backend.name, bar, rungs=rungs)
         evaluator.show()
         backend.run(problem, evaluator, budget)
     history.refresh()

@@ -7,20 +7,30 @@ the same --storage share one study and one budget (give each its own --seed).
 from __future__ import annotations
 
 import argparse
+import json
 
 from ..errors import ShearsError, cli_errors
 from ..rundir import RunDir
 from .objectives import QUALITY, SIZES, check_objective_names, parse_objectives, size_function, supernet_objective
 from .optuna_backend import SAMPLERS, OptunaBackend
 from .problem import SearchProblem
+from .fidelity import Rungs
 from .pymoo_backend import PymooBackend
+from .surrogate import SurrogateBackend
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m shears.search", description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="run directory (recipe.yaml + supernet/)")
-    p.add_argument("--budget", type=int, help="total distinct subnet evaluations; a larger re-run continues")
-    p.add_argument("--backend", choices=("optuna", "pymoo"))
+    p.add_argument("--budget", type=int, help="total full-set-equivalent evaluations (distinct subnets without "
+                                              "--rungs); a larger re-run continues")
+    p.add_argument("--backend", choices=("optuna", "pymoo", "surrogate"),
+                   help="surrogate: a ridge predictor of quality proposes, NSGA-II on it refines")
+    p.add_argument("--rungs", help="multi-fidelity: comma list of record counts each candidate is first scored "
+                                   "on, e.g. 16,64 (default: the recipe's search.rungs)")
+    p.add_argument("--keep", type=float, help="share of each rung scored further (default: search.keep)")
+    p.add_argument("--warm-start", action="append", metavar="HISTORY",
+                   help="an earlier history.jsonl or search folder whose matching scores seed this search")
     p.add_argument("--sampler", choices=SAMPLERS, help="optuna sampler (pymoo runs NSGA-II)")
     p.add_argument("--objectives", help=f"comma list: one of {'/'.join(QUALITY)} and one of {'/'.join(SIZES)}")
     p.add_argument("--eval-limit", type=int, help="validation records scored per subnet (default: all)")
@@ -41,10 +51,29 @@ def problem_from_run(run, objective_names, eval_limit: int | None, batch_size: i
     sizes = {name: size_function(supernet, name) for name in names if name in SIZES}
     objectives = parse_objectives(names, lambda name, config: sizes[name](config), space.minimal(), space.maximal())
     evaluation = run.recipe.evaluation
-    fn = supernet_objective(supernet, run.tokenizer, run.validation_records, evaluation.task, objectives, sizes,
-                            limit=eval_limit, batch_size=batch_size or evaluation.batch_size,
+    records = run.validation_records[:eval_limit] if eval_limit is not None else run.validation_records
+    fn = supernet_objective(supernet, run.tokenizer, records, evaluation.task, objectives, sizes,
+                            batch_size=batch_size or evaluation.batch_size,
                             max_new_tokens=evaluation.max_new_tokens, cutoff_len=run.recipe.data.cutoff_len)
-    return SearchProblem.from_space(space, objectives, fn)
+    scorer = scorer_fingerprint(supernet, records, evaluation.task, evaluation.max_new_tokens,
+                                run.recipe.data.cutoff_len)
+    return SearchProblem.from_space(space, objectives, fn, examples=len(records), scorer=scorer,
+                                    sizes=lambda config: {name: f(config) for name, f in sizes.items()})
+
+
+def scorer_fingerprint(supernet, records: list[dict], *settings) -> str:
+    """What a score means, as 12 hex digits: the super-network's adapter weights, the evaluation
+    records and the evaluation settings (task, ...). Equal fingerprints score a config the same."""
+    import hashlib
+
+    import torch
+    from peft import get_peft_model_state_dict
+
+    digest = hashlib.sha1(json.dumps([records, list(settings)], sort_keys=True, default=str).encode())
+    for key, tensor in sorted(get_peft_model_state_dict(supernet.model).items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().to(torch.float32).cpu().numpy().tobytes())
+    return digest.hexdigest()[:12]
 
 
 def format_front(result, objectives) -> str:
@@ -71,7 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     backend_name = args.backend or cfg.backend
     budget = args.budget if args.budget is not None else cfg.budget
     seed = args.seed if args.seed is not None else cfg.seed
-    if backend_name == "pymoo":
+    if backend_name == "surrogate":
+        backend = SurrogateBackend(seed=seed)
+    elif backend_name == "pymoo":
         if args.sampler not in (None, "nsga2"):
             raise ShearsError(f"--backend pymoo runs NSGA-II only: drop --sampler {args.sampler} or use --backend optuna")
         backend = PymooBackend(seed=seed, population_size=args.population_size)
@@ -86,7 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     run = load_run(run_dir)
     eval_limit = args.eval_limit if args.eval_limit is not None else cfg.eval_limit
     problem = problem_from_run(run, names, eval_limit, args.batch_size)
-    result = search(problem, run_dir.search.folder, budget, backend, progress=not args.no_progress)
+    rungs = Rungs.from_recipe([int(n) for n in args.rungs.split(",") if n.strip()] if args.rungs else cfg.rungs,
+                              args.keep if args.keep is not None else cfg.keep, problem.examples)
+    result = search(problem, run_dir.search.folder, budget, backend, progress=not args.no_progress, rungs=rungs,
+                    warm_start=args.warm_start or cfg.warm_start)
     print(f"\nPareto front: {len(result.front)} of {len(result.history)} evaluated subnets "
           f"({result.evaluated} new), hypervolume {result.hypervolume:.4f}")
     print(format_front(result, problem.objectives))
@@ -95,3 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {path}")
     if backend_name == "optuna":
         print(f"  study {backend.study_name!r} in {backend.storage}")
+    if backend_name == "surrogate":
+        tau = backend.kendall_tau()
+        print(f"\npredictor: Kendall tau {'n/a' if tau is None else f'{tau:.3f}'} between its predictions and the "
+              f"{len(backend.predictions)} evaluations it proposed (held out when predicted)")

@@ -61,6 +61,11 @@ def hypervolume(points, reference: float = REFERENCE) -> float:
     return float(HV(ref_point=np.full(points.shape[1], reference))(points))
 
 
+def fidelity(record: dict) -> float:
+    """The share of the full evaluation set behind a record's quality score (1.0: the full set)."""
+    return float(record.get("fidelity", 1.0))
+
+
 def _parse_lines(data: bytes) -> list[dict]:
     """The records of complete history lines; a line torn by a kill mid-write is skipped (it was
     never counted, and its config is evaluated again)."""
@@ -97,25 +102,35 @@ def recorded_objectives(folder: str | os.PathLike) -> dict[str, dict]:
     records = read_history(SearchFiles(Path(folder)).history) + ((read_front(folder) or {}).get("front") or [])
     found: dict[str, dict] = {}
     for record in records:
-        found.setdefault(canonical(record["config"]), record["objectives"])
+        if fidelity(record) >= 1.0:  # a screening score on a slice is not the subnet's score
+            found.setdefault(canonical(record["config"]), record["objectives"])
     return found
 
 
 class History:
-    """The evaluations in `path` (a JSON-lines file), as a cache keyed by canonical config."""
+    """The evaluations in `path` (a JSON-lines file), as a cache keyed by canonical config.
+
+    A record scored on a slice of the evaluation set (multi-fidelity screening) has `n_examples` and a
+    `fidelity` below 1; it is kept apart, keyed by (config, n_examples): `get(config)`, `len()`, the
+    front and its hypervolume see only full-fidelity records, and `spent` counts every record by its
+    fidelity, in full-set-equivalent evaluations."""
 
     def __init__(self, path: str | os.PathLike, objectives: tuple[Objective, ...]):
         self.path = Path(path)
         self.objectives = tuple(objectives)
-        self.records: list[dict] = []
-        self._by_config: dict[str, dict] = {}
+        self.records: list[dict] = []  # every record, full and partial, in file order
+        self._by_config: dict[str, dict] = {}  # full-fidelity records
+        self._partial: dict[tuple[str, int], dict] = {}  # (config, n_examples) -> a screening record
         self._front: list[dict] = []
+        self.spent = 0.0  # full-set-equivalent evaluations behind every record
+        self.partial_spent = 0.0  # ... behind the screening records alone
         self._offset = 0  # bytes of the file already read
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.refresh()
 
     def __len__(self) -> int:
-        return len(self.records)
+        """Distinct configs scored on the full evaluation set."""
+        return len(self._by_config)
 
     def __contains__(self, config) -> bool:
         return self.get(config) is not None
@@ -123,8 +138,21 @@ class History:
     def configs(self) -> set[str]:
         return set(self._by_config)
 
-    def get(self, config: dict | str) -> dict | None:
-        return self._by_config.get(config if isinstance(config, str) else canonical(config))
+    def full_records(self) -> list[dict]:
+        return [r for r in self.records if fidelity(r) >= 1.0]
+
+    def get(self, config: dict | str, n_examples: int | None = None) -> dict | None:
+        """The full-fidelity record of `config`, or with `n_examples` its record on that slice."""
+        key = config if isinstance(config, str) else canonical(config)
+        return self._by_config.get(key) if n_examples is None else self._partial.get((key, int(n_examples)))
+
+    def screened(self) -> set[str]:
+        """Configs scored on a slice (some stopped there)."""
+        return {key for key, _ in self._partial}
+
+    def at(self, n_examples: int) -> list[dict]:
+        """Every record scored on the first `n_examples` of the evaluation set."""
+        return [r for (_, n), r in self._partial.items() if n == n_examples]
 
     # ---- objectives as vectors
 
@@ -146,13 +174,20 @@ class History:
 
     def _add(self, record: dict) -> None:
         key = canonical(record["config"])
-        if key in self._by_config:  # first evaluation wins; a second never happens through Evaluator
+        partial = fidelity(record) < 1.0
+        slot = (key, int(record["n_examples"])) if partial else key
+        if slot in (self._partial if partial else self._by_config):  # first evaluation wins
             return
         missing = [o.name for o in self.objectives if o.name not in record.get("objectives", {})]
         if missing:
             raise ShearsError(f"{self.path} holds evaluations without {missing}: search with the objectives "
                               "it was made with, or move it aside to start a new search")
         self.records.append(record)
+        self.spent += fidelity(record)
+        if partial:
+            self._partial[slot] = record
+            self.partial_spent += fidelity(record)
+            return
         self._by_config[key] = record
         point = self.minimised(record)
         if any(dominates(self.minimised(r), point) for r in self._front):
@@ -174,14 +209,16 @@ class History:
                 self._read_new(f)
 
     def append(self, config: dict, values: dict, seconds: float, backend: str, trial: int | None = None,
-               label: str | None = None) -> dict:
-        """Record a fresh evaluation: read what others appended, add it, write one line, fsync."""
+               label: str | None = None, **extra) -> dict:
+        """Record a fresh evaluation: read what others appended, add it, write one line, fsync.
+        `extra` fields (n_examples, fidelity, scorer, predicted, source) go into the record as given."""
         with open(self.path, "a+b") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 self._read_new(f)
                 record = {"n": len(self.records), "config": dict(config), "objectives": dict(values),
                           "seconds": round(seconds, 4), "backend": backend, "trial": trial, "label": label,
+                          **{k: v for k, v in extra.items() if v is not None},
                           "worker": WORKER, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
                 self._add(record)
                 record["front_size"] = len(self._front)

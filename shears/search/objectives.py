@@ -133,19 +133,20 @@ def supernet_objective(supernet, tokenizer, records: list[dict], task: str, obje
     `options` go to shears.evaluate.evaluate (max_new_tokens, cutoff_len, ...)."""
     from ..evaluate import evaluate
 
-    def run(task_name: str) -> dict:
-        return evaluate(supernet, tokenizer, records, task_name, limit=limit, batch_size=batch_size,
+    def run(task_name: str, n_examples: int | None) -> dict:
+        return evaluate(supernet, tokenizer, records, task_name, limit=n_examples or limit, batch_size=batch_size,
                         progress=False, **options)
 
     quality = [o.name for o in objectives if not o.is_size]
 
-    def measure(config: Config) -> dict[str, float]:
+    def measure(config: Config, n_examples: int | None = None) -> dict[str, float]:
+        """Every objective of `config`, quality scored on the first `n_examples` records (or `limit`)."""
         supernet.activate(config)
         values: dict[str, Any] = {}
         if "accuracy" in quality:
-            values.update(run(task))
+            values.update(run(task, n_examples))
         if "loss" in quality and values.get("loss") is None:
-            values.update(run("loss"))
+            values.update(run("loss", n_examples))
         for name in quality:
             if values.get(name) is None:
                 raise ShearsError(f"evaluation task {task!r} gives no {name}: use --objectives loss,... or a "

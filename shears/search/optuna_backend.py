@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+from optuna.distributions import CategoricalDistribution
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
@@ -111,8 +112,9 @@ class OptunaBackend:
     def name(self) -> str:
         return f"optuna:{self.sampler}"
 
-    def open_study(self, problem: SearchProblem):
-        """(study, storage): the study of this search, created with the anchors enqueued if new."""
+    def open_study(self, problem: SearchProblem, history=None):
+        """(study, storage): the study of this search. A new one is told the full-fidelity records
+        already in `history` (a resumed or warm-started search) and has the anchors enqueued."""
         names = [o.name for o in problem.objectives]
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # our bar and history report the trials
         storage = open_storage(self.storage)
@@ -130,12 +132,18 @@ class OptunaBackend:
                               f"{made_with['objectives']} and another space: pass the same --objectives, or another "
                               "--storage/--study-name")
         if not study.get_trials(deepcopy=False):
+            distributions = {key: CategoricalDistribution(problem.choices[key]) for key in problem.keys}
+            for record in history.full_records() if history is not None else []:
+                study.add_trial(optuna.trial.create_trial(
+                    params=record["config"], distributions=distributions,
+                    values=[record["objectives"][name] for name in names],
+                    user_attrs={"config": canonical(record["config"]), "outcome": "from_history"}))
             for label in ANCHORS:
                 study.enqueue_trial(problem.anchors[label], skip_if_exists=True)
         return study, storage
 
     def run(self, problem: SearchProblem, evaluator: Evaluator, budget: int) -> None:
-        study, storage = self.open_study(problem)
+        study, storage = self.open_study(problem, evaluator.history)
         study_id = storage.get_study_id_from_name(self.study_name)
         history = evaluator.history
         idle = 0
@@ -145,8 +153,8 @@ class OptunaBackend:
             done = {t.user_attrs.get("config") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
             return (done - {None}) | history.configs()
 
-        def finished() -> bool:
-            return len(evaluated()) >= min(budget, problem.size)
+        def finished() -> bool:  # screening on slices (multi-fidelity) spends budget too
+            return len(evaluated()) >= problem.size or len(evaluated()) + history.partial_spent >= budget
 
         def housekeeping() -> None:
             """Fail this host's trials whose process died; re-enqueue failed trials not yet retried."""
@@ -176,7 +184,7 @@ class OptunaBackend:
                     return False
                 running = {t.user_attrs.get("config") for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                            if t.number != me}
-                if len(evaluated() | (running - {None})) < budget:
+                if len(evaluated() | (running - {None})) + history.partial_spent < budget:
                     return True
                 time.sleep(self.poll_s)
                 housekeeping()
@@ -201,18 +209,25 @@ class OptunaBackend:
                 raise optuna.TrialPruned()
             history.refresh()
             claimed = {t.user_attrs.get("config") for t in trials} - {None}
-            if key not in history.configs() and len(claimed | history.configs()) > budget:
+            # with screening a candidate costs less than one evaluation: start it while budget is left
+            if key not in history.configs() and len((claimed - {key}) | history.configs()) + history.partial_spent >= budget:
                 trial.set_user_attr("outcome", "over_budget")
                 time.sleep(random.uniform(0.0, self.poll_s))  # desynchronise workers that collided
                 raise optuna.TrialPruned()
             fresh = key not in history.configs()
+            if not evaluator.screen(config, trial=trial.number):  # stopped at a rung of multi-fidelity
+                trial.set_user_attr("outcome", "stopped_at_rung")
+                raise optuna.TrialPruned()
             record = evaluator.evaluate(config, trial=trial.number)
             trial.set_user_attr("outcome", "evaluated" if fresh else "recorded")
             return [record["objectives"][o.name] for o in problem.objectives]
 
+        fresh_before = evaluator.fresh
+
         def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            nonlocal idle
-            idle = 0 if trial.user_attrs.get("outcome") == "evaluated" else idle + 1
+            nonlocal idle, fresh_before
+            idle = 0 if evaluator.fresh > fresh_before else idle + 1
+            fresh_before = evaluator.fresh
             evaluator.show()
             if finished():
                 study.stop()

@@ -17,8 +17,8 @@ def plot_front(history: History, path: Path) -> Path:
 
     quality = next(o for o in history.objectives if not o.is_size)
     size = next(o for o in history.objectives if o.is_size)
-    xs = [r["objectives"][size.name] for r in history.records]
-    ys = [r["objectives"][quality.name] for r in history.records]
+    xs = [r["objectives"][size.name] for r in history.full_records()]
+    ys = [r["objectives"][quality.name] for r in history.full_records()]
     front = sorted(history.front(), key=lambda r: r["objectives"][size.name])
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     ax.scatter(xs, ys, s=14, c="0.65", label=f"evaluated ({len(xs)})")
@@ -26,7 +26,7 @@ def plot_front(history: History, path: Path) -> Path:
     fy = [r["objectives"][quality.name] for r in front]
     ax.step(fx, fy, where="post", c="tab:red", lw=1.2)
     ax.scatter(fx, fy, s=26, c="tab:red", zorder=3, label=f"Pareto front ({len(front)})")
-    for r in history.records:
+    for r in history.full_records():
         if r.get("label"):
             ax.annotate(r["label"], (r["objectives"][size.name], r["objectives"][quality.name]),
                         textcoords="offset points", xytext=(4, 4), fontsize=8)

@@ -6,8 +6,11 @@ objective runs: it is cached by the config's canonical string (a config is never
 whichever backend or process asks) and every fresh result is appended to the history at once, so a
 killed search loses at most the evaluation in flight.
 
-Backends share one interface, `run(problem, evaluator, budget)`, and stop once `budget` distinct
-configs have been evaluated in total (history included: a re-run with a larger budget continues).
+Backends share one interface, `run(problem, evaluator, budget)`, and stop once `budget` full-set-
+equivalent evaluations are spent in total (history included: a re-run with a larger budget continues).
+Without multi-fidelity screening that is `budget` distinct configs; with it, a config scored on n of N
+examples costs n / N. A backend calls `evaluator.screen(config)` before `evaluator.evaluate(config)`:
+with rungs (fidelity.py) a config is first scored on slices and only the promising reach the full set.
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from ..errors import ShearsError
 from ..search_space import canonical
 from .history import History
 from .objectives import Objective
+
+if TYPE_CHECKING:
+    from .fidelity import Rungs
 
 Config = dict[str, int]
 ANCHORS = ("maximal", "heuristic", "minimal")  # evaluated first, in this order
@@ -40,18 +46,32 @@ def anchor_configs(space: Any) -> dict[str, Config]:
 
 @dataclass
 class SearchProblem:
+    """`objective_fn(config)` scores a config on the full evaluation set; a problem with `examples`
+    (the size of that set) also takes `objective_fn(config, n_examples=n)`: the score on its first n,
+    which multi-fidelity screening uses. `sizes(config)`, when given, computes the size objectives
+    without a model run (a predictor then needs to learn quality only); `scorer` fingerprints what a
+    score means (the super-network's weights, the evaluation records and task), so a record scored
+    another way is never mistaken for this problem's."""
+
     keys: tuple[str, ...]
     choices: dict[str, tuple[int, ...]]  # each sorted ascending: the ordinal encoding of a rank is its index
     objectives: tuple[Objective, ...]
-    objective_fn: Callable[[Config], dict[str, float]]
+    objective_fn: Callable[..., dict[str, float]]
     anchors: dict[str, Config]
+    examples: int | None = None
+    sizes: Callable[[Config], dict[str, float]] | None = None
+    scorer: str | None = None
 
     @classmethod
-    def from_space(cls, space: Any, objectives: tuple[Objective, ...],
-                   objective_fn: Callable[[Config], dict[str, float]]) -> "SearchProblem":
+    def from_space(cls, space: Any, objectives: tuple[Objective, ...], objective_fn: Callable[..., dict[str, float]],
+                   **options: Any) -> "SearchProblem":
         keys = tuple(space.keys)
         choices = {key: tuple(sorted(int(c) for c in space.choices[key])) for key in keys}
-        return cls(keys, choices, tuple(objectives), objective_fn, anchor_configs(space))
+        return cls(keys, choices, tuple(objectives), objective_fn, anchor_configs(space), **options)
+
+    @property
+    def quality(self) -> Objective:
+        return next(o for o in self.objectives if not o.is_size)
 
     @property
     def size(self) -> int:
@@ -68,8 +88,8 @@ class SearchProblem:
         key = canonical(config)
         return next((name for name, anchor in self.anchors.items() if canonical(anchor) == key), None)
 
-    def measure(self, config: Config) -> dict[str, float]:
-        values = self.objective_fn(config)
+    def measure(self, config: Config, n_examples: int | None = None) -> dict[str, float]:
+        values = self.objective_fn(config) if n_examples is None else self.objective_fn(config, n_examples=n_examples)
         missing = [o.name for o in self.objectives if o.name not in values]
         if missing:
             raise ShearsError(f"the objective function returned no {missing}: it must return every objective")
@@ -89,29 +109,62 @@ class Evaluator:
     history: History
     backend: str  # recorded in every history line, e.g. "optuna:tpe"
     progress: Progress | None = None
+    rungs: "Rungs | None" = None  # multi-fidelity screening before a full evaluation (fidelity.py)
     fresh: int = field(default=0)  # evaluations run by this evaluator
+    postfix: dict = field(default_factory=dict)  # what a backend adds to the progress bar (e.g. tau)
 
     def lookup(self, config: Config) -> dict | None:
         """The history record of `config`, if any process evaluated it already."""
         return self.history.get(config)
 
-    def evaluate(self, config: Config, trial: int | None = None) -> dict:
-        """The record of `config`: from the cache, else measured now and persisted at once."""
-        record = self.history.get(config)
+    def evaluate(self, config: Config, trial: int | None = None, n_examples: int | None = None,
+                 **extra: Any) -> dict:
+        """The record of `config` (on the first `n_examples` of the evaluation set, or all of it): from
+        the cache, else measured now and persisted at once. `extra` goes into a fresh record."""
+        full = self.problem.examples
+        if n_examples is not None and (full is None or n_examples >= full):
+            n_examples = None
+        record = self.history.get(config, n_examples)
         if record is not None:
             return record
         start = time.perf_counter()
-        values = self.problem.measure(config)
+        values = self.problem.measure(config, n_examples)
         record = self.history.append(config, values, time.perf_counter() - start, self.backend, trial,
-                                     label=self.problem.label(config))
+                                     label=self.problem.label(config), scorer=self.problem.scorer,
+                                     n_examples=n_examples if n_examples is not None else full,
+                                     fidelity=round(n_examples / full, 6) if n_examples is not None else None,
+                                     **extra)
         self.fresh += 1
         self.show()
         return record
 
+    def screen(self, config: Config, trial: int | None = None) -> bool:
+        """Should `config` be scored on the full set? Without rungs, or once it has been, yes; else it
+        climbs the rungs (scored on each slice) while it stays among the most promising of its rung."""
+        if self.rungs is None or self.history.get(config) is not None:
+            return True
+        from .fidelity import promising
+
+        for n in self.rungs.examples:
+            record = self.evaluate(config, trial=trial, n_examples=n)
+            if self.problem.label(config) is None and not promising(record, self.history.at(n), self.history,
+                                                                    self.rungs.keep):
+                return False
+        return True
+
+    def cost(self, config: Config) -> float:
+        """Full-set-equivalent evaluations that `screen` then `evaluate` may still spend on `config`."""
+        if self.history.get(config) is not None:
+            return 0.0
+        full = self.problem.examples or 1
+        rungs = self.rungs.examples if self.rungs is not None else ()
+        return 1.0 + sum(n / full for n in rungs if self.history.get(config, n) is None)
+
     def show(self) -> None:
         if self.progress is not None:
-            self.progress.n = len(self.history)
-            self.progress.set_postfix(front=len(self.history.front()), hv=f"{self.history.hypervolume():.4f}")
+            self.progress.n = round(self.history.spent, 2)
+            self.progress.set_postfix(front=len(self.history.front()), hv=f"{self.history.hypervolume():.4f}",
+                                      **self.postfix)
             self.progress.refresh()
 
 

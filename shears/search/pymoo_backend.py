@@ -26,6 +26,7 @@ from pymoo.operators.mutation.pm import PM
 from pymoo.operators.repair.rounding import RoundingRepair
 
 from ..search_space import canonical
+from .objectives import REFERENCE
 from .problem import ANCHORS, Evaluator, SearchProblem
 
 
@@ -74,17 +75,16 @@ class PymooBackend:
         space = Problem(n_var=len(problem.keys), n_obj=len(problem.objectives), xl=np.zeros_like(upper), xu=upper,
                         vtype=int)
         algorithm = NSGA2(pop_size=self.population_size,
-                          sampling=self.initial_population(problem, [r["config"] for r in history.records]),
+                          sampling=self.initial_population(problem, [r["config"] for r in history.full_records()]),
                           crossover=SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),
                           mutation=PM(eta=20, vtype=float, repair=RoundingRepair()),
                           eliminate_duplicates=True)
         algorithm.setup(space, termination=NoTermination(), seed=self.seed + len(history))
         idle = 0
-        limit = min(budget, problem.size)
         rng = np.random.default_rng(self.seed + 7919 * len(history))
-        while len(history) < limit:
+        while history.spent < budget and len(history) < problem.size:
             population = algorithm.ask()
-            before = len(history)
+            before = evaluator.fresh
             scores = []
             rows = population.get("X")
             for i, x in enumerate(rows):
@@ -94,14 +94,25 @@ class PymooBackend:
                     if row is not None:
                         rows[i] = row
                         config = problem.decode(row)
-                if config not in history and len(history) >= limit:
+                if config not in history and (history.spent >= budget or len(history) >= problem.size):
                     return  # the budget is spent mid-generation: stop without telling a partial one
-                scores.append(history.normalised(evaluator.evaluate(config, trial=algorithm.n_gen)))
+                if evaluator.screen(config, trial=algorithm.n_gen):
+                    scores.append(history.normalised(evaluator.evaluate(config, trial=algorithm.n_gen)))
+                else:
+                    scores.append(stopped_score(evaluator, config))
             population.set("X", rows)
             population.set("F", np.array(scores))
             algorithm.tell(infills=population)
-            idle = 0 if len(history) > before else idle + 1
+            idle = 0 if evaluator.fresh > before else idle + 1
             if idle >= self.max_idle_generations:
                 warnings.warn(f"{self.name}: {idle} generations brought no new config; stopping with "
                               f"{len(history)} of {budget} evaluations (try another seed or a larger population)")
                 return
+
+
+def stopped_score(evaluator: Evaluator, config) -> list[float]:
+    """The normalised objectives NSGA-II is told for a config stopped at a rung: its exact sizes and
+    the worst quality, so every full evaluation of its size or smaller dominates it."""
+    scored = [r for r in (evaluator.history.get(config, n) for n in evaluator.rungs.examples) if r is not None]
+    values = evaluator.history.normalised(scored[-1])
+    return [value if o.is_size else REFERENCE for o, value in zip(evaluator.problem.objectives, values)]
