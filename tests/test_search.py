@@ -615,3 +615,31 @@ def test_warm_start_imports_only_scores_of_the_same_scorer_and_backends_start_fr
                    "another super-network", "warm start")
     one_line_error(lambda: search(problem, tmp_path / "x", 3, PymooBackend(), progress=False,
                                   warm_start=[tmp_path / "nowhere"]), "nowhere")
+
+
+def test_cli_on_a_trained_run_surrogate_with_rungs_then_a_warm_started_search(tmp_path, capsys):
+    from test_export import train_tiny_run
+
+    from shears.search import main
+
+    run = train_tiny_run(tmp_path, "llama").path  # 8 validation records; randomised adapter
+    main(["--run", str(run), "--budget", "6", "--backend", "surrogate", "--rungs", "2,4",
+          "--objectives", "loss,nonzero_params", "--no-progress"])
+    out = capsys.readouterr().out
+    assert "Kendall tau" in out and "hypervolume" in out
+    records = read_history(run / "search" / "history.jsonl")
+    assert {r["n_examples"] for r in records} == {2, 4, 8} and len({r["scorer"] for r in records}) == 1
+    assert 6 <= sum(r["n_examples"] / 8 for r in records) < 6 + 1 + 6 / 8
+    sizes = {r["objectives"]["nonzero_params"] for r in records}
+    assert len(sizes) > 1  # the size axis exists
+    # another search folder, warm-started from the first: its scores are reused, not re-measured
+    (run / "search").rename(run / "earlier")
+    main(["--run", str(run), "--budget", "9", "--backend", "pymoo", "--objectives", "loss,nonzero_params",
+          "--warm-start", str(run / "earlier"), "--no-progress"])
+    again = read_history(run / "search" / "history.jsonl")
+    assert len([r for r in again if r.get("source")]) == len(records)
+    # the same search with fewer records is another scorer: refused instead of mixing scores
+    with pytest.raises(SystemExit):
+        main(["--run", str(run), "--budget", "10", "--eval-limit", "4", "--objectives", "loss,nonzero_params",
+              "--backend", "pymoo", "--no-progress"])
+    assert "another super-network or evaluation set" in capsys.readouterr().err
