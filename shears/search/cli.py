@@ -16,6 +16,7 @@ from .optuna_backend import SAMPLERS, OptunaBackend
 from .problem import SearchProblem
 from .fidelity import Rungs
 from .pymoo_backend import PymooBackend
+from .runner import search
 from .surrogate import SurrogateBackend
 
 
@@ -91,7 +92,6 @@ def format_front(result, objectives) -> str:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
-    from . import search
     from ..run import load_run, load_run_recipe
 
     args = parse_args(argv)
