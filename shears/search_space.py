@@ -55,6 +55,13 @@ def canonical(config: Config) -> str:
     return json.dumps({str(k): int(v) for k, v in config.items()}, sort_keys=True, separators=(",", ":"))
 
 
+def heuristic_choice(choices) -> int:
+    """The middle rank, as the reference implementations (NNCF, SQFT) pick it: choices[(n - 1) // 2] of
+    the choices in descending order -- for an even n the upper of the two middle ranks."""
+    descending = sorted(choices, reverse=True)
+    return int(descending[(len(descending) - 1) // 2])
+
+
 def _is_rank(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0
 
@@ -473,9 +480,8 @@ class BoundSpace:
         return {key: min(self.choices[key]) for key in self.keys}
 
     def heuristic(self) -> Config:
-        """Shears' heuristic subnet: the median choice of every key. For an even number of choices
-        the lower median (the smaller of the two middle ranks) is taken: the cheaper subnet."""
-        return {key: sorted(self.choices[key])[(len(self.choices[key]) - 1) // 2] for key in self.keys}
+        """Shears' heuristic subnet: the middle choice of every key (`heuristic_choice`)."""
+        return {key: heuristic_choice(self.choices[key]) for key in self.keys}
 
     def sample(self, rng: np.random.Generator) -> Config:
         """A uniformly random config; deterministic given the state of `rng` (one draw per key)."""

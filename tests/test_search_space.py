@@ -202,14 +202,26 @@ def test_maximal_minimal_heuristic(bound):
     assert set(bound.heuristic().values()) == {24}
 
 
-def test_heuristic_is_the_lower_median_for_even_counts(tiny_llama):
+def test_heuristic_is_the_reference_middle_choice_the_upper_one_for_even_counts(tiny_llama):
     groups = space_dict()["groups"]
     groups[0]["choices"] = [8, 32, 16, 4]  # unsorted on purpose
     groups[1]["choices"] = [4, 12, 32, 8, 16]
     b = SearchSpace.from_dict(space_dict(groups=groups)).bind(tiny_llama)
-    for key, rank in b.heuristic().items():
-        assert rank == statistics.median_low(b.choices[key])
-    assert b.heuristic()["qkv.0"] == 8 and b.heuristic()["up.1"] == 12
+    for key, rank in b.heuristic().items():  # NNCF / SQFT: choices[(n - 1) // 2] of the descending list
+        descending = sorted(b.choices[key], reverse=True)
+        assert rank == descending[(len(descending) - 1) // 2]
+        assert rank == statistics.median_high(b.choices[key])
+    assert b.heuristic()["qkv.0"] == 16 and b.heuristic()["up.1"] == 12
+
+
+def test_search_anchors_of_a_plain_space_use_the_same_heuristic():
+    from types import SimpleNamespace
+
+    from shears.search.problem import anchor_configs
+
+    space = SimpleNamespace(keys=("a", "b"), choices={"a": (2, 8, 4, 1), "b": (3, 1, 2)})
+    assert anchor_configs(space) == {"maximal": {"a": 8, "b": 3}, "heuristic": {"a": 4, "b": 2},
+                                     "minimal": {"a": 1, "b": 1}}
 
 
 def test_sample_is_deterministic_and_uniform(bound):

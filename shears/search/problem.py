@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from ..errors import ShearsError
-from ..search_space import canonical
+from ..search_space import canonical, heuristic_choice
 from .history import History
 from .objectives import Objective
 
@@ -33,14 +33,14 @@ ANCHORS = ("maximal", "heuristic", "minimal")  # evaluated first, in this order
 
 
 def anchor_configs(space: Any) -> dict[str, Config]:
-    """The space's maximal, heuristic (lower-median rank per key) and minimal configs."""
+    """The space's maximal, heuristic (search_space.heuristic_choice per key) and minimal configs."""
     out = {}
     for label in ANCHORS:
         if hasattr(space, label):
             out[label] = dict(getattr(space, label)())
         else:
-            pick = {"maximal": lambda c: c[-1], "heuristic": lambda c: c[(len(c) - 1) // 2], "minimal": lambda c: c[0]}
-            out[label] = {key: pick[label](sorted(space.choices[key])) for key in space.keys}
+            pick = {"maximal": max, "heuristic": heuristic_choice, "minimal": min}[label]
+            out[label] = {key: int(pick(space.choices[key])) for key in space.keys}
     return out
 
 
