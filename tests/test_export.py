@@ -546,3 +546,39 @@ def test_module_help_runs():
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--front" in result.stdout and "--squeeze" in result.stdout and "--merge" in result.stdout
+
+
+def test_an_export_names_the_original_model_not_this_machines_path(llama_run, sparse_run, tmp_path):
+    from shears.models import model_id
+
+    assert model_id("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert model_id("org/name") == "org/name"
+    for run in (llama_run, sparse_run):
+        out = tmp_path / run.path.parent.name
+        export_subnets(run.path, {"minimal": MINIMAL}, out)
+        recipe = load_recipe(run.path / "recipe.yaml")
+        adapter_config = json.loads((out / "minimal" / "adapter_config.json").read_text())
+        assert adapter_config["base_model_name_or_path"] == model_id(recipe.model) == Path(recipe.model).name
+        assert str(tmp_path.parent) not in (out / "minimal" / "adapter_config.json").read_text()
+        record = json.loads((out / "minimal" / "shears.json").read_text())
+        assert record["base_model"]["model_id"] == model_id(recipe.model)
+
+
+def test_a_sparse_adapter_front_says_its_folders_are_unmasked_and_points_to_the_merged_export(
+        sparse_run, llama_run, tmp_path):
+    for run, sparse in ((copy_run(sparse_run, tmp_path / "sparse"), True), (copy_run(llama_run, tmp_path / "dense"), False)):
+        write_search(run, [(MINIMAL, 0.2), (MAXIMAL, 0.7)])
+        export_front_of(run.path)
+        manifest = json.loads((run.path / "export" / "manifest.json").read_text())
+        readme = (run.path / "export" / "README.md").read_text()
+        assert manifest["sparse_adapter"] is sparse and manifest["adapter_reproduces_supernet"] is not sparse
+        if sparse:
+            assert "unmasked" in readme and "--merge" in readme and "merged/" in readme
+        else:
+            assert "unmasked" not in readme
+
+
+def export_front_of(run_path: Path) -> None:
+    from shears.export import export_front
+
+    export_front(run_path)
