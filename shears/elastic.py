@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,7 +173,11 @@ class SuperNet:
         if isinstance(space, BoundSpace) and bound.to_dict() != bound.space.bind(base_model).to_dict():
             raise ShearsError("the search space was bound to another model: bind it to this base model")
         fingerprint = model_fingerprint(base_model)
-        model = get_peft_model(base_model, lora_config_for(bound))
+        with warnings.catch_warnings():
+            # PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` inside get_peft_model;
+            # the warning is about PEFT's call, not ours, and says nothing a user can act on.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(base_model, lora_config_for(bound))
         layers = {name: model.get_base_model().get_submodule(name) for name in bound.module_names()}
         for name, layer in layers.items():
             if not isinstance(layer, ElasticLoraLinear):

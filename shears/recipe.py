@@ -60,7 +60,9 @@ class SparsityConfig:
 
 @dataclass
 class TrainingConfig:
-    strategy: str = "uniform"  # uniform | sandwich (max + min + one random subnet per step)
+    # uniform | sandwich: max + min + one random subnet per step, their gradients summed (BigNAS), so a
+    # sandwich step costs three forward/backward passes and moves each subnet as a uniform step would
+    strategy: str = "uniform"
     sparse_adapter: bool = False  # SparsePEFT: mask the adapter update with the base's non-zeros
     max_steps: int = -1  # > 0 overrides num_train_epochs
     num_train_epochs: float = 3.0

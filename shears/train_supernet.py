@@ -63,7 +63,10 @@ class SubnetSampler:
 
     def configs_for_step(self, step: int) -> list[dict]:
         rng = np.random.default_rng([self.seed, step])
-        if self.strategy == "sandwich":  # BigNAS/OFA: the largest, the smallest and one random subnet
+        # Sandwich (BigNAS): the largest, the smallest and one random subnet, each a full forward/backward on
+        # the step's batch. Their gradients are summed, not averaged -- as BigNAS accumulates them -- so each
+        # subnet gets the step a uniform-strategy run would give it, and one optimizer step follows.
+        if self.strategy == "sandwich":
             return [self.space.maximal(), self.space.minimal(), self.space.sample(rng)]
         return [self.space.sample(rng)]
 
@@ -165,6 +168,8 @@ class NLSTrainer(Trainer):
         return super().create_scheduler(num_training_steps, optimizer)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        """Forward/backward of every subnet of the step on `inputs`: gradients add up (a sandwich step
+        applies the sum of three subnets' gradients); the returned loss, for logging, is their mean."""
         step = self.step_offset + self.state.global_step
         configs = self.sampler.configs_for_step(step)
         total = None
@@ -295,10 +300,10 @@ def training_arguments(recipe: Recipe, stage: Stage) -> TrainingArguments:
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,  # transformers 5 name of gradient checkpointing
         # Non-reentrant checkpointing recomputes with the same module attributes (the active ranks),
         # and needs no input-requires-grad trick for a frozen base.
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         bf16=t.bf16,
         # Trainer refuses bf16 without a GPU unless told the CPU is meant (its autocast then runs there)
         use_cpu=t.bf16 and not torch.cuda.is_available(),

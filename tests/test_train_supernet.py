@@ -378,3 +378,71 @@ def test_bf16_training_arguments_are_accepted_on_a_cpu(tmp_path):
     (stage,) = plan_stages(recipe, load_search_space("llama"), RunDir(tmp_path), steps_per_epoch=1)
     args = training_arguments(recipe, stage)
     assert args.bf16 and args.use_cpu
+
+
+def test_training_setup_raises_no_deprecation_warning_from_our_calls(tiny_model_dir, tmp_path):
+    import warnings
+
+    from shears.elastic import SuperNet
+    from shears.rundir import RunDir
+    from shears.search.optuna_backend import open_storage
+    from shears.train_supernet import plan_stages, resolve_search_space, training_arguments
+
+    recipe = load_recipe(tiny_recipe(tiny_model_dir, tmp_path, gradient_checkpointing=True))
+    space = resolve_search_space(recipe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        args = training_arguments(recipe, plan_stages(recipe, space, RunDir(tmp_path / "run"), 10)[0])
+        SuperNet.from_base(make_tiny_model_for_warnings(), space)
+        open_storage(f"sqlite:///{tmp_path}/study.db")
+    assert args.activation_checkpointing
+
+
+def make_tiny_model_for_warnings():
+    from conftest import make_tiny_model
+
+    return make_tiny_model("llama")
+
+
+def test_pyproject_license_is_an_spdx_string():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0"
+    assert not any(c.startswith("License ::") for c in project.get("classifiers", []))
+
+
+def test_a_sandwich_step_sums_the_gradients_of_its_three_subnets(tiny_model_dir, tmp_path):
+    from transformers import TrainingArguments
+
+    from shears.data import Collator, TokenizedDataset, load_records
+    from shears.elastic import SuperNet
+    from shears.models import load_model, load_tokenizer
+    from shears.search_space import SearchSpace
+    from shears.train_supernet import NLSTrainer, TrainingOrder
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    data = TokenizedDataset(tokenizer, load_records("builtin:arithmetic?n=4&seed=0"), 320)
+    net = SuperNet.from_base(load_model(tiny_model_dir), SearchSpace.from_dict(TINY_SPACE))
+    for layer in net.layers.values():  # B = 0 at init would give A no gradient at all
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
+    batch = Collator(tokenizer)([data[i] for i in range(2)])
+    sampler = SubnetSampler(net.space, "sandwich", seed=0)
+    trainer = NLSTrainer(model=net.model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True),
+                         train_dataset=data, data_collator=Collator(tokenizer), supernet=net, sampler=sampler,
+                         order=TrainingOrder(len(data), 0, 2))
+    params = [p for p in net.model.parameters() if p.requires_grad]
+
+    def gradients_of(config) -> list[torch.Tensor]:  # the reference: one subnet's loss, backward by hand
+        net.model.zero_grad()
+        net.activate(config)
+        net.model(**batch).loss.backward()
+        return [p.grad.clone() for p in params]
+
+    expected = [sum(g) for g in zip(*(gradients_of(c) for c in sampler.configs_for_step(0)))]
+    net.model.zero_grad()
+    trainer.current_gradient_accumulation_steps = 1  # what Trainer's loop sets before each step
+    trainer.training_step(net.model, dict(batch))
+    for got, want in zip((p.grad for p in params), expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

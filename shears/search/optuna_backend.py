@@ -61,7 +61,7 @@ def open_storage(url: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                          failed_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
 
 
 def make_sampler(name: str, seed: int, population_size: int) -> optuna.samplers.BaseSampler:
