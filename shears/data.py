@@ -14,6 +14,7 @@ Sources (`load_records`):
 
 from __future__ import annotations
 
+import typing
 import csv
 import json
 import random
@@ -27,10 +28,11 @@ import numpy as np
 import torch
 
 from .errors import ShearsError
+from .recipe import AnswerFormat
 
 FIELDS = ("instruction", "input", "output", "answer")
 REQUIRED = ("instruction", "output")
-ANSWER_FORMATS = ("label", "content")
+ANSWER_FORMATS = typing.get_args(AnswerFormat)  # the recipe's Literal: one definition
 IGNORE_INDEX = -100  # label value HF losses skip
 
 # The Alpaca template, as LLM-Adapters (and so the Shears/SQFT papers) use it.

@@ -24,6 +24,7 @@ for a SuperNet it measures whatever config is active, so a search never reloads 
 
 from __future__ import annotations
 
+import typing
 import argparse
 import contextlib
 import copy
@@ -40,9 +41,10 @@ from tqdm.auto import tqdm
 
 from .atomic import write_json
 from .errors import ShearsError, cli_errors
+from .recipe import Task
 from .precision import autocast, precision_name
 
-TASKS = ("math", "choice", "loss")
+TASKS = typing.get_args(Task)  # the recipe's Literal: one definition
 TOLERANCE = 1e-3  # |prediction - gold| within this counts as correct (LLM-Adapters)
 STOP_STRING = "###"  # an untuned model goes on to write the next "### Instruction:" block; cut it there
 

@@ -17,6 +17,9 @@ largest rank, [A; 0] and [B, 0], which leaves B·A unchanged, with no patterns a
     python -m shears.export --run RUN (--front | --subnet maximal|heuristic|minimal|<config json>)
                             [--squeeze [--energy E]] [--uniform-rank] [--merge] [--output DIR] [--force]
 
+--squeeze, --energy, --uniform-rank and --merge default to the run's recipe (its `export:` section);
+a flag overrides it, and --no-squeeze / --no-merge / --no-uniform-rank turn a recipe's default off.
+
 --squeeze re-factorises every exported module with shears.squeeze: to the smallest rank that keeps
 its update exact (tol mode), or to the rank keeping a share E of its energy, at the same scale.
 --merge also writes merged/, an HF model folder of base + subnet. A SparsePEFT run (sparse_adapter)
@@ -31,6 +34,7 @@ RUN/export/<name>/ = adapter_model.safetensors + adapter_config.json + shears.js
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 from collections import Counter
@@ -46,7 +50,8 @@ from .elastic import SCALING_RULE, SuperNet
 from .errors import ShearsError, cli_errors
 from .models import load_model, model_id
 from .atomic import atomic_folder, refuse_existing, write_text
-from .run import Run, load_run, subnet_config
+from .recipe import ExportConfig
+from .run import Run, load_run, load_run_recipe, subnet_config
 from .rundir import SHEARS_RECORD, ExportFiles, RunDir
 from .search.history import read_front as read_search_front, recorded_objectives
 from .search_space import Config, canonical
@@ -447,14 +452,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     which.add_argument("--front", action="store_true", help="every point of RUN/search/front.json")
     which.add_argument("--subnet", action="append",
                        help="maximal | heuristic | minimal | a JSON config or .json file (repeatable)")
-    p.add_argument("--squeeze", action="store_true", help="re-factorise each module to its smallest exact rank")
+    # --squeeze/--energy/--uniform-rank/--merge default to the run's recipe (its export: section)
+    p.add_argument("--squeeze", action=argparse.BooleanOptionalAction,
+                   help="re-factorise each module to its smallest exact rank")
     p.add_argument("--energy", type=float, help="with --squeeze: keep this share of each module's sum(σ²) instead")
-    p.add_argument("--uniform-rank", action="store_true",
+    p.add_argument("--uniform-rank", action=argparse.BooleanOptionalAction,
                    help="zero-pad every module to the subnet's largest rank, no rank_pattern (SGLang, LoRAX, TGI)")
-    p.add_argument("--merge", action="store_true", help="also write merged/: base + subnet as an HF model folder")
+    p.add_argument("--merge", action=argparse.BooleanOptionalAction,
+                   help="also write merged/: base + subnet as an HF model folder")
     p.add_argument("--output", help="output folder (default RUN/export)")
     p.add_argument("--force", action="store_true", help="overwrite existing subnet folders")
     return p.parse_args(argv)
+
+
+def export_settings(recipe_section: ExportConfig, args: argparse.Namespace) -> ExportConfig:
+    """The recipe's export: section with every flag that was given laid over it."""
+    given = {key: getattr(args, key) for key in ("squeeze", "energy", "merge", "uniform_rank")
+             if getattr(args, key) is not None}
+    return dataclasses.replace(recipe_section, **given)
 
 
 @cli_errors
@@ -462,15 +477,16 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     run_dir = RunDir(args.run)
     files = ExportFiles(Path(args.output)) if args.output else run_dir.export
-    if args.energy is not None and not args.squeeze:
-        raise ShearsError("--energy sets the squeezed rank: add --squeeze")
+    settings = export_settings(load_run_recipe(run_dir).export, args)
+    if settings.energy is not None and not settings.squeeze:
+        raise ShearsError("--energy sets the squeezed rank: add --squeeze (or export.squeeze: true in the recipe)")
+    options = dict(squeeze=settings.squeeze, energy=settings.energy, merge=settings.merge, force=args.force,
+                   uniform_rank=settings.uniform_rank)
     if args.front:
-        exported = export_front(run_dir, files.folder, args.squeeze, args.energy, args.merge, args.force,
-                                args.uniform_rank)
+        exported = export_front(run_dir, files.folder, **options)
     else:
         run = load_run(run_dir)
-        exported = export_subnets(run, named_subnets(run.supernet, args.subnet), files.folder, args.squeeze,
-                                  args.energy, args.merge, args.force, args.uniform_rank)
+        exported = export_subnets(run, named_subnets(run.supernet, args.subnet), files.folder, **options)
     print(format_table(exported))
     if exported[0].record["sparse_adapter"]:
         print("note: this run trained a SparsePEFT (masked) adapter; the adapter folders hold its unmasked "

@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -25,6 +25,17 @@ from .errors import ShearsError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 DEFAULT_RECIPE = RECIPES_DIR / "default.yaml"
+
+
+# The allowed values of the recipe's choice-valued keys, defined once: they type the fields below,
+# so a recipe (or an override) is checked -- with the error naming the choices -- as it is read, and the
+# owners' constants are these (sparsity.METHODS, train_supernet.STRATEGIES, evaluate.TASKS, ...).
+PruneMethod = Literal["wanda", "magnitude"]
+Strategy = Literal["uniform", "sandwich"]
+AnswerFormat = Literal["label", "content"]
+Task = Literal["math", "choice", "loss"]
+SearchBackend = Literal["optuna", "pymoo", "surrogate"]
+OptunaSampler = Literal["tpe", "nsga2", "gp", "random"]
 
 
 @dataclass
@@ -39,7 +50,7 @@ class DataConfig:
     train_on_inputs: bool = False
     # Multiple-choice records: "label" trains and scores the LLM-Adapters response ("the correct answer
     # is answer2"); "content" rewrites them so the response is the chosen option's text (data.to_answer_format).
-    answer_format: str = "label"
+    answer_format: AnswerFormat = "label"
 
     def sources(self) -> list[str]:
         data_dir = os.environ.get("SHEARS_DATA_DIR", self.data_dir)
@@ -51,7 +62,7 @@ class DataConfig:
 class SparsityConfig:
     sparsity: float = 0.0  # 0 disables pruning
     pattern: str = "unstructured"  # unstructured | 2:4 | 4:8
-    method: str = "wanda"  # wanda | magnitude
+    method: PruneMethod = "wanda"
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 0
@@ -62,7 +73,7 @@ class SparsityConfig:
 class TrainingConfig:
     # uniform | sandwich: max + min + one random subnet per step, their gradients summed (BigNAS), so a
     # sandwich step costs three forward/backward passes and moves each subnet as a uniform step would
-    strategy: str = "uniform"
+    strategy: Strategy = "uniform"
     sparse_adapter: bool = False  # SparsePEFT: mask the adapter update with the base's non-zeros
     max_steps: int = -1  # > 0 overrides num_train_epochs
     num_train_epochs: float = 3.0
@@ -89,15 +100,15 @@ class TrainingConfig:
 
 @dataclass
 class EvaluationConfig:
-    task: str = "math"  # math | choice | loss
+    task: Task = "math"
     max_new_tokens: int = 32
     batch_size: int = 16
 
 
 @dataclass
 class SearchConfig:
-    backend: str = "optuna"  # optuna | pymoo | surrogate (ridge predictor + NSGA-II on it)
-    sampler: str = "tpe"  # tpe | nsga2 | gp | random
+    backend: SearchBackend = "optuna"  # surrogate: a ridge predictor + NSGA-II on it
+    sampler: OptunaSampler = "tpe"  # the optuna backend's sampler
     budget: int = 20  # full-set-equivalent evaluations (distinct subnets when rungs is empty)
     objectives: list[str] = field(default_factory=lambda: ["accuracy", "adapter_params"])
     eval_limit: Optional[int] = None
@@ -112,9 +123,11 @@ class SearchConfig:
 
 @dataclass
 class ExportConfig:
-    squeeze: bool = False
-    energy: Optional[float] = None
-    merge: bool = False
+    """What `python -m shears.export` writes by default; its flags override each key."""
+    squeeze: bool = False  # re-factorise each module: to its smallest exact rank, or keeping `energy`
+    energy: Optional[float] = None  # with squeeze: the share of each module's sum(sigma^2) kept
+    merge: bool = False  # also write merged/: base + subnet as an HF model folder
+    uniform_rank: bool = False  # zero-pad every module to the subnet's largest rank (SGLang, LoRAX, TGI)
 
 
 @dataclass
@@ -134,20 +147,10 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def validate(self) -> "Recipe":
-        s, t = self.sparsity, self.training
+        s = self.sparsity
         if not 0 <= s.sparsity < 1:
             raise ShearsError(f"sparsity.sparsity={s.sparsity} is outside [0, 1): use e.g. 0.5 for 50%")
-        if s.method not in ("wanda", "magnitude"):
-            raise ShearsError(f"sparsity.method={s.method!r}: use wanda or magnitude")
-        if t.strategy not in ("uniform", "sandwich"):
-            raise ShearsError(f"training.strategy={t.strategy!r}: use uniform or sandwich")
-        if self.data.answer_format not in ("label", "content"):
-            raise ShearsError(f"data.answer_format={self.data.answer_format!r}: use label or content")
-        if self.evaluation.task not in ("math", "choice", "loss"):
-            raise ShearsError(f"evaluation.task={self.evaluation.task!r}: use math, choice or loss")
-        if self.search.backend not in ("optuna", "pymoo", "surrogate"):
-            raise ShearsError(f"search.backend={self.search.backend!r}: use optuna, pymoo or surrogate")
-        return self
+        return self  # choice-valued keys are Literal fields, checked as they are read (_coerce)
 
 
 # --------------------------------------------------------------------------- YAML numbers
@@ -192,6 +195,13 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check (and gently convert) a YAML value against a dataclass field's type annotation."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed and not isinstance(value, bool):
+            return value
+        choices = [str(v) for v in allowed]
+        listed = ", ".join(choices[:-1]) + f" or {choices[-1]}" if len(choices) > 1 else choices[0]
+        raise ShearsError(f"{where.removeprefix('recipe.')}={value!r}: use {listed}")
     if origin in (Union, types.UnionType):
         options = typing.get_args(tp)
         if value is None and type(None) in options:

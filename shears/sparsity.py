@@ -28,6 +28,7 @@ model's max_position_embeddings.
 
 from __future__ import annotations
 
+import typing
 import fnmatch
 import hashlib
 import json
@@ -43,9 +44,10 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_folder
 from .errors import ShearsError
+from .recipe import PruneMethod
 from .models import decoder_layers, linear_names
 
-METHODS = ("wanda", "magnitude")
+METHODS = typing.get_args(PruneMethod)  # the recipe's Literal: one definition
 SPARSITY_JSON = "sparsity.json"
 DEFAULT_CALIBRATION = "builtin:arithmetic"
 # Block arguments that carry a KV cache: never replayed, so no block attends to stale keys/values.

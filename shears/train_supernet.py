@@ -25,6 +25,7 @@ torchrun DDP and FSDP work unchanged.
 
 from __future__ import annotations
 
+import typing
 import argparse
 import json
 import math
@@ -43,14 +44,14 @@ from .data import Collator, TokenizedDataset
 from .elastic import SuperNet
 from .errors import ShearsError, cli_errors
 from .models import load_model, load_tokenizer
-from .recipe import Recipe, load_recipe, save_recipe
+from .recipe import Recipe, Strategy, load_recipe, save_recipe
 from .run import recipe_splits
 from .rundir import RunDir
 from .search_space import BoundSpace, SearchSpace, canonical, load_search_space
 from .sparsity import prune_to_folder
 from .squeeze import squeeze_lora
 
-STRATEGIES = ("uniform", "sandwich")
+STRATEGIES = typing.get_args(Strategy)  # the recipe's Literal: one definition
 
 
 class SubnetSampler:

@@ -582,3 +582,16 @@ def export_front_of(run_path: Path) -> None:
     from shears.export import export_front
 
     export_front(run_path)
+
+
+def test_the_recipes_export_section_sets_the_clis_defaults_and_flags_override_it(llama_run, tmp_path):
+    from shears.recipe import save_recipe
+
+    run = copy_run(llama_run, tmp_path)
+    recipe = load_recipe(run.path / "recipe.yaml")
+    recipe.export.squeeze = True
+    save_recipe(recipe, run.path / "recipe.yaml")
+    main(["--run", str(run.path), "--subnet", "minimal", "--output", str(tmp_path / "by-recipe")])
+    assert json.loads((tmp_path / "by-recipe" / "minimal" / "shears.json").read_text())["squeeze"] is not None
+    main(["--run", str(run.path), "--subnet", "minimal", "--no-squeeze", "--output", str(tmp_path / "by-flag")])
+    assert json.loads((tmp_path / "by-flag" / "minimal" / "shears.json").read_text())["squeeze"] is None

@@ -157,6 +157,12 @@ def test_overrides_as_a_dict_and_lists_of_sources():
     ("model.name=x", ["model.name", "model is a value"]),
     ("sparsity.sparsity=1.5", ["sparsity.sparsity=1.5", "[0, 1)"]),
     ("training.strategy=greedy", ["training.strategy='greedy'", "sandwich"]),
+    # every choice-valued key is checked when the recipe is read, before any model loads
+    ("search.sampler=tpee", ["search.sampler='tpee'", "use tpe, nsga2, gp or random"]),
+    ("sparsity.method=wandaa", ["sparsity.method='wandaa'", "use wanda or magnitude"]),
+    ("evaluation.task=maths", ["evaluation.task='maths'", "use math, choice or loss"]),
+    ("search.backend=optuna2", ["search.backend='optuna2'", "use optuna, pymoo or surrogate"]),
+    ("data.answer_format=text", ["data.answer_format='text'", "use label or content"]),
 ])
 def test_bad_override_is_a_one_line_error(override, parts):
     one_line_error(lambda: load_recipe("default", [override]), *parts)
@@ -271,3 +277,16 @@ def test_rundir_names_every_path_and_a_fresh_start_discards_training_and_what_fo
     run.discard_training()
     assert sorted(p.name for p in run.root.iterdir()) == ["recipe.yaml", "sparse_base"]
     assert not run.holds_training()
+
+
+def test_the_recipes_allowed_values_are_the_owners_constants():
+    import typing
+
+    from shears import data, evaluate, recipe, sparsity, train_supernet
+    from shears.search import optuna_backend
+
+    assert sparsity.METHODS == typing.get_args(recipe.PruneMethod)
+    assert train_supernet.STRATEGIES == typing.get_args(recipe.Strategy)
+    assert evaluate.TASKS == typing.get_args(recipe.Task)
+    assert data.ANSWER_FORMATS == typing.get_args(recipe.AnswerFormat)
+    assert optuna_backend.SAMPLERS == typing.get_args(recipe.OptunaSampler)

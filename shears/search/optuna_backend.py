@@ -22,6 +22,7 @@ an exception is re-enqueued when a worker next starts. Give concurrent workers d
 
 from __future__ import annotations
 
+import typing
 import os
 import random
 import socket
@@ -37,10 +38,11 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from ..errors import ShearsError
+from ..recipe import OptunaSampler
 from ..search_space import canonical
 from .problem import ANCHORS, Evaluator, SearchProblem
 
-SAMPLERS = ("tpe", "nsga2", "gp", "random")
+SAMPLERS = typing.get_args(OptunaSampler)  # the recipe's Literal: one definition
 STUDY_NAME = "shears-search"
 HEARTBEAT_S, GRACE_S, MAX_RETRY = 30, 90, 3
 LIVE = (TrialState.RUNNING, TrialState.COMPLETE)
