@@ -46,9 +46,9 @@ from .errors import ShearsError
 from .models import model_fingerprint
 from .rundir import SHEARS_RECORD
 from .search_space import BoundSpace, Config, SearchSpace, load_search_space
+from .squeeze import ADAPTER_WEIGHTS, PEFT_PREFIX
 from .width import ChannelOrder, ElasticWidth, permute_channels
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SEARCH_SPACE_FILE = "search_space.json"
 CHANNEL_ORDER_FILE = "channel_order.safetensors"
 SUPERNET_FORMAT = "shears-supernet/1"
@@ -227,9 +227,6 @@ class SuperNet:
     def heuristic(self) -> Config:
         return self.space.heuristic()
 
-    def config_to_module_ranks(self, config: Config) -> dict[str, int]:
-        return self.space.module_ranks(config)
-
     def adapter_params(self, config: Config) -> int:
         return self.space.adapter_params(config)
 
@@ -238,7 +235,7 @@ class SuperNet:
         ranks = self.space.module_ranks(config)
         out = {}
         for key, tensor in get_peft_model_state_dict(self.model).items():
-            module, _, kind = key.removeprefix("base_model.model.").rpartition(".lora_")
+            module, _, kind = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
             if not kind.startswith(("A.", "B.")) or module not in ranks:
                 raise ShearsError(f"unexpected adapter tensor {key}: the super-network holds LoRA A/B weights only")
             r = ranks[module]
@@ -248,9 +245,9 @@ class SuperNet:
 
     # ---- disk
 
-    def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+    def save(self, directory: str | os.PathLike, force: bool = False) -> Path:
         """Write the stock-PEFT adapter at r_max + search_space.json + shears.json, atomically."""
-        with atomic_folder(directory, force=overwrite, hint="choose another folder or pass overwrite=True") as tmp:
+        with atomic_folder(directory, force=force, hint="choose another folder or pass force=True") as tmp:
             self.model.save_pretrained(tmp, safe_serialization=True)
             (tmp / SEARCH_SPACE_FILE).write_text(json.dumps(self.space.to_dict(), indent=1))
             (tmp / SHEARS_RECORD).write_text(json.dumps(self._metadata(), indent=1))

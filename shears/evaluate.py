@@ -713,7 +713,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cutoff-len", type=int, help="loss task: token cut-off (default recipe data.cutoff_len, else 1024)")
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default recipe, else float32)")
     p.add_argument("--output", help="write the result with per-example predictions to this JSON file")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    # --force, as in every other stage's CLI; --overwrite is kept as its old name
+    p.add_argument("--force", "--overwrite", dest="force", action="store_true", help="replace an existing --output")
     return p
 
 
@@ -730,8 +731,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.answer_format is not None and args.answer_format not in ANSWER_FORMATS:
         raise ShearsError(f"unknown --answer-format {args.answer_format!r}: use {' or '.join(ANSWER_FORMATS)}")
     output = Path(args.output) if args.output else None
-    if output is not None and output.exists() and not args.overwrite:
-        raise ShearsError(f"{output} exists: pass --overwrite or choose another --output")
+    if output is not None and output.exists() and not args.force:
+        raise ShearsError(f"{output} exists: pass --force or choose another --output")
     if args.task is not None and args.task not in TASKS:
         raise ShearsError(f"unknown task {args.task!r}: use --task {' | '.join(TASKS)}")
     if args.limit is not None and args.limit < 1:
@@ -762,7 +763,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {"model": described, "data": args.data, **result}
     print(f"{described} on {args.data}: {summary(result)}")
     if output is not None:
-        write_json(output, result, force=args.overwrite, hint="pass --overwrite or choose another --output")
+        write_json(output, result, force=args.force, hint="pass --force or choose another --output")
         print(f"wrote {len(result['predictions'])} predictions to {output}")
     else:
         print("wrote nothing (pass --output FILE to keep the per-example predictions)")

@@ -54,14 +54,13 @@ from .recipe import ExportConfig
 from .run import Run, load_run, load_run_recipe, subnet_config
 from .rundir import SHEARS_RECORD, ExportFiles, RunDir
 from .search.history import read_front as read_search_front, recorded_objectives
-from .search_space import Config, canonical
+from .search_space import ANCHORS, Config, canonical
 from .sparsity import SPARSITY_JSON, sparsity_report
-from .squeeze import (ADAPTER_WEIGHTS, DEFAULT_TOL, alpha_for_scale,
+from .squeeze import (ADAPTER_WEIGHTS, PEFT_PREFIX, DEFAULT_TOL, alpha_for_scale,
                       lora_factor_keys, pattern_key, squeeze_lora)
 
 EXPORT_FORMAT = "shears-export/1"
 MERGED = "merged"  # the merged model's folder inside a subnet's folder
-ANCHORS = ("maximal", "heuristic", "minimal")
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A [r, in], B [out, r])
 
@@ -159,11 +158,11 @@ def global_scale(config: dict) -> float:
     return scale
 
 
-def write_adapter(folder: Path, factors: Factors, config: LoraConfig) -> None:
+def write_subnet_adapter(folder: Path, factors: Factors, config: LoraConfig) -> None:
     tensors = {}
     for module, (A, B) in factors.items():
-        tensors[f"base_model.model.{module}.lora_A.weight"] = A
-        tensors[f"base_model.model.{module}.lora_B.weight"] = B
+        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = A
+        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = B
     save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     config.save_pretrained(str(folder))
 
@@ -249,7 +248,7 @@ def export_one(run: Run, name: str, config: Config, folder: Path, objectives: di
     adapter = lora_config({m: A.shape[0] for m, (A, _) in written.items()}, scale, space.space.lora_dropout,
                           base_name(run))
     global_scale(adapter.to_dict())  # the invariant, checked on what is written
-    write_adapter(folder, written, adapter)
+    write_subnet_adapter(folder, written, adapter)
     merge_record = None
     if target is not None:
         zeros_kept = merge_into(target.model, supernet, factors, scale)

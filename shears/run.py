@@ -18,6 +18,7 @@ from .errors import ShearsError
 from .models import load_model, load_tokenizer
 from .recipe import Recipe, load_recipe
 from .rundir import RunDir
+from .search_space import ANCHORS
 
 
 @dataclass
@@ -79,7 +80,7 @@ def load_run(run_dir: str | Path | RunDir, dtype: str | None = None, device: str
 
 def subnet_config(supernet, subnet: str) -> dict:
     """The config a --subnet value names: maximal | heuristic | minimal | inline JSON | a .json file."""
-    if subnet in ("maximal", "heuristic", "minimal"):
+    if subnet in ANCHORS:
         return getattr(supernet, subnet)()
     path = Path(subnet)
     try:

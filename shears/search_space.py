@@ -48,6 +48,7 @@ _WIDTH_ONLY_KEYS = ("consumers", "layer_choices")
 _GROUP_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")  # no dots: keys are "group.layer"
 
 Config = dict[str, int]
+ANCHORS = ("maximal", "heuristic", "minimal")  # the named subnets (BoundSpace methods) every stage knows
 
 
 def canonical(config: Config) -> str:
@@ -432,9 +433,6 @@ class BoundSpace:
     def rank_keys(self) -> tuple[str, ...]:
         widths = set(self.width_keys)
         return tuple(k for k in self.keys if k not in widths)
-
-    def modules_of(self, key: str) -> tuple[str, ...]:
-        return self.modules[key]
 
     def module_names(self) -> list[str]:
         """Every LoRA-adapted module, in key order."""

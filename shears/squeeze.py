@@ -14,8 +14,12 @@ from the core's spectrum alone. The rank-k factors fold sqrt(Σ) symmetrically a
 
     B' = Q_B·U_k·sqrt(Σ_k/s'),   A' = sqrt(Σ_k/s')·V_kᵀ·Q_Aᵀ,   s'·B'·A' = dW_k.
 
-An update that is not a plain product -- a SparsePEFT update (s·B·A) ⊙ M -- is squeezed from its
-dense form with a randomised SVD (torch.svd_lowrank). The rank is chosen per module by one rule:
+An update that is not a plain product -- a SparsePEFT update (s·B·A) ⊙ M -- can be squeezed from
+its dense form with a randomised SVD (torch.svd_lowrank; `squeeze_dense`, a library function the
+pipeline does not call: export writes a SparsePEFT subnet's unmasked factors and reproduces the
+masked update only by merging). Where shears squeezes: In-Squeeze stages of training
+(`squeeze_lora_layer`), export --squeeze (`squeeze_lora` per module) and this module's CLI
+(`squeeze_adapter_dir`). The rank is chosen per module by one rule:
   rank=k      keep k directions;
   energy=e    the smallest k whose Σ_{i<=k} σ_i² >= e·Σ_i σ_i² (heterogeneous ranks across modules);
   tol=t       the smallest k whose relative error is <= t: drops only numerically-zero directions
@@ -42,16 +46,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .atomic import atomic_folder, refuse_existing
 from .errors import ShearsError, cli_errors
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-SQUEEZE_RECORD = "squeeze.json"
+# PEFT's own names for an adapter folder's files and its state-dict key prefix: the one definition shears uses
+ADAPTER_CONFIG = CONFIG_NAME
+ADAPTER_WEIGHTS = SAFETENSORS_WEIGHTS_NAME
 PEFT_PREFIX = "base_model.model."
+SQUEEZE_RECORD = "squeeze.json"
 # (A suffix, B suffix) of the LoRA factor pairs in a PEFT state dict: Linear layers, then Embedding.
 FACTOR_SUFFIXES = ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B"))
 DEFAULT_TOL = 1e-5  # relative error below which dropped directions count as numerically zero (fp32-safe)
@@ -211,6 +217,7 @@ class SqueezedAdapter:
     config: dict                     # adapter_config.json contents, per-module ranks in rank_pattern/alpha_pattern
     tensors: dict[str, torch.Tensor]  # the state dict to save
     modules: list[ModuleSqueeze]
+    recovery_loss: float | None = None  # final training loss of the recovery steps, when there were any
 
 
 def pattern_value(patterns: dict, module: str, default):
@@ -295,7 +302,7 @@ def squeeze_adapter(adapter_dir: str | os.PathLike, rank: int | None = None, ene
     return SqueezedAdapter(new_config, out, modules)
 
 
-def write_adapter(folder: Path, squeezed: SqueezedAdapter, source: Path, rule: dict) -> None:
+def write_squeezed(folder: Path, squeezed: SqueezedAdapter, source: Path, rule: dict) -> None:
     """Write the squeezed adapter into `folder` (a fresh temporary folder) plus a squeeze.json record."""
     for extra in source.iterdir():  # README, tokenizer files, ... travel along
         if extra.is_file() and extra.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "adapter_model.bin"):
@@ -307,13 +314,17 @@ def write_adapter(folder: Path, squeezed: SqueezedAdapter, source: Path, rule: d
 
 
 def squeeze_adapter_dir(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, rank: int | None = None,
-                        energy: float | None = None, tol: float | None = None, force: bool = False) -> SqueezedAdapter:
-    """Squeeze a stock PEFT LoRA folder into a stock PEFT folder with per-module ranks, written atomically."""
+                        energy: float | None = None, tol: float | None = None, force: bool = False,
+                        recovery: "Recovery | None" = None, base_model: str | None = None) -> SqueezedAdapter:
+    """Squeeze a stock PEFT LoRA folder into a stock PEFT folder with per-module ranks, written atomically;
+    with `recovery`, its steps train the squeezed adapter on `base_model` before the folder appears."""
     adapter_dir = Path(adapter_dir)
     refuse_existing(output_dir, force)
     squeezed = squeeze_adapter(adapter_dir, rank=rank, energy=energy, tol=tol)
     with atomic_folder(output_dir, force) as tmp:
-        write_adapter(tmp, squeezed, adapter_dir, {"rank": rank, "energy": energy, "tol": tol})
+        write_squeezed(tmp, squeezed, adapter_dir, {"rank": rank, "energy": energy, "tol": tol})
+        if recovery is not None:
+            squeezed.recovery_loss = recover(tmp, base_model, recovery)
     return squeezed
 
 
@@ -414,15 +425,14 @@ def main(argv=None) -> None:
     if args.recover_steps and not args.data:
         raise ShearsError("--recover-steps needs --data (the recovery training set)")
     base_model = _base_model_of(adapter_dir, args.model) if args.recover_steps else None
-    squeezed = squeeze_adapter(adapter_dir, rank=args.rank, energy=args.energy, tol=args.tol)
+    recovery = Recovery(args.recover_steps, args.data, args.model, args.lr, args.batch_size, args.cutoff_len,
+                        args.seed) if args.recover_steps else None
+    squeezed = squeeze_adapter_dir(adapter_dir, output, rank=args.rank, energy=args.energy, tol=args.tol,
+                                   force=args.force, recovery=recovery, base_model=base_model)
     print_report(squeezed)
-    with atomic_folder(output, args.force) as tmp:
-        write_adapter(tmp, squeezed, adapter_dir, {"rank": args.rank, "energy": args.energy, "tol": args.tol})
-        if args.recover_steps:
-            recovery = Recovery(args.recover_steps, args.data, args.model, args.lr, args.batch_size,
-                                args.cutoff_len, args.seed)
-            loss = recover(tmp, base_model, recovery)
-            print(f"recovered {args.recover_steps} steps on {args.data} at the squeezed ranks: final loss {loss:.4f}")
+    if recovery is not None:
+        print(f"recovered {args.recover_steps} steps on {args.data} at the squeezed ranks: "
+              f"final loss {squeezed.recovery_loss:.4f}")
     print(f"wrote squeezed adapter ({ADAPTER_CONFIG}, {ADAPTER_WEIGHTS}, {SQUEEZE_RECORD}) to {output}")
 
 

@@ -49,7 +49,7 @@ from .run import recipe_splits
 from .rundir import RunDir
 from .search_space import BoundSpace, SearchSpace, canonical, load_search_space
 from .sparsity import prune_to_folder
-from .squeeze import squeeze_lora
+from .squeeze import squeeze_lora_layer
 
 STRATEGIES = typing.get_args(Strategy)  # the recipe's Literal: one definition
 
@@ -270,9 +270,7 @@ def squeeze_supernet(supernet: SuperNet, space: SearchSpace) -> SuperNet:
     tensors: the next stage's optimiser starts fresh for them."""
     factors = {}
     for name, layer in supernet.layers.items():
-        squeezed = squeeze_lora(layer.lora_A["default"].weight, layer.lora_B["default"].weight,
-                                layer.scaling["default"], rank=space.r_max)
-        factors[name] = squeezed
+        factors[name] = squeeze_lora_layer(layer, rank=space.r_max)
     net = SuperNet.from_base(supernet.model.unload(), space, sparse_adapter=supernet.sparse_adapter)
     with torch.no_grad():
         for name, squeezed in factors.items():
@@ -389,7 +387,7 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
         trainer.train(resume_from_checkpoint=last_checkpoint(stage.checkpoints) if resume else None)
         trained += trainer.stage_trained()
         if stage.checkpoints != run_dir.checkpoints and is_main_process():
-            supernet.save(finished, overwrite=True)
+            supernet.save(finished, force=True)
             write_json(finished / "trained.json", trained)
 
     if trainer is None:  # every stage was already finished: a trainer only to evaluate
@@ -401,7 +399,7 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
     out = run_dir.supernet
     if is_main_process():
         supernet.activate(supernet.maximal())
-        supernet.save(out, overwrite=True)  # check_run_dir already refused to clobber a finished run
+        supernet.save(out, force=True)  # check_run_dir already refused to clobber a finished run
         write_json(run_dir.train_summary, {
             "base": base_source, "steps": len({step for step, _ in trained}), "validation": summary,
             "trained_configs": [{"step": s, "config": json.loads(c)} for s, c in trained]})

@@ -61,7 +61,7 @@ def stock_lora_of(net, config, arch, seed=0, sparse=False):
     if sparse:
         prune_half(base)
     space = net.space.space
-    ranks = net.config_to_module_ranks(config)
+    ranks = net.space.module_ranks(config)
     lora = LoraConfig(r=space.r_max, lora_alpha=space.lora_alpha, target_modules=list(ranks),
                       rank_pattern=ranks,
                       alpha_pattern={n: space.lora_alpha * r / space.r_max for n, r in ranks.items()})
@@ -109,7 +109,7 @@ def test_subnet_state_dict_is_a_stock_adapter_with_alpha_pattern():
     config = net.sample(np.random.default_rng(4))
     net.activate(config)
     tensors = net.subnet_state_dict(config)
-    ranks = net.config_to_module_ranks(config)
+    ranks = net.space.module_ranks(config)
     assert sum(t.numel() for t in tensors.values()) == net.adapter_params(config)
     for key, tensor in tensors.items():
         module = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
@@ -180,7 +180,7 @@ def test_gradients_reach_only_the_active_slice():
     net.activate(config)
     out = net.model(input_ids=IDS, labels=IDS)
     out.loss.backward()
-    ranks = net.config_to_module_ranks(config)
+    ranks = net.space.module_ranks(config)
     for name, layer in net.layers.items():
         r = ranks[name]
         grad_a, grad_b = layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad
@@ -245,7 +245,7 @@ def masked_reference(net, config, arch="llama"):
     prune_half(base)
     scaling = net.space.space.lora_alpha / net.space.r_max
     with torch.no_grad():
-        for name, r in net.config_to_module_ranks(config).items():
+        for name, r in net.space.module_ranks(config).items():
             layer, weight = net.layers[name], base.get_submodule(name).weight
             delta = layer.lora_B["default"].weight[:, :r] @ layer.lora_A["default"].weight[:r]
             weight += scaling * delta * (weight != 0)
@@ -336,7 +336,7 @@ def test_save_refuses_to_overwrite(tmp_path):
     with pytest.raises(ShearsError, match="already exists"):
         net.save(folder)
     randomize_adapters(net.model, seed=3)
-    net.save(folder, overwrite=True)
+    net.save(folder, force=True)
     assert SuperNet.load(folder, make_tiny_model("llama")).fingerprint == net.fingerprint
     assert sorted(p.name for p in tmp_path.iterdir()) == ["supernet"]
 

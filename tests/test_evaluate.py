@@ -488,7 +488,7 @@ SPACE = {"target_modules": ["q_proj", "v_proj", "down_proj"], "r_max": 8, "lora_
 
 def stock_peft_subnet(net, config):
     """get_peft_model with per-module rank_pattern/alpha_pattern, the slices A[:r], B[:, :r] copied in by hand."""
-    ranks = net.config_to_module_ranks(config)
+    ranks = net.space.module_ranks(config)
     r_max, alpha = SPACE["r_max"], SPACE["lora_alpha"]
     anchored = {f"^{re.escape(name)}$": r for name, r in ranks.items()}
     lora = LoraConfig(r=r_max, lora_alpha=alpha, target_modules=list(ranks), rank_pattern=anchored,
@@ -585,7 +585,10 @@ def test_cli_writes_per_example_predictions(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # never overwrites silently
         main(["--model", str(tiny_model_dir), "--data", str(data), "--task", "choice", "--output", str(out)])
     assert exit_info.value.code == 2
-    assert "--overwrite" in capsys.readouterr().err
+    assert "--force" in capsys.readouterr().err
+    # --force replaces it, as in every stage's CLI; --overwrite, its old name, still works
+    for flag in ("--force", "--overwrite"):
+        main(["--model", str(tiny_model_dir), "--data", str(data), "--task", "choice", "--output", str(out), flag])
 
 
 @pytest.mark.parametrize("argv, message", [

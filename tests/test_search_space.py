@@ -58,15 +58,15 @@ def test_llama_yaml_is_shears_default():
 def test_llama_binds_three_groups_per_layer(tiny_llama):
     bound = load_search_space("llama").bind(tiny_llama)
     assert bound.keys == ("qkv.0", "up.0", "down.0", "qkv.1", "up.1", "down.1")
-    assert bound.modules_of("qkv.1") == ("model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj",
+    assert bound.modules["qkv.1"] == ("model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj",
                                          "model.layers.1.self_attn.v_proj")
-    assert bound.modules_of("down.0") == ("model.layers.0.mlp.down_proj",)
+    assert bound.modules["down.0"] == ("model.layers.0.mlp.down_proj",)
     assert all(bound.choices[k] == (32, 24, 16) for k in bound.keys)
 
 
 def test_gate_and_all_spaces(tiny_llama):
     gate = load_search_space("llama-gate").bind(tiny_llama)
-    assert gate.modules_of("gate_up.0") == ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj")
+    assert gate.modules["gate_up.0"] == ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj")
     every = load_search_space("llama-all").bind(tiny_llama)
     leaves = sorted(name.rsplit(".", 1)[-1] for name in every.module_names())
     assert leaves == sorted(LLAMA_LINEARS * 2)  # all seven projections of both blocks
@@ -89,7 +89,7 @@ def test_phi3_fused_projections_need_their_own_space():
         "groups": [{"name": "attn", "modules": ["qkv_proj"], "choices": [16, 8]},
                    {"name": "mlp", "modules": ["gate_up_proj", "down_proj"], "choices": [16, 8, 4]}]})
     bound = space.bind(phi3)
-    assert bound.modules_of("mlp.1") == ("model.layers.1.mlp.gate_up_proj", "model.layers.1.mlp.down_proj")
+    assert bound.modules["mlp.1"] == ("model.layers.1.mlp.gate_up_proj", "model.layers.1.mlp.down_proj")
     qkv = phi3.get_submodule("model.layers.0.self_attn.qkv_proj")
     assert bound.shapes["model.layers.0.self_attn.qkv_proj"] == (qkv.in_features, qkv.out_features)
 
@@ -99,7 +99,7 @@ def test_global_scope_has_one_key_over_all_layers(tiny_llama):
     groups[1]["scope"] = "global"
     bound = SearchSpace.from_dict(space_dict(groups=groups)).bind(tiny_llama)
     assert bound.keys == ("qkv.0", "down.0", "qkv.1", "down.1", "up")
-    assert bound.modules_of("up") == ("model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj")
+    assert bound.modules["up"] == ("model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj")
 
 
 def test_dotted_suffix_names_match(tiny_llama):
@@ -107,7 +107,7 @@ def test_dotted_suffix_names_match(tiny_llama):
     groups[0]["modules"] = ["self_attn.q_proj", "k_proj", "v_proj"]
     data = space_dict(groups=groups, target_modules=["self_attn.q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
     bound = SearchSpace.from_dict(data).bind(tiny_llama)
-    assert bound.modules_of("qkv.0")[0] == "model.layers.0.self_attn.q_proj"
+    assert bound.modules["qkv.0"][0] == "model.layers.0.self_attn.q_proj"
 
 
 # ----------------------------------------------------------------------------- validation errors

@@ -20,8 +20,9 @@ from typing import Any, Callable
 from peft import get_peft_model_state_dict
 
 from ..errors import ShearsError
+from ..search_space import Config
+from ..squeeze import PEFT_PREFIX
 
-Config = dict[str, int]
 
 QUALITY = {"accuracy": True, "loss": False}  # name -> maximise?
 SIZES = ("adapter_params", "nonzero_params")
@@ -113,7 +114,7 @@ def nonzero_counter(supernet) -> Callable[[Config], float]:
     # module -> non-zeros of its adapter at every rank 0..r_max: cumulated rows of A plus columns of B
     by_rank: dict[str, list[int]] = {}
     for key, tensor in get_peft_model_state_dict(supernet.model).items():
-        module, _, kind = key.removeprefix("base_model.model.").rpartition(".lora_")
+        module, _, kind = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
         per_rank = (tensor != 0).sum(dim=1 if kind == "A.weight" else 0)  # A: r x in; B: out x r
         counts = by_rank.setdefault(module, [0] * (len(per_rank) + 1))
         for r, total in enumerate(per_rank.cumsum(0).tolist(), start=1):

@@ -21,15 +21,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from ..errors import ShearsError
-from ..search_space import canonical, heuristic_choice
+from ..search_space import ANCHORS, Config, canonical, heuristic_choice  # anchors: evaluated first, in this order
 from .history import History
 from .objectives import Objective
 
 if TYPE_CHECKING:
     from .fidelity import Rungs
 
-Config = dict[str, int]
-ANCHORS = ("maximal", "heuristic", "minimal")  # evaluated first, in this order
 
 
 def anchor_configs(space: Any) -> dict[str, Config]:
@@ -112,10 +110,6 @@ class Evaluator:
     rungs: "Rungs | None" = None  # multi-fidelity screening before a full evaluation (fidelity.py)
     fresh: int = field(default=0)  # evaluations run by this evaluator
     postfix: dict = field(default_factory=dict)  # what a backend adds to the progress bar (e.g. tau)
-
-    def lookup(self, config: Config) -> dict | None:
-        """The history record of `config`, if any process evaluated it already."""
-        return self.history.get(config)
 
     def evaluate(self, config: Config, trial: int | None = None, n_examples: int | None = None,
                  **extra: Any) -> dict:
