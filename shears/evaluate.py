@@ -41,8 +41,8 @@ from tqdm.auto import tqdm
 
 from .atomic import write_json
 from .errors import ShearsError, cli_errors
+from .precision import autocast, precision_name, resolve_bf16
 from .recipe import Task
-from .precision import autocast, precision_name
 
 TASKS = typing.get_args(Task)  # the recipe's Literal: one definition
 TOLERANCE = 1e-3  # |prediction - gold| within this counts as correct (LLM-Adapters)
@@ -693,6 +693,9 @@ def _load_plain(model_name: str, adapter: str | None, dtype: str):
     return model, load_tokenizer(model_name)
 
 
+_BF16_FLAG = {"auto": "auto", "true": True, "false": False}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shears-evaluate", description=__doc__.split("\n\n")[0])
     source = p.add_mutually_exclusive_group(required=True)
@@ -712,6 +715,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(default: the run's recipe data.answer_format, else label)")
     p.add_argument("--cutoff-len", type=int, help="loss task: token cut-off (default recipe data.cutoff_len, else 1024)")
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default recipe, else float32)")
+    p.add_argument("--bf16", choices=sorted(_BF16_FLAG),
+                   help="bf16 autocast: auto (where the device has native bf16) | true | false "
+                        "(default: the run's evaluation.bf16, else auto)")
     p.add_argument("--output", help="write the result with per-example predictions to this JSON file")
     # --force, as in every other stage's CLI; --overwrite is kept as its old name
     p.add_argument("--force", "--overwrite", dest="force", action="store_true", help="replace an existing --output")
@@ -748,14 +754,18 @@ def main(argv: list[str] | None = None) -> None:
         task, batch_size, max_new_tokens, cutoff_len = ev.task, ev.batch_size, ev.max_new_tokens, recipe.data.cutoff_len
         if not args.answer_format:  # score in the format the run trained in
             records = to_answer_format(records, recipe.data.answer_format)
+        bf16_setting = recipe.evaluation_bf16()
         described = f"{args.run} subnet {args.subnet}"
     else:
         model, tokenizer = _load_plain(args.model, args.adapter, args.dtype or "float32")
         task, batch_size, max_new_tokens, cutoff_len = "math", 16, 256, 1024
+        bf16_setting = "auto"
         described = args.model + (f" + {args.adapter}" if args.adapter else "")
     if torch.cuda.is_available():
         unwrap(model).to("cuda")
-    result = evaluate(model, tokenizer, records, args.task or task, limit=args.limit,
+    bf16 = resolve_bf16(bf16_setting if args.bf16 is None else _BF16_FLAG[args.bf16], _device(unwrap(model)),
+                        key="--bf16" if args.bf16 is not None else "evaluation.bf16")
+    result = evaluate(model, tokenizer, records, args.task or task, limit=args.limit, bf16=bf16,
                       batch_size=_given(args.batch_size, batch_size),
                       max_new_tokens=_given(args.max_new_tokens, max_new_tokens),
                       choices=args.choices.split(",") if args.choices else None,

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from .errors import ShearsError, cli_errors
+from .precision import resolve_bf16
 from .sparsity import DEFAULT_CALIBRATION, METHODS, SPARSITY_JSON, prune_to_folder, sparsity_report
 
 
@@ -33,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="fnmatch patterns on qualified module names to leave dense, e.g. '*.down_proj'")
     parser.add_argument("--batch-size", type=int, default=1, help="calibration samples per block call")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    parser.add_argument("--bf16", default="auto", choices=("auto", "true", "false"),
+                        help="calibration forward under bf16 autocast: auto = where the device has native bf16")
     parser.add_argument("--output", help="folder to write (refused if it exists, unless --force)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --output")
     parser.add_argument("--check", metavar="DIR", help="print the sparsity of a model folder and exit")
@@ -78,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     path = prune_to_folder(args.model, output, sparsity=_sparsity(args), pattern=args.pattern, method=args.method,
                            calibration_records=records, calibration_source=args.calibration,
                            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, exclude=args.exclude,
-                           batch_size=args.batch_size, dtype=args.dtype, force=True)
+                           batch_size=args.batch_size, dtype=args.dtype, force=True,
+                           bf16=resolve_bf16({"auto": "auto", "true": True, "false": False}[args.bf16], key="--bf16"))
     total = json.loads((path / SPARSITY_JSON).read_text())["total"]
     print(f"wrote {path} (model, tokenizer, {SPARSITY_JSON}): {total:.2%} of decoder-block linear weights pruned")
 

@@ -36,6 +36,7 @@ AnswerFormat = Literal["label", "content"]
 Task = Literal["math", "choice", "loss"]
 SearchBackend = Literal["optuna", "pymoo", "surrogate"]
 OptunaSampler = Literal["tpe", "nsga2", "gp", "random"]
+BF16 = Union[bool, Literal["auto"]]  # shears.precision resolves auto
 
 
 @dataclass
@@ -88,7 +89,10 @@ class TrainingConfig:
     save_steps: int = 200
     save_total_limit: Optional[int] = 2
     gradient_checkpointing: bool = False
-    bf16: bool = False
+    # bf16 autocast: auto = where the device has native bf16 (CUDA bf16, CPU AVX512-BF16/AMX), else fp32.
+    # Adapter weights and optimizer state stay fp32. The Wanda calibration forward uses it too.
+    bf16: BF16 = "auto"
+    group_by_length: bool = True  # batches of similar lengths (less padding); order still seeded
     seed: int = 42
     val_limit: Optional[int] = 64  # validation examples for the end-of-training loss report
     # In-Squeeze (LoRA-Squeeze): r_max of each training stage, e.g. [64, 32]; it must end at the search
@@ -103,6 +107,7 @@ class EvaluationConfig:
     task: Task = "math"
     max_new_tokens: int = 32
     batch_size: int = 16
+    bf16: Optional[BF16] = None  # auto | true | false; unset: training.bf16 (evaluation and search)
 
 
 @dataclass
@@ -145,6 +150,10 @@ class Recipe:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def evaluation_bf16(self) -> BF16:
+        """The precision setting evaluation and search use: evaluation.bf16, else training.bf16."""
+        return self.training.bf16 if self.evaluation.bf16 is None else self.evaluation.bf16
 
     def validate(self) -> "Recipe":
         s = self.sparsity
@@ -189,6 +198,8 @@ def _yaml_load(text: str) -> Any:
 # --------------------------------------------------------------------------- typed construction
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:  # name the allowed values, e.g. 'auto'
+        return " or ".join(repr(v) for v in typing.get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

@@ -46,6 +46,7 @@ from .atomic import atomic_folder
 from .errors import ShearsError
 from .recipe import PruneMethod
 from .models import decoder_layers, linear_names
+from .precision import autocast, precision_name
 
 METHODS = typing.get_args(PruneMethod)  # the recipe's Literal: one definition
 SPARSITY_JSON = "sparsity.json"
@@ -267,8 +268,12 @@ def _max_positions(config) -> int | None:
 
 def wanda_prune(model: nn.Module, calibration_input_ids: torch.Tensor | None = None, sparsity: float = 0.5,
                 pattern: str = "unstructured", method: str = "wanda", exclude: Sequence[str] = (),
-                batch_size: int = 1, offload_device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+                batch_size: int = 1, offload_device: str | torch.device = "cpu",
+                bf16: bool = False) -> dict[str, torch.Tensor]:
     """Prune the decoder-block linears of `model` in place.
+
+    `bf16` runs the calibration forward under bf16 autocast; the activation statistics are still
+    accumulated in fp32 and the scores computed from the fp32 weights.
 
     Returns {qualified module name: BoolTensor mask of weight's shape (on CPU)}, True = weight kept.
     `calibration_input_ids` ([nsamples, seqlen]) is needed for method="wanda", ignored for
@@ -291,7 +296,7 @@ def wanda_prune(model: nn.Module, calibration_input_ids: torch.Tensor | None = N
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), autocast(bf16, model.get_input_embeddings().weight.device):
             hidden, received = capture_block_inputs(model, blocks, ids.split(max(1, batch_size)), offload_device)
             for index, block in enumerate(tqdm(blocks, desc="wanda pruning", unit="block")):
                 linears = targets[index]
@@ -352,7 +357,7 @@ def _sha256(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()[:16]
 
 
-_SETTINGS = ("base_model", "method", "pattern", "sparsity", "exclude", "calibration")
+_SETTINGS = ("base_model", "method", "pattern", "sparsity", "exclude", "calibration", "precision")
 
 
 def _recorded_settings(folder: Path) -> dict | None:
@@ -369,7 +374,7 @@ def prune_to_folder(model_name_or_path: str | os.PathLike, output_dir: str | os.
                     calibration_records: Iterable[dict] | None = None,
                     calibration_input_ids: torch.Tensor | None = None, calibration_source: str | None = None,
                     nsamples: int = 128, seqlen: int = 2048, seed: int = 0, exclude: Sequence[str] = (),
-                    batch_size: int = 1, dtype: str = "float32", force: bool = False) -> Path:
+                    batch_size: int = 1, dtype: str = "float32", bf16: bool = False, force: bool = False) -> Path:
     """Load a model, prune it, write RUN/sparse_base-style folder; reuse a folder pruned alike.
 
     Calibration (method "wanda" only): `calibration_input_ids` if given, else `nsamples` windows of
@@ -401,7 +406,8 @@ def prune_to_folder(model_name_or_path: str | os.PathLike, output_dir: str | os.
                            "seqlen": int(min(seqlen, limit) if limit else seqlen), "seed": int(seed),
                            "sha256": _sha256(json.dumps(records, sort_keys=True, default=str).encode())}
     settings = {"base_model": str(model_name_or_path), "method": method, "pattern": pattern,
-                "sparsity": float(sparsity), "exclude": list(exclude), "calibration": calibration}
+                "sparsity": float(sparsity), "exclude": list(exclude), "calibration": calibration,
+                "precision": precision_name(bf16) if method == "wanda" else None}
     if out.exists() and not force:
         if _recorded_settings(out) == settings:
             return out
@@ -414,5 +420,5 @@ def prune_to_folder(model_name_or_path: str | os.PathLike, output_dir: str | os.
     if records is not None:
         ids = data.calibration_input_ids(tokenizer, records, calibration["nsamples"], calibration["seqlen"], seed)
     wanda_prune(model, ids, sparsity=sparsity, pattern=pattern, method=method, exclude=exclude,
-                batch_size=batch_size)
+                batch_size=batch_size, bf16=bf16)
     return save_pruned(model, tokenizer, out, settings, force=True)

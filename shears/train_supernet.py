@@ -31,6 +31,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from .data import Collator, TokenizedDataset
 from .elastic import SuperNet
 from .errors import ShearsError, cli_errors
 from .models import load_model, load_tokenizer
+from .precision import precision_name, resolve_bf16
 from .recipe import Recipe, Strategy, load_recipe, save_recipe
 from .run import recipe_splits
 from .rundir import RunDir
@@ -90,6 +92,11 @@ class TrainingOrder:
     size: int
     seed: int
     samples_per_step: int
+    # Length grouping (as HF's LengthGroupedSampler): each permutation is cut into chunks of
+    # `group_steps` steps' samples and each chunk sorted longest first, so a step's batch holds
+    # records of similar length (little padding) while every cycle is still a permutation of all.
+    lengths: tuple[int, ...] = ()
+    group_steps: int = 50
 
     @property
     def steps_per_epoch(self) -> int:
@@ -100,7 +107,13 @@ class TrainingOrder:
         return self.steps_per_epoch * self.samples_per_step
 
     def _permutation(self, cycle: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, cycle]).permutation(self.size)
+        permutation = np.random.default_rng([self.seed, cycle]).permutation(self.size)
+        if self.lengths:
+            lengths, chunk = np.asarray(self.lengths), self.group_steps * self.samples_per_step
+            for start in range(0, self.size, chunk):
+                part = permutation[start:start + chunk]
+                permutation[start:start + chunk] = part[np.argsort(-lengths[part], kind="stable")]
+        return permutation
 
     def epoch_indices(self, epoch: int, start_step: int) -> list[int]:
         """The records of `epoch` (counted from `start_step`, where the stage starts) in order."""
@@ -147,6 +160,7 @@ class NLSTrainer(Trainer):
         self.total_steps = total_steps if total_steps is not None else step_offset + self.args.max_steps
         self.trained_configs: list[tuple[int, str]] = []  # (step, canonical config) as trained, for provenance
         self._last_params = 0
+        self._tokens, self._since = 0, time.perf_counter()  # real (non-pad) tokens trained since the last log
 
     def _get_train_sampler(self, train_dataset=None) -> Sampler:
         return StreamSampler(self.order, self.step_offset)
@@ -174,8 +188,11 @@ class NLSTrainer(Trainer):
         step = self.step_offset + self.state.global_step
         configs = self.sampler.configs_for_step(step)
         total = None
+        mask = inputs.get("attention_mask")
+        tokens = int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         for config in configs:
             self.supernet.activate(config)
+            self._tokens += tokens
             loss = super().training_step(model, inputs, num_items_in_batch)
             if not torch.isfinite(loss).all():  # Trainer's log would silently filter it out
                 raise ShearsError(f"the training loss became {loss.item()} at step {step}: lower "
@@ -196,6 +213,10 @@ class NLSTrainer(Trainer):
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs:
             logs["subnet_params"] = self._last_params
+            now = time.perf_counter()
+            # this process's forward+backward throughput on real tokens (padding excluded)
+            logs["tokens_per_second"] = round(self._tokens / max(now - self._since, 1e-9), 1)
+            self._tokens, self._since = 0, now
         super().log(logs, *args, **kwargs)
 
 
@@ -207,15 +228,16 @@ def resolve_search_space(recipe: Recipe) -> SearchSpace:
     return load_search_space(recipe.search_space)
 
 
-def prepare_base(recipe: Recipe, run_dir: RunDir, train_records: list[dict]):
-    """The frozen base: the recipe's model, pruned into RUN/sparse_base first when sparsity > 0."""
+def prepare_base(recipe: Recipe, run_dir: RunDir, train_records: list[dict], bf16: bool = False):
+    """The frozen base: the recipe's model, pruned into RUN/sparse_base first when sparsity > 0
+    (its Wanda calibration forward in the training precision, `bf16`)."""
     s = recipe.sparsity
     source = recipe.model
     if s.sparsity > 0:
         source = str(prune_to_folder(
             recipe.model, run_dir.sparse_base, sparsity=s.sparsity, pattern=s.pattern, method=s.method,
             calibration_records=train_records, nsamples=s.nsamples, seqlen=s.seqlen, seed=s.seed,
-            exclude=s.exclude))
+            exclude=s.exclude, bf16=bf16))
     return load_model(source, dtype=recipe.dtype), load_tokenizer(source), source
 
 
@@ -281,9 +303,11 @@ def squeeze_supernet(supernet: SuperNet, space: SearchSpace) -> SuperNet:
     return net
 
 
-def training_arguments(recipe: Recipe, stage: Stage) -> TrainingArguments:
+def training_arguments(recipe: Recipe, stage: Stage, bf16: bool) -> TrainingArguments:
+    """`bf16`: the resolved recipe setting (`shears.precision.resolve_bf16`)."""
     t = recipe.training
     distributed = world_size() > 1
+    on_cpu = not torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(stage.checkpoints),
         max_steps=stage.max_steps,  # epochs are converted to steps by plan_stages
@@ -303,9 +327,10 @@ def training_arguments(recipe: Recipe, stage: Stage) -> TrainingArguments:
         # Non-reentrant checkpointing recomputes with the same module attributes (the active ranks),
         # and needs no input-requires-grad trick for a frozen base.
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
-        bf16=t.bf16,
-        # Trainer refuses bf16 without a GPU unless told the CPU is meant (its autocast then runs there)
-        use_cpu=t.bf16 and not torch.cuda.is_available(),
+        # Trainer's bf16 is autocast over fp32 weights and fp32 optimizer state; on a CPU it needs
+        # use_cpu, or it refuses bf16 as "gpu only".
+        bf16=bf16,
+        use_cpu=bf16 and on_cpu,
         seed=t.seed,
         data_seed=t.seed,
         report_to=[],
@@ -356,15 +381,17 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
         save_recipe(recipe, run_dir.recipe)
 
     d = recipe.data
+    bf16 = resolve_bf16(recipe.training.bf16, key="training.bf16")  # before any work: a bad setting fails now
     train_records, val_records = recipe_splits(recipe)
-    base, tokenizer, base_source = prepare_base(recipe, run_dir, train_records)
+    base, tokenizer, base_source = prepare_base(recipe, run_dir, train_records, bf16)
 
     space = resolve_search_space(recipe)
     train_set = TokenizedDataset(tokenizer, train_records, d.cutoff_len, d.train_on_inputs)
     val_set = TokenizedDataset(tokenizer, val_records[: recipe.training.val_limit], d.cutoff_len, d.train_on_inputs)
     t = recipe.training
     order = TrainingOrder(len(train_set), t.seed,
-                          t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size())
+                          t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size(),
+                          lengths=tuple(len(x["input_ids"]) for x in train_set.examples) if t.group_by_length else ())
     stages = plan_stages(recipe, space, run_dir, order.steps_per_epoch)
     trained: list[tuple[int, str]] = []
     supernet = trainer = None
@@ -380,7 +407,7 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
         elif supernet.space.r_max != stage.space.r_max:
             supernet = squeeze_supernet(supernet, stage.space)
         trainer = NLSTrainer(
-            model=supernet.model, args=training_arguments(recipe, stage), train_dataset=train_set,
+            model=supernet.model, args=training_arguments(recipe, stage, bf16), train_dataset=train_set,
             eval_dataset=val_set, data_collator=Collator(tokenizer), supernet=supernet,
             sampler=SubnetSampler(supernet.space, t.strategy, seed=t.seed), order=order,
             step_offset=stage.step_offset, total_steps=sum(s.max_steps for s in stages))
@@ -391,7 +418,7 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
             write_json(finished / "trained.json", trained)
 
     if trainer is None:  # every stage was already finished: a trainer only to evaluate
-        trainer = Trainer(model=supernet.model, args=training_arguments(recipe, stage), eval_dataset=val_set,
+        trainer = Trainer(model=supernet.model, args=training_arguments(recipe, stage, bf16), eval_dataset=val_set,
                           data_collator=Collator(tokenizer))
     summary = {name: _val_loss(trainer, supernet, config)
                for name, config in (("maximal", supernet.maximal()), ("heuristic", supernet.heuristic()),
@@ -401,7 +428,8 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
         supernet.activate(supernet.maximal())
         supernet.save(out, force=True)  # check_run_dir already refused to clobber a finished run
         write_json(run_dir.train_summary, {
-            "base": base_source, "steps": len({step for step, _ in trained}), "validation": summary,
+            "base": base_source, "steps": len({step for step, _ in trained}), "precision": precision_name(bf16),
+            "validation": summary,
             "trained_configs": [{"step": s, "config": json.loads(c)} for s, c in trained]})
         _print_summary(run_dir, summary)
     _write_trace(run_dir, trained)

@@ -39,6 +39,7 @@ from shears.evaluate import (
     main,
     score_math,
 )
+from shears.precision import resolve_bf16
 from shears.search_space import SearchSpace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -566,7 +567,10 @@ def test_cli_writes_per_example_predictions(tiny_model_dir, tmp_path, capsys):
     assert f"wrote 3 predictions to {out}" in printed
     written = json.loads(out.read_text())
     assert written["task"] == "choice" and written["n"] == 3 and len(written["predictions"]) == 3
-    expected = evaluate(load_model(tiny_model_dir), make_tiny_tokenizer(), CHOICE_RECORDS[:3], "choice", progress=False)
+    bf16 = resolve_bf16("auto")  # the CLI's default precision without a run's recipe
+    expected = evaluate(load_model(tiny_model_dir), make_tiny_tokenizer(), CHOICE_RECORDS[:3], "choice", progress=False,
+                        bf16=bf16)
+    assert written["precision"] == expected["precision"] == ("bf16-autocast" if bf16 else "fp32")
     for ours, theirs in zip(written["predictions"], expected["predictions"]):
         assert ours["index"] == theirs["index"] and ours["prediction"] == theirs["prediction"]
         assert ours["logprobs"] == pytest.approx(theirs["logprobs"], abs=1e-4)

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from shears import data
 from shears.prune import main
+from shears.precision import resolve_bf16
 from shears.sparsity import wanda_prune
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,13 +57,15 @@ def test_wanda_round_trip_with_a_json_data_file(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(base)
     ids = data.calibration_input_ids(make_tiny_tokenizer(), data.load_records(source), 3, 40, 5)
-    masks = wanda_prune(model, ids, sparsity=0.5, pattern="2:4", exclude=["*.o_proj"])
+    bf16 = resolve_bf16("auto")  # the CLI's default precision
+    masks = wanda_prune(model, ids, sparsity=0.5, pattern="2:4", exclude=["*.o_proj"], bf16=bf16)
     assert "model.layers.0.self_attn.o_proj" not in masks
     pruned = weights(tmp_path / "out")
     for key, value in model.state_dict().items():
         assert torch.equal(pruned[key], value), key
     record = json.loads((tmp_path / "out" / "sparsity.json").read_text())
     assert record["pattern"] == "2:4" and record["exclude"] == ["*.o_proj"]
+    assert record["precision"] == ("bf16-autocast" if bf16 else "fp32")
     assert record["calibration"]["source"] == str(source) and record["calibration"]["seqlen"] == 40
 
 

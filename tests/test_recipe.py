@@ -145,7 +145,7 @@ def test_overrides_as_a_dict_and_lists_of_sources():
     ("training.max_steps=abc", ["recipe.training.max_steps", "integer", "'abc'"]),
     ("training.max_steps=1.5", ["recipe.training.max_steps", "integer", "1.5"]),
     ("data.train_on_inputs=maybe", ["recipe.data.train_on_inputs", "true or false"]),
-    ("training.bf16=1", ["recipe.training.bf16", "true or false"]),
+    ("training.bf16=1", ["recipe.training.bf16", "bool or 'auto'"]),
     ("training.learning_rate=fast", ["recipe.training.learning_rate", "number"]),
     ("training.learning_rate=[1, 2]", ["recipe.training.learning_rate", "number"]),
     ("data.train_limit=lots", ["recipe.data.train_limit", "'lots'"]),

@@ -22,6 +22,7 @@ from shears.errors import ShearsError
 from shears.search import (ANCHORS, History, OptunaBackend, PymooBackend, SearchProblem, hypervolume_2d,
                            parse_objectives, search)
 from shears.search.optuna_backend import open_storage
+from shears.search.problem import Evaluator
 from shears.search_space import canonical
 
 # ----------------------------------------------------------------------------- a cheap problem
@@ -643,3 +644,23 @@ def test_cli_on_a_trained_run_surrogate_with_rungs_then_a_warm_started_search(tm
         main(["--run", str(run), "--budget", "10", "--eval-limit", "4", "--objectives", "loss,nonzero_params",
               "--backend", "pymoo", "--no-progress"])
     assert "another super-network or evaluation set" in capsys.readouterr().err
+
+
+def test_every_history_record_names_the_precision_and_the_bar_shows_seconds_per_eval(tmp_path):
+    problem = toy_problem(CountingObjective())
+    problem.precision = "bf16-autocast"
+    history = History(tmp_path / "history.jsonl", problem.objectives)
+
+    class Bar:
+        n, postfix = 0, {}
+
+        def refresh(self):
+            pass
+
+        def set_postfix(self, **kwargs):
+            self.postfix = kwargs
+
+    bar = Bar()
+    Evaluator(problem, history, "test", bar).evaluate(problem.anchors["maximal"])
+    assert read_history(tmp_path / "history.jsonl")[0]["precision"] == "bf16-autocast"
+    assert float(bar.postfix["s/eval"]) >= 0

@@ -376,7 +376,7 @@ def test_bf16_training_arguments_are_accepted_on_a_cpu(tmp_path):
 
     recipe = load_recipe(None, {"training.bf16": True, "training.max_steps": 1})
     (stage,) = plan_stages(recipe, load_search_space("llama"), RunDir(tmp_path), steps_per_epoch=1)
-    args = training_arguments(recipe, stage)
+    args = training_arguments(recipe, stage, bf16=True)
     assert args.bf16 and args.use_cpu
 
 
@@ -393,7 +393,7 @@ def test_training_setup_raises_no_deprecation_warning_from_our_calls(tiny_model_
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         warnings.simplefilter("error", DeprecationWarning)
-        args = training_arguments(recipe, plan_stages(recipe, space, RunDir(tmp_path / "run"), 10)[0])
+        args = training_arguments(recipe, plan_stages(recipe, space, RunDir(tmp_path / "run"), 10)[0], bf16=False)
         SuperNet.from_base(make_tiny_model_for_warnings(), space)
         open_storage(f"sqlite:///{tmp_path}/study.db")
     assert args.activation_checkpointing
@@ -446,3 +446,88 @@ def test_a_sandwich_step_sums_the_gradients_of_its_three_subnets(tiny_model_dir,
     trainer.training_step(net.model, dict(batch))
     for got, want in zip((p.grad for p in params), expected):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+# ---- precision and padding
+
+def test_bf16_true_without_native_bf16_is_one_line_error_naming_auto(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import shears.precision
+
+    monkeypatch.setattr(shears.precision, "_cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        main(["--recipe", str(tiny_recipe(tiny_model_dir, tmp_path)), "training.bf16=true"])
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "training.bf16=auto" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("setting, expected", [("true", "bf16-autocast"), ("false", "fp32")])
+def test_training_precision_is_autocast_over_fp32_adapters_and_recorded(tiny_model_dir, tmp_path, monkeypatch,
+                                                                        setting, expected):
+    from shears.precision import native_bf16
+
+    if setting == "true" and not native_bf16("cpu"):
+        pytest.skip("this CPU has no native bf16 (avx512_bf16 / amx_bf16)")
+    import shears.train_supernet as ts
+
+    seen = []
+    original = ts.SuperNet.from_base
+
+    def from_base(*args, **kwargs):  # observe the first q_proj's output dtype during training steps
+        net = original(*args, **kwargs)
+        layer = next(iter(net.layers.values()))
+        layer.register_forward_hook(lambda mod, a, out: seen.append(
+            (out.dtype, mod.lora_A["default"].weight.dtype) if torch.is_grad_enabled() else None))
+        return net
+
+    monkeypatch.setattr(ts.SuperNet, "from_base", from_base)
+    train_supernet(load_recipe(tiny_recipe(tiny_model_dir, tmp_path, bf16=setting == "true", max_steps=2)),
+                   tmp_path / "run")
+    trained = [s for s in seen if s is not None]
+    compute = torch.bfloat16 if setting == "true" else torch.float32
+    assert trained and all(s == (compute, torch.float32) for s in trained)  # adapter weights stay fp32
+    assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["precision"] == expected
+
+
+def test_length_grouped_batches_pad_less_than_random_ones(tiny_model_dir, tmp_path):
+    def padded_share(group_by_length: bool) -> float:
+        from shears.train_supernet import NLSTrainer
+
+        shares = []
+        step = NLSTrainer.training_step
+
+        def counting(self, model, inputs, num_items_in_batch=None):
+            mask = inputs["attention_mask"]
+            shares.append((int(mask.numel()), int(mask.sum())))
+            return step(self, model, inputs, num_items_in_batch)
+
+        NLSTrainer.training_step = counting
+        try:
+            out = tmp_path / f"run-{group_by_length}"
+            train_supernet(load_recipe(tiny_recipe(tiny_model_dir, tmp_path, group_by_length=group_by_length,
+                                                   max_steps=6, save_steps=100, per_device_train_batch_size=4),
+                                       {"data.train": "builtin:arithmetic?n=400&seed=0"}), out)
+        finally:
+            NLSTrainer.training_step = step
+        return 1 - sum(real for _, real in shares) / sum(total for total, _ in shares)
+
+    assert padded_share(True) < padded_share(False)
+
+
+def test_length_grouping_keeps_every_cycle_a_permutation_and_pads_less():
+    from shears.train_supernet import TrainingOrder
+
+    lengths = tuple(int(x) for x in np.random.default_rng(0).integers(10, 200, size=40))
+    plain = TrainingOrder(size=40, seed=3, samples_per_step=4)
+    grouped = TrainingOrder(size=40, seed=3, samples_per_step=4, lengths=lengths, group_steps=5)
+    stream = grouped.epoch_indices(0, start_step=0) + grouped.epoch_indices(1, start_step=0)
+    assert sorted(stream[:40]) == list(range(40)) and sorted(stream[40:80]) == list(range(40))
+    assert grouped.epoch_indices(0, start_step=3) == stream[12:52]  # still a pure function of the step
+
+    def padded(order):
+        ids = order.epoch_indices(0, start_step=0)
+        steps = [ids[i:i + 4] for i in range(0, len(ids), 4)]
+        return sum(max(lengths[i] for i in s) * len(s) - sum(lengths[i] for i in s) for s in steps)
+
+    assert padded(grouped) < 0.5 * padded(plain)

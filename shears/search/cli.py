@@ -10,6 +10,7 @@ import argparse
 import json
 
 from ..errors import ShearsError, cli_errors
+from ..precision import precision_name, resolve_bf16
 from ..rundir import RunDir
 from .objectives import QUALITY, SIZES, check_objective_names, parse_objectives, size_function, supernet_objective
 from .optuna_backend import SAMPLERS, OptunaBackend
@@ -53,12 +54,14 @@ def problem_from_run(run, objective_names, eval_limit: int | None, batch_size: i
     objectives = parse_objectives(names, lambda name, config: sizes[name](config), space.minimal(), space.maximal())
     evaluation = run.recipe.evaluation
     records = run.validation_records[:eval_limit] if eval_limit is not None else run.validation_records
+    bf16 = resolve_bf16(run.recipe.evaluation_bf16(), next(supernet.model.parameters()).device, key="evaluation.bf16")
     fn = supernet_objective(supernet, run.tokenizer, records, evaluation.task, objectives, sizes,
                             batch_size=batch_size or evaluation.batch_size,
-                            max_new_tokens=evaluation.max_new_tokens, cutoff_len=run.recipe.data.cutoff_len)
+                            max_new_tokens=evaluation.max_new_tokens, cutoff_len=run.recipe.data.cutoff_len, bf16=bf16)
     scorer = scorer_fingerprint(supernet, records, evaluation.task, evaluation.max_new_tokens,
-                                run.recipe.data.cutoff_len)
+                                run.recipe.data.cutoff_len, precision_name(bf16))
     return SearchProblem.from_space(space, objectives, fn, examples=len(records), scorer=scorer,
+                                    precision=precision_name(bf16),
                                     sizes=lambda config: {name: f(config) for name, f in sizes.items()})
 
 

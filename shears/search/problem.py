@@ -59,6 +59,7 @@ class SearchProblem:
     examples: int | None = None
     sizes: Callable[[Config], dict[str, float]] | None = None
     scorer: str | None = None
+    precision: str | None = None  # the compute precision objective_fn runs in (shears.precision), per record
 
     @classmethod
     def from_space(cls, space: Any, objectives: tuple[Objective, ...], objective_fn: Callable[..., dict[str, float]],
@@ -109,6 +110,7 @@ class Evaluator:
     progress: Progress | None = None
     rungs: "Rungs | None" = None  # multi-fidelity screening before a full evaluation (fidelity.py)
     fresh: int = field(default=0)  # evaluations run by this evaluator
+    seconds: float = field(default=0.0)  # and the time they took (the bar's s/eval)
     postfix: dict = field(default_factory=dict)  # what a backend adds to the progress bar (e.g. tau)
 
     def evaluate(self, config: Config, trial: int | None = None, n_examples: int | None = None,
@@ -123,12 +125,15 @@ class Evaluator:
             return record
         start = time.perf_counter()
         values = self.problem.measure(config, n_examples)
-        record = self.history.append(config, values, time.perf_counter() - start, self.backend, trial,
+        seconds = time.perf_counter() - start
+        record = self.history.append(config, values, seconds, self.backend, trial,
                                      label=self.problem.label(config), scorer=self.problem.scorer,
+                                     precision=self.problem.precision,
                                      n_examples=n_examples if n_examples is not None else full,
                                      fidelity=round(n_examples / full, 6) if n_examples is not None else None,
                                      **extra)
         self.fresh += 1
+        self.seconds += seconds
         self.show()
         return record
 
@@ -157,8 +162,9 @@ class Evaluator:
     def show(self) -> None:
         if self.progress is not None:
             self.progress.n = round(self.history.spent, 2)
+            speed = {"s/eval": f"{self.seconds / self.fresh:.1f}"} if self.fresh else {}
             self.progress.set_postfix(front=len(self.history.front()), hv=f"{self.history.hypervolume():.4f}",
-                                      **self.postfix)
+                                      **speed, **self.postfix)
             self.progress.refresh()
 
 
