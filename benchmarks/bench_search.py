@@ -1,24 +1,37 @@
-"""How fast each search backend approaches the true Pareto front, against random search.
+"""How fast each search backend approaches the Pareto front: on a toy space with an exhaustive ground
+truth, and on the real per-layer space of smollm2-135m, against random search.
 
-    python benchmarks/bench_search.py [--seeds 5] [--train-steps 80]
+    python benchmarks/bench_search.py --space toy  [--seeds 5] [--train-steps 80]
+    python benchmarks/bench_search.py --space real --run DIR [--search-records 64 --rescore-records 128]
 
-A real super-network is trained (NLS, shears.train_supernet) on a tiny random-initialised Llama
-(hidden 64, 2 layers, the SmolLM2 tokenizer) over the built-in arithmetic task, with the Shears
-search space (q,k,v / up / down, per layer, ranks 32/24/16): 3^6 = 729 subnets, few enough to
-evaluate every one. The objective is deterministic and cheap -- validation loss on a fixed batch,
-computed once per subnet with shears.evaluate, and adapter parameters -- so the exhaustive front
-is exact and every backend is replayed against the same table.
+Arms: optuna:random (the peer), optuna:tpe, optuna:nsga2, pymoo:nsga2, and the new ones --
+mf:tpe (TPE with multi-fidelity screening: rungs on slices of the evaluation set) and surrogate (a
+ridge predictor proposes, NSGA-II on it refines; surrogate+mf screens its proposals too). Budgets are
+*full-set-equivalent* evaluations: a candidate scored on n of N records costs n / N.
 
-Printed: the hypervolume each backend reaches after 10%, 20% and 40% of the space has been
-evaluated, as a fraction of the exhaustive front's hypervolume (both objectives min-max normalised
-over the whole space, reference point 1.1), mean over seeds. Random search (Optuna's
-RandomSampler, same budget and the same maximal/heuristic/minimal first trials) is the peer.
+Every objective is validation loss (token-weighted, response tokens) and adapter parameters. Scores
+are deterministic, so each record's loss under a config is computed once and cached by canonical
+config: a slice's score is the token-weighted loss of its first n records, and arms that meet the
+same config share the work (legitimate: the same config on the same records gives the same loss).
+
+toy: a tiny random-initialised Llama (hidden 64, 2 layers, SmolLM2 tokenizer) trained by NLS on the
+built-in arithmetic task, Shears groups q,k,v / up / down per layer, ranks 32/24/16: 3^6 = 729
+subnets, every one scored on 16 fixed records, so the exhaustive front is exact. Printed: the
+hypervolume after 10/20/40% of the space as a fraction of the exhaustive front's.
+
+real: a smollm2-135m super-network trained over the full Shears space (3 groups x 30 layers = 90
+keys, 3^90 subnets) on LLM-Adapters commonsense data; each arm searches on --search-records
+validation records, and the front it returns at each budget is re-scored on a separate set of
+--rescore-records validation records, so nobody wins by overfitting the search set. Printed: the
+hypervolume of the re-scored front, mean and standard error over seeds.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
+import math
 import sys
 import tempfile
 import time
@@ -37,18 +50,130 @@ from shears.evaluate import evaluate  # noqa: E402
 from shears.models import resolve_model_path  # noqa: E402
 from shears.recipe import load_recipe  # noqa: E402
 from shears.run import load_run  # noqa: E402
-from shears.search import OptunaBackend, PymooBackend, SearchProblem, search  # noqa: E402
-from shears.search.history import hypervolume_2d  # noqa: E402
+from shears.search import OptunaBackend, PymooBackend, Rungs, SearchProblem, SurrogateBackend, search  # noqa: E402
+from shears.search.history import fidelity, hypervolume_2d  # noqa: E402
 from shears.search.objectives import Objective  # noqa: E402
 from shears.search_space import canonical  # noqa: E402
 from shears.train_supernet import train_supernet  # noqa: E402
 
-FRACTIONS = (0.10, 0.20, 0.40)
+FRACTIONS = (0.10, 0.20, 0.40)  # toy budgets, as shares of the 729-subnet space
+REAL_BUDGETS = (20, 40, 80)  # real budgets, full-set-equivalent evaluations
+ARMS = ("optuna:random", "optuna:tpe", "optuna:nsga2", "pymoo:nsga2", "mf:tpe", "surrogate", "surrogate+mf")
+PEER = "optuna:random"
+NEW = ("mf:tpe", "surrogate", "surrogate+mf")
 SPACE = {"target_modules": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], "r_max": 32, "lora_alpha": 64,
          "lora_dropout": 0.0,
          "groups": [{"name": "qkv", "modules": ["q_proj", "k_proj", "v_proj"], "choices": [32, 24, 16]},
                     {"name": "up", "modules": ["up_proj"], "choices": [32, 24, 16]},
                     {"name": "down", "modules": ["down_proj"], "choices": [32, 24, 16]}]}
+# The real super-network: smollm2-135m (dense base: pruning changes nothing a search comparison needs),
+# the shipped Shears space over all 30 layers, NLS-trained briefly on ARC-Easy + OpenBookQA training
+# questions (short records: 2 shared CPU cores).
+REAL_RECIPE = {
+    "model": "smollm2-135m", "search_space": "llama",
+    "data": {"train": ["/work/shared/data/llm-adapters/commonsense/arc-easy_train.json",
+                       "/work/shared/data/llm-adapters/commonsense/openbookqa_train.json"],
+             "train_limit": 2000, "val_size": 640, "val_seed": 0, "cutoff_len": 128},
+    "training": {"max_steps": 4, "per_device_train_batch_size": 2, "learning_rate": 3.0e-3, "warmup_steps": 1,
+                 "logging_steps": 1, "save_steps": 4, "val_limit": 8},
+    "evaluation": {"task": "loss", "batch_size": 32}, "search": {"objectives": ["loss", "adapter_params"]}}
+
+
+# ----------------------------------------------------------------------------- per-record losses, cached
+
+
+class RecordLosses:
+    """Each record's (summed loss, tokens) under each config, computed once: the loss of the first n
+    records is their token-weighted mean, exactly what shears.evaluate reports for them. With `path`
+    the rows are appended to a JSON-lines file and read back, so a killed benchmark resumes."""
+
+    def __init__(self, supernet, tokenizer, records, cutoff_len: int, bf16: bool = False, path: Path | None = None):
+        self.supernet, self.tokenizer, self.records = supernet, tokenizer, records
+        self.cutoff_len, self.bf16, self.path = cutoff_len, bf16, path
+        self.rows: dict[str, list[tuple[float, int]]] = {}
+        self.computed = 0  # records scored by this process
+        self.seconds = 0.0
+        if path is not None and path.is_file():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    item = json.loads(line)
+                    have = self.rows.setdefault(item["config"], [])
+                    if item["start"] == len(have):
+                        have.extend(tuple(r) for r in item["rows"])
+
+    def loss(self, config: dict, n: int | None = None) -> float:
+        n = len(self.records) if n is None else n
+        key = canonical(config)
+        have = self.rows.setdefault(key, [])
+        if len(have) < n:
+            start = time.perf_counter()
+            self.supernet.activate(config)
+            out = evaluate(self.supernet, self.tokenizer, self.records[len(have):n], "loss", batch_size=32,
+                           cutoff_len=self.cutoff_len, progress=False, bf16=self.bf16)
+            new = [((p["loss"] or 0.0) * p["tokens"], p["tokens"]) for p in out["predictions"]]
+            if self.path is not None:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps({"config": key, "start": len(have), "rows": new}) + "\n")
+            have.extend(new)
+            self.computed += len(new)
+            self.seconds += time.perf_counter() - start
+        rows = have[:n]
+        return sum(r[0] for r in rows) / sum(r[1] for r in rows)
+
+
+def loss_problem(space, losses: RecordLosses) -> SearchProblem:
+    """validation loss (on slices too) and adapter params over `space`, scored through `losses`."""
+    sizes = [space.adapter_params(space.minimal()), space.adapter_params(space.maximal())]
+    objectives = (Objective("loss", False), Objective("adapter_params", False, float(min(sizes)), float(max(sizes))))
+
+    def objective(config, n_examples=None):
+        return {"loss": losses.loss(config, n_examples), "adapter_params": float(space.adapter_params(config))}
+
+    return SearchProblem.from_space(space, objectives, objective, examples=len(losses.records),
+                                    sizes=lambda c: {"adapter_params": float(space.adapter_params(c))})
+
+
+def make_arm(name: str, seed: int, folder: Path, rungs: Rungs):
+    """(backend, rungs or None) of an arm."""
+    screened = rungs if name.endswith("mf") or name.startswith("mf:") else None
+    if name == "pymoo:nsga2":
+        return PymooBackend(seed=seed), None
+    if name.startswith("surrogate"):
+        return SurrogateBackend(seed=seed), screened
+    sampler = name.split(":")[1]
+    return OptunaBackend(sampler, storage=f"journal:{folder / 'study.log'}", seed=seed), screened
+
+
+def fronts_by_budget(records: list[dict], budgets) -> list[list[dict]]:
+    """The full-fidelity records evaluated before each budget (in full-set equivalents) was spent."""
+    out, spent, prefix = [], 0.0, []
+    marks = []
+    for record in records:
+        spent += fidelity(record)
+        marks.append(spent)
+    for budget in budgets:
+        out.append([r for r, mark in zip(records, marks) if mark <= budget + 1e-9 and fidelity(r) >= 1.0])
+    return out
+
+
+def run_arms(problem_for, arms, seeds: int, budget: int, root: Path, rungs: Rungs, desc: str):
+    """{arm: [history records of each seed]}, each arm searched `seeds` times up to `budget`."""
+    out, seconds = {}, {}
+    with tqdm(total=len(arms) * seeds, desc=desc, unit="search") as bar:
+        for name in arms:
+            out[name] = []
+            started = time.perf_counter()
+            for seed in range(seeds):
+                folder = root / name.replace(":", "-").replace("+", "-") / str(seed)
+                backend, screened = make_arm(name, seed, folder, rungs)
+                result = search(problem_for(), folder, budget, backend, progress=False, plot=False, rungs=screened)
+                out[name].append(result.history.records)
+                bar.update()
+            seconds[name] = (time.perf_counter() - started) / seeds
+    return out, seconds
+
+
+# ----------------------------------------------------------------------------- the toy space
 
 
 def tiny_model_dir(root: Path) -> Path:
@@ -76,87 +201,140 @@ def train_tiny_supernet(root: Path, steps: int) -> Path:
     return run
 
 
-def exhaustive_table(run_dir: Path) -> tuple[object, dict[str, dict[str, float]]]:
-    """Every subnet's (validation loss on a fixed batch, adapter params)."""
+def toy(args) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        start = time.perf_counter()
+        run = load_run(train_tiny_supernet(root, args.train_steps))
+        space = run.supernet.space
+        losses = RecordLosses(run.supernet, run.tokenizer, run.validation_records[:16], run.recipe.data.cutoff_len)
+        configs = [dict(zip(space.keys, ranks)) for ranks in itertools.product(*(space.choices[k] for k in space.keys))]
+        table = {canonical(c): {"loss": losses.loss(c), "adapter_params": float(space.adapter_params(c))}
+                 for c in tqdm(configs, desc="exhaustive evaluation", unit="subnet")}
+        setup_s = time.perf_counter() - start
+        lo = {k: min(v[k] for v in table.values()) for k in ("loss", "adapter_params")}
+        hi = {k: max(v[k] for v in table.values()) for k in ("loss", "adapter_params")}
+
+        def norm(v):  # min-max over the whole space, so the exhaustive front spans [0, 1]
+            return tuple((v[k] - lo[k]) / (hi[k] - lo[k]) for k in ("loss", "adapter_params"))
+
+        true_hv = hypervolume_2d([norm(v) for v in table.values()])
+        budgets = [max(3, round(f * len(table))) for f in FRACTIONS]
+        rungs = Rungs(tuple(int(f * 16) for f in args.rungs), args.keep)
+        histories, seconds = run_arms(lambda: loss_problem(space, losses), args.arms, args.seeds, budgets[-1],
+                                      root / "search", rungs, "toy searches")
+    rows = {name: np.mean([[hypervolume_2d([norm(table[canonical(r["config"])]) for r in front]) / true_hv
+                            for front in fronts_by_budget(records, budgets)] for records in runs], axis=0)
+            for name, runs in histories.items()}
+    losses_all = [v["loss"] for v in table.values()]
+    print(f"\nspace: {len(table)} subnets (Shears groups q,k,v / up / down x 2 layers, ranks 32/24/16) of a tiny "
+          f"NLS-trained Llama; objective: validation loss on 16 fixed examples "
+          f"(range {min(losses_all):.4f}-{max(losses_all):.4f}) and adapter params; set-up {setup_s:.0f} s; "
+          f"rungs {list(rungs.examples)} of 16 records, keep {rungs.keep:.2f}")
+    print(f"hypervolume reached / exhaustive front's hypervolume, mean of {args.seeds} seeds "
+          f"(budgets {budgets} full-set-equivalent evaluations):\n")
+    print(f"{'backend':<16}" + "".join(f"{f'{int(f * 100)}% ({b})':>14}" for f, b in zip(FRACTIONS, budgets))
+          + f"{'s / search':>12}")
+    for name, values in rows.items():
+        print(f"{name:<16}" + "".join(f"{v:>14.4f}" for v in values) + f"{seconds[name]:>12.1f}")
+    if PEER in rows:
+        print("\nratio to random search (same budget):")
+        for name, values in rows.items():
+            if name != PEER:
+                print(f"{name:<16}" + "".join(f"{v / r:>14.3f}" for v, r in zip(values, rows[PEER])))
+
+
+# ----------------------------------------------------------------------------- the real space
+
+
+def real(args) -> None:
+    run_dir = Path(args.run)
+    if not (run_dir / "supernet" / "adapter_config.json").is_file():
+        recipe = dict(REAL_RECIPE, training=dict(REAL_RECIPE["training"], max_steps=args.train_steps))
+        path = run_dir.parent / f"{run_dir.name}-recipe.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(recipe))
+        train_supernet(load_recipe(path), run_dir, resume=(run_dir / "recipe.yaml").is_file())
     run = load_run(run_dir)
-    space = run.supernet.space
-    batch = run.validation_records[:16]
-    table = {}
-    configs = [dict(zip(space.keys, ranks)) for ranks in itertools.product(*(space.choices[k] for k in space.keys))]
-    for config in tqdm(configs, desc="exhaustive evaluation", unit="subnet"):
-        run.supernet.activate(config)
-        loss = evaluate(run.supernet, run.tokenizer, batch, "loss", batch_size=16, progress=False)["loss"]
-        table[canonical(config)] = {"loss": float(loss), "adapter_params": float(space.adapter_params(config))}
-    return space, table
+    space, cutoff = run.supernet.space, run.recipe.data.cutoff_len
+    records = run.validation_records
+    if len(records) < args.search_records + args.rescore_records:
+        raise SystemExit(f"{run_dir} has {len(records)} validation records; need search + rescore records")
+    search_set = records[: args.search_records]
+    rescore_set = records[args.search_records: args.search_records + args.rescore_records]
+    cache = Path(args.cache or run_dir / "bench_search_cache")
+    cache.mkdir(parents=True, exist_ok=True)
+    searched = RecordLosses(run.supernet, run.tokenizer, search_set, cutoff, args.bf16, cache / "search.jsonl")
+    rescored = RecordLosses(run.supernet, run.tokenizer, rescore_set, cutoff, args.bf16, cache / "rescore.jsonl")
+    # what one full-set evaluation costs, measured on a config nobody searches (a fresh random one)
+    probe = space.sample(np.random.default_rng(12345))
+    probe_losses = RecordLosses(run.supernet, run.tokenizer, search_set, cutoff, args.bf16)
+    probe_losses.loss(probe)
+    full_eval_s = probe_losses.seconds
+    print(f"one full-set evaluation ({len(search_set)} records, cutoff {cutoff}, "
+          f"{'bf16 autocast' if args.bf16 else 'fp32'}): {full_eval_s:.1f} s")
+    budgets = sorted(args.budgets)
+    rungs = Rungs(tuple(max(1, int(f * len(search_set))) for f in args.rungs), args.keep)
+    with tempfile.TemporaryDirectory() as tmp:
+        histories, seconds = run_arms(lambda: loss_problem(space, searched), args.arms, args.seeds, budgets[-1],
+                                      Path(tmp), rungs, "real searches")
+    size = loss_problem(space, searched).objectives[1]
 
+    def rescored_hv(front: list[dict]) -> float:
+        points = [(1 - math.exp(-rescored.loss(r["config"])), size.normalised(r["objectives"]["adapter_params"]))
+                  for r in front]
+        return hypervolume_2d(points)
 
-def normaliser(table: dict[str, dict[str, float]]):
-    lo = {k: min(v[k] for v in table.values()) for k in ("loss", "adapter_params")}
-    hi = {k: max(v[k] for v in table.values()) for k in ("loss", "adapter_params")}
-    return lambda v: tuple((v[k] - lo[k]) / (hi[k] - lo[k]) for k in ("loss", "adapter_params"))
-
-
-def backends(name: str, seed: int, storage: Path):
-    if name == "pymoo:nsga2":
-        return PymooBackend(seed=seed)
-    return OptunaBackend(name.split(":")[1], storage=f"journal:{storage}", seed=seed)
+    results = {name: np.array([[rescored_hv(front) for front in fronts_by_budget(records, budgets)]
+                               for records in tqdm(runs, desc=f"re-score {name}", unit="seed", leave=False)])
+               for name, runs in histories.items()}
+    losses = [v for rows in searched.rows.values() if len(rows) == len(search_set)
+              for v in [sum(r[0] for r in rows) / sum(r[1] for r in rows)]]
+    print(f"\nspace: {len(space.keys)} keys (Shears q,k,v / up / down x {space.num_layers} layers, ranks "
+          f"{'/'.join(map(str, sorted(space.choices[space.keys[0]], reverse=True)))}), 3^{len(space.keys)} subnets "
+          f"of smollm2-135m ({run.base_source}); search set {len(search_set)} validation records, re-scored on "
+          f"{len(rescore_set)} others; rungs {list(rungs.examples)} keep {rungs.keep:.2f}; full-set search losses "
+          f"seen {min(losses):.4f}-{max(losses):.4f}; records scored {searched.computed + rescored.computed:,} "
+          f"({searched.seconds + rescored.seconds:.0f} s; the rest came from the cache)")
+    print(f"hypervolume of the returned front re-scored on the separate set (loss -> 1 - exp(-loss), adapter "
+          f"params min-max, reference 1.1), mean +- standard error over {args.seeds} seeds; budgets in "
+          f"full-set-equivalent evaluations:\n")
+    print(f"{'backend':<16}" + "".join(f"{b:>20}" for b in budgets) + f"{'s / search':>12}")
+    for name, values in results.items():
+        mean, se = values.mean(0), values.std(0, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else 0 * values[0]
+        print(f"{name:<16}" + "".join(f"{m:>12.4f} +- {e:.4f}" for m, e in zip(mean, se)) + f"{seconds[name]:>12.1f}")
+    if PEER in results:
+        print("\nratio to random search (same budget):")
+        for name, values in results.items():
+            if name != PEER:
+                print(f"{name:<16}" + "".join(f"{m / r:>20.4f}" for m, r in zip(values.mean(0), results[PEER].mean(0))))
+    if "optuna:tpe" in results and any(n in results for n in NEW):
+        tpe_top = results["optuna:tpe"].mean(0)[-1]
+        best = max((n for n in NEW if n in results), key=lambda n: results[n].mean(0)[0])
+        print(f"\ntarget: best new arm at {budgets[0]} ({best}: {results[best].mean(0)[0]:.4f}) vs optuna:tpe at "
+              f"{budgets[-1]} ({tpe_top:.4f}): {'reached' if results[best].mean(0)[0] >= tpe_top else 'not reached'}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--space", choices=("toy", "real"), default="toy")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--train-steps", type=int, default=80)
+    parser.add_argument("--train-steps", type=int, default=80, help="NLS steps (toy: 80; real: see REAL_RECIPE)")
     # optuna:gp is selectable but not default: its cost grows cubically with trials (~3 s/trial at 90
     # trials on 2 CPU cores), so 40% of this space takes it tens of minutes per seed.
-    parser.add_argument("--backends", default="optuna:tpe,optuna:nsga2,pymoo:nsga2,optuna:random")
+    parser.add_argument("--arms", type=lambda s: s.split(","), default=list(ARMS))
+    parser.add_argument("--rungs", type=lambda s: [float(x) for x in s.split(",")], default=[0.125, 0.375],
+                        help="multi-fidelity rungs as shares of the search set")
+    parser.add_argument("--keep", type=float, default=0.34)
+    parser.add_argument("--run", default="runs/bench-search-smollm2", help="real: the trained run (made if absent)")
+    parser.add_argument("--search-records", type=int, default=256)
+    parser.add_argument("--rescore-records", type=int, default=512)
+    parser.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=list(REAL_BUDGETS))
+    parser.add_argument("--bf16", action="store_true", help="real: score under bf16 autocast")
+    parser.add_argument("--cache", help="real: folder of the per-record loss cache (default RUN/bench_search_cache)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        start = time.perf_counter()
-        run_dir = train_tiny_supernet(root, args.train_steps)
-        space, table = exhaustive_table(run_dir)
-        setup_s = time.perf_counter() - start
-        norm = normaliser(table)
-        true_hv = hypervolume_2d([norm(v) for v in table.values()])
-        losses = [v["loss"] for v in table.values()]
-        size = len(table)
-        budgets = [max(3, round(f * size)) for f in FRACTIONS]
-        objectives = (Objective("loss", False),
-                      Objective("adapter_params", False, min(v["adapter_params"] for v in table.values()),
-                                max(v["adapter_params"] for v in table.values())))
-
-        rows = {}
-        seconds = {}
-        for name in args.backends.split(","):
-            fractions = []
-            started = time.perf_counter()
-            for seed in range(args.seeds):
-                problem = SearchProblem.from_space(space, objectives, lambda c: table[canonical(c)])
-                out = root / "search" / name.replace(":", "-") / str(seed)
-                result = search(problem, out, budgets[-1], backends(name, seed, out / "study.log"), progress=False,
-                                plot=False)
-                points = [norm(r["objectives"]) for r in result.history.records]
-                fractions.append([hypervolume_2d(points[:b]) / true_hv for b in budgets])
-            rows[name] = np.mean(fractions, axis=0)
-            seconds[name] = (time.perf_counter() - started) / args.seeds
-
-    print(f"\nspace: {size} subnets (Shears groups q,k,v / up / down x 2 layers, ranks 32/24/16) of a tiny "
-          f"NLS-trained Llama; objective: validation loss on 16 fixed examples "
-          f"(range {min(losses):.4f}-{max(losses):.4f}) and adapter params; set-up {setup_s:.0f} s")
-    print(f"hypervolume reached / exhaustive front's hypervolume, mean of {args.seeds} seeds "
-          f"(budgets {budgets} evaluations):\n")
-    header = f"{'backend':<16}" + "".join(f"{f'{int(f * 100)}% ({b})':>14}" for f, b in zip(FRACTIONS, budgets))
-    print(header + f"{'s / search':>12}")
-    for name, values in rows.items():
-        print(f"{name:<16}" + "".join(f"{v:>14.4f}" for v in values) + f"{seconds[name]:>12.1f}")
-    random_row = rows.get("optuna:random")
-    if random_row is not None:
-        print("\nratio to random search (same budget):")
-        for name, values in rows.items():
-            if name != "optuna:random":
-                print(f"{name:<16}" + "".join(f"{v / r:>14.3f}" for v, r in zip(values, random_row)))
+    toy(args) if args.space == "toy" else real(args)
 
 
 if __name__ == "__main__":
