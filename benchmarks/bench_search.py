@@ -205,7 +205,7 @@ def toy(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         start = time.perf_counter()
-        run = load_run(train_tiny_supernet(root, args.train_steps))
+        run = load_run(train_tiny_supernet(root, args.train_steps or 80))
         space = run.supernet.space
         losses = RecordLosses(run.supernet, run.tokenizer, run.validation_records[:16], run.recipe.data.cutoff_len)
         configs = [dict(zip(space.keys, ranks)) for ranks in itertools.product(*(space.choices[k] for k in space.keys))]
@@ -250,7 +250,8 @@ def toy(args) -> None:
 def real(args) -> None:
     run_dir = Path(args.run)
     if not (run_dir / "supernet" / "adapter_config.json").is_file():
-        recipe = dict(REAL_RECIPE, training=dict(REAL_RECIPE["training"], max_steps=args.train_steps))
+        steps = args.train_steps or REAL_RECIPE["training"]["max_steps"]
+        recipe = dict(REAL_RECIPE, training=dict(REAL_RECIPE["training"], max_steps=steps))
         path = run_dir.parent / f"{run_dir.name}-recipe.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(recipe))
@@ -319,7 +320,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--space", choices=("toy", "real"), default="toy")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--train-steps", type=int, default=80, help="NLS steps (toy: 80; real: see REAL_RECIPE)")
+    parser.add_argument("--train-steps", type=int, help="NLS steps (default: toy 80; real REAL_RECIPE's 4)")
     # optuna:gp is selectable but not default: its cost grows cubically with trials (~3 s/trial at 90
     # trials on 2 CPU cores), so 40% of this space takes it tens of minutes per seed.
     parser.add_argument("--arms", type=lambda s: s.split(","), default=list(ARMS))
