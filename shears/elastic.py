@@ -19,8 +19,8 @@ general not low-rank, so a sparse-adapter subnet is exported faithfully by mergi
 
 `SuperNet` ties the PEFT model to its `BoundSpace`: activate / sample / save / load. A space with
 width groups also makes the base's MLP width elastic (shears.width.ElasticWidth: a subnet keeps the
-leading channels); the importance order its channels were permuted by is saved with the adapter
-(channel_order.safetensors) and re-applied to the base on load.
+leading channels); `from_base(..., channel_order)` permutes the base's channels by importance first,
+`unload()` restores them, and the order is saved with the adapter (channel_order.safetensors).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from .models import model_fingerprint
 from .rundir import SHEARS_RECORD
 from .search_space import BoundSpace, Config, SearchSpace, load_search_space
 from .squeeze import ADAPTER_WEIGHTS, PEFT_PREFIX
-from .width import ChannelOrder, ElasticWidth, permute_channels
+from .width import ChannelOrder, ElasticWidth, inverse_order, permute_channels
 
 SEARCH_SPACE_FILE = "search_space.json"
 CHANNEL_ORDER_FILE = "channel_order.safetensors"
@@ -161,9 +161,9 @@ class SuperNet:
     @classmethod
     def from_base(cls, base_model: nn.Module, space: SearchSpace | BoundSpace | str,
                   sparse_adapter: bool = False, channel_order: ChannelOrder | None = None) -> "SuperNet":
-        """Wrap `base_model` (in place, as get_peft_model does) into a super-network at r_max.
-        `channel_order` records the importance permutation already applied to the base's width
-        channels (shears.width.reorder_channels), so that save/load reproduce it."""
+        """Wrap `base_model` (in place, as get_peft_model does) into a super-network at r_max. With
+        `channel_order` (shears.width.width_order) the base's width channels are first permuted by it,
+        in place too; the dense base computes the same function."""
         if isinstance(base_model, PeftModel):
             raise ShearsError("SuperNet.from_base needs the plain base model, not a PeftModel: pass "
                               "peft_model.get_base_model() or a freshly loaded model")
@@ -173,6 +173,11 @@ class SuperNet:
         if isinstance(space, BoundSpace) and bound.to_dict() != bound.space.bind(base_model).to_dict():
             raise ShearsError("the search space was bound to another model: bind it to this base model")
         fingerprint = model_fingerprint(base_model)
+        if channel_order is not None:
+            if set(channel_order) != {site.name for site in bound.sites}:
+                raise ShearsError("the channel order does not cover the search space's width sites: compute it "
+                                  "with shears.width.width_order on this space")
+            permute_channels(base_model, bound.sites, channel_order)
         with warnings.catch_warnings():
             # PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` inside get_peft_model;
             # the warning is about PEFT's call, not ours, and says nothing a user can act on.
@@ -185,19 +190,19 @@ class SuperNet:
                                   "adapts plain nn.Linear modules only (no quantised bases)")
             if sparse_adapter:
                 layer.enable_sparse_mask()
-        if channel_order is not None and set(channel_order) != {site.name for site in bound.sites}:
-            raise ShearsError("the channel order does not cover the search space's width sites: reorder with "
-                              "shears.width.reorder_channels on this space")
         width = ElasticWidth(model.get_base_model(), bound.sites) if bound.sites else None
         net = cls(model, bound, sparse_adapter, fingerprint, layers, width, channel_order)
         net.activate(bound.maximal())
         return net
 
     def unload(self) -> nn.Module:
-        """The base model without adapters or width hooks (PEFT's unload; the channel order stays applied)."""
+        """The base model as `from_base` got it: adapters and width hooks removed, channel order undone."""
         if self.width is not None:
             self.width.remove()
-        return self.model.unload()
+        base = self.model.unload()
+        if self.channel_order is not None:
+            permute_channels(base, self.space.sites, inverse_order(self.channel_order))
+        return base
 
     # ---- configs
 
@@ -289,7 +294,6 @@ class SuperNet:
                 raise ShearsError(f"{folder} lost its {CHANNEL_ORDER_FILE}: the width channels cannot be restored; "
                                   "re-train or restore the file")
             order = load_file(folder / CHANNEL_ORDER_FILE)
-            permute_channels(base_model, bound.sites, order)
         net = cls.from_base(base_model, bound, sparse_adapter=bool(meta["sparse_adapter"]), channel_order=order)
 
         weights = load_file(folder / ADAPTER_WEIGHTS, device=str(next(net.model.parameters()).device))

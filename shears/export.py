@@ -29,11 +29,19 @@ zeros exactly).
 
 RUN/export/<name>/ = adapter_model.safetensors + adapter_config.json + shears.json [+ merged/];
 --front adds manifest.json and README.md listing every point of RUN/search/front.json.
+
+A super-network with elastic base width (width groups in its search space) exports each subnet as
+merged/ only: base + LoRA merged, channels in importance order, every MLP cut to the subnet's widths,
+so the folder is a physically smaller model. One width in every block gives a stock config
+(intermediate_size reduced; AutoModelForCausalLM.from_pretrained loads it); per-block widths add
+shears_widths.json, read by shears.models.load_model. No adapter folder is written: the adapter's
+channels are in the reordered base's order, and a stock adapter cannot drop channels.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import shutil
@@ -48,7 +56,7 @@ from tqdm.auto import tqdm
 
 from .elastic import SCALING_RULE, SuperNet
 from .errors import ShearsError, cli_errors
-from .models import load_model, model_id
+from .models import load_model, model_id, save_sliced_model, slice_linears
 from .atomic import atomic_folder, refuse_existing, write_text
 from .recipe import ExportConfig
 from .run import Run, load_run, load_run_recipe, subnet_config
@@ -56,6 +64,7 @@ from .rundir import SHEARS_RECORD, ExportFiles, RunDir
 from .search.history import read_front as read_search_front, recorded_objectives
 from .search_space import ANCHORS, Config, canonical
 from .sparsity import SPARSITY_JSON, sparsity_report
+from .width import permute_channels, uniform_width, width_spec
 from .squeeze import (ADAPTER_WEIGHTS, PEFT_PREFIX, DEFAULT_TOL, alpha_for_scale,
                       lora_factor_keys, pattern_key, squeeze_lora)
 
@@ -210,6 +219,8 @@ class MergeTarget:
 def load_merge_target(run: Run) -> MergeTarget:
     param = next(run.supernet.model.parameters())
     model = load_model(run.base_source, dtype=param.dtype, device=param.device).eval()
+    if run.supernet.channel_order is not None:  # the merged weights are in the super-network's channel order
+        permute_channels(model, run.supernet.space.sites, run.supernet.channel_order)
     return MergeTarget(model, sparsity_summary(model))
 
 
@@ -217,6 +228,16 @@ def base_name(run: Run) -> str:
     """What an export calls its base: the original model's id (shears.models.model_id), never a path of
     this machine -- the adapter config, README and manifest travel with the folders."""
     return model_id(run.recipe.model)
+
+
+def write_sliced(folder: Path, target: torch.nn.Module, space, config: Config, tokenizer) -> dict:
+    """merged/ as a physically smaller model: a copy of the merged target cut to the config's widths."""
+    spec = width_spec(space, config)
+    model = copy.deepcopy(target)
+    slice_linears(model, spec)
+    stock = save_sliced_model(model, spec, folder, tokenizer)
+    return {"widths": {site["rows"][0]: site["width"] for site in spec}, "uniform_width": uniform_width(spec),
+            "stock_config": stock, "params": sum(p.numel() for p in model.parameters())}
 
 
 def base_record(run: Run) -> dict:
@@ -248,13 +269,19 @@ def export_one(run: Run, name: str, config: Config, folder: Path, objectives: di
     adapter = lora_config({m: A.shape[0] for m, (A, _) in written.items()}, scale, space.space.lora_dropout,
                           base_name(run))
     global_scale(adapter.to_dict())  # the invariant, checked on what is written
-    write_subnet_adapter(folder, written, adapter)
+    if not space.sites:
+        write_subnet_adapter(folder, written, adapter)
     merge_record = None
     if target is not None:
         zeros_kept = merge_into(target.model, supernet, factors, scale)
-        write_merged(folder / MERGED, target.model, run.tokenizer)
+        width_record = None
+        if space.sites:
+            width_record = write_sliced(folder / MERGED, target.model, space, config, run.tokenizer)
+        else:
+            write_merged(folder / MERGED, target.model, run.tokenizer)
         merge_record = {"folder": MERGED, "sparsity_before": target.sparsity_before,
-                        "sparsity_after": sparsity_summary(target.model), "base_zeros_kept": zeros_kept}
+                        "sparsity_after": sparsity_summary(target.model), "base_zeros_kept": zeros_kept,
+                        "width": width_record}
     record = {
         "format": EXPORT_FORMAT, "name": name, "config": config,
         "adapter_params": supernet.adapter_params(config),
@@ -264,8 +291,10 @@ def export_one(run: Run, name: str, config: Config, folder: Path, objectives: di
         "base_model": base_record(run), "run": str(run.path.resolve()),
         "r_max": space.r_max, "lora_alpha": space.space.lora_alpha, "scaling": SCALING_RULE,
         "sparse_adapter": supernet.sparse_adapter,
-        # SparsePEFT masks the update; a stock adapter can only apply the unmasked factors
-        "adapter_reproduces_supernet": not supernet.sparse_adapter,
+        # SparsePEFT masks the update; a stock adapter can only apply the unmasked factors. An elastic-width
+        # subnet is a smaller model: merged/ only, no adapter folder
+        "adapter": None if space.sites else ADAPTER_WEIGHTS,
+        "adapter_reproduces_supernet": not supernet.sparse_adapter and not space.sites,
         "squeeze": squeeze_record, "merged": merge_record,
     }
     (folder / SHEARS_RECORD).write_text(json.dumps(record, indent=1) + "\n")
@@ -302,6 +331,7 @@ def export_subnets(run: Run | str | Path, configs: dict[str, Config], output: st
     run = run if isinstance(run, Run) else load_run(run)
     configs = {name: run.supernet.space.validate(config) for name, config in configs.items()}
     objectives = recorded_objectives(run.dir.search.folder)
+    merge = merge or bool(run.supernet.space.sites)  # a width subnet exists only as a smaller model
     target = load_merge_target(run) if merge else None
     files.folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -495,6 +525,11 @@ def main(argv=None) -> None:
         if merged:
             print(f"{e.folder.name}: merged sparsity {merged['sparsity_before']['total']:.4%} -> "
                   f"{merged['sparsity_after']['total']:.4%} (base zeros kept: {merged['base_zeros_kept']})")
+            width = merged.get("width")
+            if width:
+                how = ("stock config, AutoModelForCausalLM.from_pretrained loads it" if width["stock_config"]
+                       else "per-block widths, load it with shears.models.load_model")
+                print(f"{e.folder.name}: {MERGED}/ is a smaller model of {width['params']:,} parameters ({how})")
     extras = f" + {files.manifest.name}, {files.readme.name}" if args.front else ""
     print(f"wrote {len(exported)} subnet adapter folder(s){extras} to {files.folder}")
 

@@ -259,6 +259,34 @@ def slice_linears(model: nn.Module, spec: list[dict]) -> None:
             setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
+def save_sliced_model(model: nn.Module, spec: list[dict], folder: str | os.PathLike, tokenizer=None) -> bool:
+    """Save `model`, already cut by `slice_linears(model, spec)`, as an HF folder. When every site has
+    one width and the config's `intermediate_size` at that width gives exactly these shapes, the
+    config is reduced and the folder is stock (returns True); otherwise WIDTH_FILE records the
+    widths and `load_model` reads it (returns False)."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    widths = {int(site["width"]) for site in spec}
+    stock = False
+    if len(widths) == 1 and hasattr(model.config, "intermediate_size"):
+        candidate = model.config.__class__.from_dict(model.config.to_dict())
+        candidate.intermediate_size = widths.pop()
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in AutoModelForCausalLM.from_config(candidate).state_dict().items()}
+        stock = shapes == {k: v.shape for k, v in model.state_dict().items()}
+        if stock:
+            model.config.intermediate_size = candidate.intermediate_size
+    model.save_pretrained(str(folder), safe_serialization=True)
+    if not stock:
+        (folder / WIDTH_FILE).write_text(json.dumps({"format": WIDTH_FORMAT, "sites": spec}, indent=1) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    return stock
+
+
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -71,6 +71,15 @@ class SparsityConfig:
 
 
 @dataclass
+class WidthConfig:
+    """Importance reordering of the base's elastic-width channels (used when the space has width groups)."""
+    importance: Literal["taylor", "activation"] = "taylor"  # taylor: first-order loss change of dropping a channel
+    nsamples: int = 32  # calibration windows from the training data
+    seqlen: int = 256
+    seed: int = 0
+
+
+@dataclass
 class TrainingConfig:
     # uniform | sandwich: max + min + one random subnet per step, their gradients summed (BigNAS), so a
     # sandwich step costs three forward/backward passes and moves each subnet as a uniform step would
@@ -143,6 +152,7 @@ class Recipe:
     search_space: Union[str, dict] = "llama"  # a name in search_spaces/, a path, or the space inline
     data: DataConfig = field(default_factory=DataConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    width: WidthConfig = field(default_factory=WidthConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     search: SearchConfig = field(default_factory=SearchConfig)

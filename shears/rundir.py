@@ -6,10 +6,12 @@ and nowhere else:
 
     RUN/recipe.yaml          the fully resolved recipe             (train_supernet)
     RUN/sparse_base/         pruned HF model folder + sparsity.json (train_supernet via sparsity)
+    RUN/channel_order.safetensors  importance order of elastic-width channels (train_supernet via width)
     RUN/checkpoints/         Trainer checkpoints, stage-<i>/ per In-Squeeze stage (train_supernet)
     RUN/supernet/            the trained super-network             (train_supernet via elastic)
     RUN/train_summary.json   validation losses and trained configs (train_supernet)
     RUN/trace/rank<k>.jsonl  the configs each process trained      (train_supernet)
+    RUN/latency.json         per-site latency table of the latency objective (search via width)
     RUN/search/              history.jsonl, front.json/.csv/.png, study.db (search)
     RUN/export/              one stock-PEFT folder per subnet [+ manifest.json, README.md] (export)
 
@@ -102,6 +104,10 @@ class RunDir:
         return self.root / "sparse_base"
 
     @property
+    def channel_order(self) -> Path:
+        return self.root / "channel_order.safetensors"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
@@ -127,6 +133,10 @@ class RunDir:
     # ---- later stages
 
     @property
+    def latency(self) -> Path:
+        return self.root / "latency.json"
+
+    @property
     def search(self) -> SearchFiles:
         return SearchFiles(self.root / "search")
 
@@ -146,8 +156,8 @@ class RunDir:
     def training_outputs(self) -> list[Path]:
         """What training writes (besides recipe.yaml and the reusable sparse_base) and everything that
         is derived from it: starting training over makes all of these stale."""
-        return [self.supernet, self.checkpoints, self.train_summary, self.trace, self.search.folder,
-                self.export.folder]
+        return [self.supernet, self.channel_order, self.checkpoints, self.train_summary, self.trace,
+                self.search.folder, self.export.folder]
 
     def holds_training(self) -> bool:
         return self.supernet.exists() or self.checkpoints.exists()

@@ -2,7 +2,9 @@
 
     python -m shears.train_supernet [--recipe recipes/X.yaml] [key=value ...] [--output RUN] [--resume]
 
-The run: (1) prune the base when the recipe asks (cached in RUN/sparse_base), (2) wrap it in a
+The run: (1) prune the base when the recipe asks (cached in RUN/sparse_base), (2) when the search
+space has width groups, order each block's MLP channels by importance on calibration windows of the
+training data (recipe section `width`; kept in RUN/channel_order.safetensors), (3) wrap it in a
 SuperNet, (3) train with HF Trainer, activating one sampled subnet per optimizer step, (4) save
 RUN/supernet (a stock-PEFT adapter at r_max plus the search space) and report the validation loss of
 the maximal, heuristic and minimal subnets.
@@ -41,7 +43,7 @@ from torch.utils.data import Sampler
 from transformers import Trainer, TrainingArguments, get_scheduler, set_seed
 
 from .atomic import write_json, write_text
-from .data import Collator, TokenizedDataset
+from .data import Collator, TokenizedDataset, calibration_input_ids
 from .elastic import SuperNet
 from .errors import ShearsError, cli_errors
 from .models import load_model, load_tokenizer
@@ -52,6 +54,7 @@ from .rundir import RunDir
 from .search_space import BoundSpace, SearchSpace, canonical, load_search_space
 from .sparsity import prune_to_folder
 from .squeeze import squeeze_lora_layer
+from .width import ChannelOrder, width_order
 
 STRATEGIES = typing.get_args(Strategy)  # the recipe's Literal: one definition
 
@@ -258,6 +261,8 @@ def stage_space(space: SearchSpace, r_max: int) -> SearchSpace:
     data = space.to_dict()
     data.update(r_max=r_max, lora_alpha=space.lora_alpha * factor)
     for group in data["groups"]:
+        if group.get("kind") == "width":  # channel counts do not scale with the rank
+            continue
         group["choices"] = [max(1, round(c * factor)) for c in group["choices"]]
         if len(set(group["choices"])) < len(group["choices"]):
             raise ShearsError(f"training.rank_schedule stage r={r_max} maps group {group['name']!r}'s choices to "
@@ -293,7 +298,8 @@ def squeeze_supernet(supernet: SuperNet, space: SearchSpace) -> SuperNet:
     factors = {}
     for name, layer in supernet.layers.items():
         factors[name] = squeeze_lora_layer(layer, rank=space.r_max)
-    net = SuperNet.from_base(supernet.model.unload(), space, sparse_adapter=supernet.sparse_adapter)
+    net = SuperNet.from_base(supernet.unload(), space, sparse_adapter=supernet.sparse_adapter,
+                             channel_order=supernet.channel_order)
     with torch.no_grad():
         for name, squeezed in factors.items():
             rank = squeezed.rank  # < r_max only where the update itself had lower rank
@@ -301,6 +307,27 @@ def squeeze_supernet(supernet: SuperNet, space: SearchSpace) -> SuperNet:
             layer.lora_A["default"].weight.zero_()[:rank].copy_(squeezed.A)
             layer.lora_B["default"].weight.zero_()[:, :rank].copy_(squeezed.B)
     return net
+
+
+def channel_order(recipe: Recipe, space: SearchSpace, base, tokenizer, train_records: list[dict],
+                  run_dir: RunDir) -> ChannelOrder | None:
+    """The importance order of the width channels (None for a rank-only space), computed once per run:
+    a resumed run reuses RUN/channel_order.safetensors, so its channels match its checkpoints."""
+    if not space.width_groups:
+        return None
+    from safetensors.torch import load_file, save_file
+
+    path = run_dir.channel_order
+    if path.is_file():
+        return load_file(path)
+    w = recipe.width
+    ids = calibration_input_ids(tokenizer, train_records, w.nsamples, w.seqlen, w.seed)
+    order, _ = width_order(base, space.bind(base), ids, w.importance)
+    if is_main_process():
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({k: v.contiguous() for k, v in order.items()}, str(tmp))
+        os.replace(tmp, path)
+    return order
 
 
 def training_arguments(recipe: Recipe, stage: Stage, bf16: bool) -> TrainingArguments:
@@ -353,7 +380,7 @@ def check_run_dir(run_dir: RunDir, recipe: Recipe, resume: bool, force: bool) ->
         if not saved.is_file():
             raise ShearsError(f"nothing to resume in {run_dir}: it has no {saved.name} (drop --resume to start)")
         previous = load_recipe(saved)
-        for section in ("model", "search_space", "data", "sparsity", "training"):
+        for section in ("model", "search_space", "data", "sparsity", "width", "training"):
             if getattr(previous, section) != getattr(recipe, section):
                 raise ShearsError(f"--resume with a recipe whose {section!r} differs from {saved}: resume with the "
                                   "same recipe, or start a new --output")
@@ -398,12 +425,14 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
     for stage in stages:
         finished = stage.checkpoints / "end"  # a completed stage of a multi-stage run, for --resume
         if resume and (finished / "trained.json").is_file():
-            supernet = SuperNet.load(finished, base if supernet is None else supernet.model.unload())
+            supernet = SuperNet.load(finished, base if supernet is None else supernet.unload())
             trained = [tuple(x) for x in json.loads((finished / "trained.json").read_text())]
             continue
         if supernet is None:
+            order = channel_order(recipe, space, base, tokenizer, train_records, run_dir)
             set_seed(recipe.training.seed)  # the adapters' initial weights, identical across runs and processes
-            supernet = SuperNet.from_base(base, stage.space, sparse_adapter=recipe.training.sparse_adapter)
+            supernet = SuperNet.from_base(base, stage.space, sparse_adapter=recipe.training.sparse_adapter,
+                                          channel_order=order)
         elif supernet.space.r_max != stage.space.r_max:
             supernet = squeeze_supernet(supernet, stage.space)
         trainer = NLSTrainer(

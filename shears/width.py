@@ -147,14 +147,16 @@ def permute_channels(model: nn.Module, sites: Iterable[WidthSite], order: Channe
                 module.sparse_mask = module.sparse_mask[:, perm_here]
 
 
-def reorder_channels(model: nn.Module, space: BoundSpace, input_ids: torch.Tensor, importance: str = "taylor",
-                     batch_size: int = 4) -> tuple[ChannelOrder, dict[str, torch.Tensor]]:
-    """Score every width site of `space` on `input_ids`, permute `model` in place by descending importance;
-    returns (the order applied, the scores in the original channel order)."""
-    scores = channel_importance(model, space.sites, input_ids, importance, batch_size)
-    order = importance_order(scores)
-    permute_channels(model, space.sites, order)
-    return order, scores
+def inverse_order(order: ChannelOrder) -> ChannelOrder:
+    return {name: torch.argsort(perm) for name, perm in order.items()}
+
+
+def width_order(model: nn.Module, space: BoundSpace, input_ids: torch.Tensor, importance: str = "taylor",
+                batch_size: int = 4, progress: bool = True) -> tuple[ChannelOrder, dict[str, torch.Tensor]]:
+    """(the descending-importance order of every width site of `space`, the scores) on `input_ids`;
+    `SuperNet.from_base(..., channel_order=order)` applies it."""
+    scores = channel_importance(model, space.sites, input_ids, importance, batch_size, progress)
+    return importance_order(scores), scores
 
 
 # --------------------------------------------------------------------------- elastic width in a super-network

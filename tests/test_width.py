@@ -12,7 +12,7 @@ from shears.elastic import SuperNet
 from shears.errors import ShearsError
 from shears.search_space import SearchSpace, load_search_space
 from shears.width import (ElasticWidth, channel_importance, importance_order, permute_channels,
-                          reorder_channels)
+                          width_order)
 
 IDS = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(0))
 CALIBRATION = torch.randint(3, 128, (6, 16), generator=torch.Generator().manual_seed(1))
@@ -44,7 +44,7 @@ def width_net(arch="llama", sparse=False, space="llama-width", order=True):
     if sparse:
         prune_half(base)
     bound = load_search_space(space).bind(base)
-    channel_order = reorder_channels(base, bound, CALIBRATION)[0] if order else None
+    channel_order = width_order(base, bound, CALIBRATION, progress=False)[0] if order else None
     net = SuperNet.from_base(base, bound, sparse_adapter=sparse, channel_order=channel_order)
     randomize_adapters(net.model)
     net.model.eval()
@@ -127,7 +127,8 @@ def test_permutation_leaves_the_dense_model_unchanged(arch):
     model = make_tiny_model(arch)
     before = logits(model)
     bound = load_search_space("llama-width").bind(model)
-    order, scores = reorder_channels(model, bound, CALIBRATION)
+    order, scores = width_order(model, bound, CALIBRATION, progress=False)
+    permute_channels(model, bound.sites, order)
     assert any(not torch.equal(perm, torch.arange(len(perm))) for perm in order.values())
     torch.testing.assert_close(logits(model), before, atol=1e-5, rtol=1e-5)
     permute_channels(model, bound.sites, random_orders(bound.sites))
@@ -283,11 +284,14 @@ def test_save_load_restores_the_channel_order(tmp_path):
     assert loaded.space == net.space
 
 
-def test_unload_removes_the_width_hooks():
+def test_unload_removes_the_width_hooks_and_restores_the_channel_order():
+    original = make_tiny_model()
     net = width_net()
     net.activate({**net.maximal(), "mlp.0": 32})
     base = net.unload()
     assert not base.model.layers[0].mlp.down_proj._forward_pre_hooks
+    for (name, param), expected in zip(base.named_parameters(), original.parameters()):
+        assert torch.equal(param, expected), name
     hooks = ElasticWidth(base, net.space.sites)
     hooks.activate({"mlp.0": 64, "mlp.1": 64})
     one_line_error(lambda: hooks.activate({"mlp.0": 65, "mlp.1": 64}), "outside [1, 64]")

@@ -1,0 +1,89 @@
+"""Elastic-width runs end to end: training reorders and samples widths, export writes smaller models
+whose logits equal the super-network subnet's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import make_tiny_model, make_tiny_tokenizer, one_line_error
+from shears.export import export_subnets
+from shears.models import WIDTH_FILE, load_model
+from shears.recipe import load_recipe
+from shears.run import load_run
+from shears.train_supernet import train_supernet
+from test_export import INPUT_IDS, TinyRun, logits, randomise_adapter
+from test_train_supernet import TINY_SPACE, tiny_recipe
+
+WIDTH_SPACE = {**TINY_SPACE, "groups": [*TINY_SPACE["groups"], {
+    "name": "mlp", "kind": "width", "modules": ["gate_proj", "up_proj"], "consumers": ["down_proj"],
+    "choices": [1.0, 0.75, 0.5], "scope": "per_layer"}]}
+UNIFORM = {"qv.0": 4, "qv.1": 8, "up": 2, "mlp.0": 32, "mlp.1": 32}
+MIXED = {"qv.0": 8, "qv.1": 2, "up": 8, "mlp.0": 48, "mlp.1": 32}
+
+
+@pytest.fixture(scope="module")
+def width_run(tmp_path_factory) -> TinyRun:
+    root = tmp_path_factory.mktemp("width")
+    model_dir = root / "tiny-llama"
+    make_tiny_model("llama", max_position_embeddings=512).save_pretrained(model_dir)
+    make_tiny_tokenizer().save_pretrained(model_dir)
+    recipe = load_recipe(tiny_recipe(model_dir, root), {"search_space": WIDTH_SPACE, "training.max_steps": 3,
+                                                        "width.nsamples": 4, "width.seqlen": 32})
+    train_supernet(recipe, root / "run")
+    randomise_adapter(root / "run", seed=7)
+    return TinyRun(root / "run", model_dir)
+
+
+def subnet_logits(run: TinyRun, config: dict) -> torch.Tensor:
+    loaded = load_run(run.path)
+    loaded.supernet.activate(config)
+    return logits(loaded.supernet.model)
+
+
+def test_training_reorders_once_and_samples_widths(width_run):
+    run = width_run.path
+    assert (run / "channel_order.safetensors").is_file()
+    assert (run / "supernet" / "channel_order.safetensors").is_file()
+    trained = json.loads((run / "train_summary.json").read_text())["trained_configs"]
+    assert all({"mlp.0", "mlp.1"} <= set(t["config"]) for t in trained)
+    loaded = load_run(run)
+    order = loaded.supernet.channel_order["mlp.0"]
+    down = loaded.supernet.model.get_base_model().model.layers[0].mlp.down_proj.weight
+    original = AutoModelForCausalLM.from_pretrained(width_run.base).model.layers[0].mlp.down_proj.weight
+    assert not torch.equal(order, torch.arange(64))
+    assert torch.equal(down, original[:, order])  # the base's columns, in importance order
+
+
+def test_uniform_width_exports_a_stock_smaller_model(width_run, tmp_path):
+    expected = subnet_logits(width_run, UNIFORM)
+    folder = export_subnets(width_run.path, {"uniform": UNIFORM}, tmp_path)[0].folder
+    record = json.loads((folder / "shears.json").read_text())
+    assert record["merged"]["width"]["stock_config"] and record["adapter"] is None
+    assert not (folder / "adapter_model.safetensors").exists() and not (folder / "merged" / WIDTH_FILE).exists()
+    model = AutoModelForCausalLM.from_pretrained(folder / "merged").eval()  # no shears code
+    assert model.config.intermediate_size == 32
+    assert model.model.layers[1].mlp.down_proj.weight.shape == (32, 32)
+    assert record["merged"]["width"]["params"] == sum(p.numel() for p in model.parameters())
+    assert (logits(model) - expected).abs().max() <= 1e-4
+
+
+def test_per_block_widths_load_through_shears(width_run, tmp_path):
+    expected = subnet_logits(width_run, MIXED)
+    folder = export_subnets(width_run.path, {"mixed": MIXED}, tmp_path)[0].folder / "merged"
+    spec = json.loads((folder / WIDTH_FILE).read_text())
+    assert [site["width"] for site in spec["sites"]] == [48, 32]
+    model = load_model(folder)
+    assert model.model.layers[0].mlp.gate_proj.weight.shape == (48, 32)
+    assert model.model.layers[1].mlp.up_proj.weight.shape == (32, 32)
+    assert (logits(model) - expected).abs().max() <= 1e-4
+    spec["sites"][0]["width"] = 40
+    (folder / WIDTH_FILE).write_text(json.dumps(spec))
+    one_line_error(lambda: load_model(folder), "do not match", WIDTH_FILE, "re-export")
+    spec["format"] = "other/9"
+    (folder / WIDTH_FILE).write_text(json.dumps(spec))
+    one_line_error(lambda: load_model(folder), "format 'other/9'")
