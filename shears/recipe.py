@@ -133,6 +133,8 @@ class SearchConfig:
     rungs: list[int] = field(default_factory=list)
     keep: float = 0.34
     warm_start: list[str] = field(default_factory=list)  # earlier history.jsonl files (or search folders)
+    latency_batch_size: int = 1  # the forward the latency objective times: batch x length tokens
+    latency_seq_len: int = 256
 
 
 @dataclass

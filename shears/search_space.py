@@ -518,3 +518,47 @@ class BoundSpace:
             raise ShearsError(f"{source} is not a bound search space ({type(err).__name__}: {err}); "
                               "re-create it with SuperNet.save") from None
         return bound
+
+
+# ----------------------------------------------------------------------------- EFTNAS bounds
+
+
+def width_bounds(bound: BoundSpace, scores: dict[str, Any], keep: float = 0.9, multiple: int = 8) -> SearchSpace:
+    """EFTNAS-style search-space bounds from channel importance: in every block, each width group's
+    smallest choice becomes the fewest channels (most important first) holding a share `keep` of
+    the block's total importance, rounded up to a multiple of `multiple`; its choices are that
+    minimum, the full width, and evenly spaced counts between, as many as the group had. Returns an
+    ordinary SearchSpace (per-block `layer_choices`) to write with `save_search_space`.
+
+    `scores`: site name ("group.layer") -> one non-negative score per channel (shears.width.channel_importance)."""
+    if not 0 < keep <= 1:
+        raise ShearsError(f"keep must be a share of the importance in (0, 1], got {keep}")
+    if not bound.sites:
+        raise ShearsError(f"search space {bound.space.source} has no width groups: add a group with kind: width")
+    data = bound.space.to_dict()
+    groups = {g["name"]: g for g in data["groups"]}
+    for site in bound.sites:
+        if site.name not in scores:
+            raise ShearsError(f"no importance scores for {site.name}: score every width site of the space")
+        score = np.sort(np.asarray(scores[site.name], dtype=np.float64))[::-1]
+        if score.shape != (site.channels,) or (score < 0).any():
+            raise ShearsError(f"importance of {site.name} must be {site.channels} non-negative scores")
+        total = score.sum()
+        needed = int(np.searchsorted(np.cumsum(score), keep * total - 1e-12 * total) + 1) if total > 0 else 1
+        low = min(site.channels, -(-needed // multiple) * multiple)
+        count = max(2, len(site.choices))
+        choices = sorted({int(round(c)) for c in np.linspace(low, site.channels, count)}, reverse=True)
+        group = groups[site.group]
+        if group.get("scope", "per_layer") != "per_layer":
+            raise ShearsError(f"width group {site.group!r} has scope global: per-block bounds need scope: per_layer")
+        group.setdefault("layer_choices", {})[site.layer] = choices
+    source = f"{bound.space.source} with EFTNAS bounds (keep {keep})"
+    return SearchSpace.from_dict(data, source=source)
+
+
+def save_search_space(space: SearchSpace, path: str | Path, comment: str = "") -> Path:
+    """Write `space` as an ordinary search-space YAML (atomically), with `comment` lines on top."""
+    from .atomic import write_text
+
+    header = "".join(f"# {line}\n" for line in comment.splitlines())
+    return write_text(path, header + yaml.safe_dump(space.to_dict(), sort_keys=False, default_flow_style=None))

@@ -24,6 +24,10 @@ rows and columns (LoRA B rows of gate/up, A columns of down): exactly the sliced
 architecture, with no module replaced and PEFT's state-dict keys untouched. It saves no compute in
 training; the speed is delivered by `slice_model`, which exports a physically smaller model.
 
+Automatic bounds (EFTNAS). `python -m shears.width bounds --model M --space S --output OUT.yaml`
+scores a model's channels on calibration data and writes S with each block's width choices derived
+from the importance (search_space.width_bounds: the smallest width keeps a share --keep of it).
+
 Deployment cost. `latency_table` times one block's MLP at every width choice on the current
 device (merged weights, no LoRA) once; `LatencyModel` predicts a config's forward time from it and
 the measured full model. `deployed_params` counts the exported model's parameters.
@@ -325,3 +329,85 @@ def _common_prefix(site: WidthSite) -> str:
 
 def _mlp_of(base: nn.Module, site: WidthSite) -> nn.Module:
     return base.get_submodule(_common_prefix(site).rstrip("."))
+
+
+def cached_latency_table(path, model_loader, space: BoundSpace, batch_size: int, seq_len: int) -> LatencyTable:
+    """The table at `path` when it was measured on this device type and thread count for this batch and
+    length, else measured now on `model_loader()` (a plain model at full width) and written there."""
+    import json
+    from pathlib import Path
+
+    from .atomic import write_json
+
+    path = Path(path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    wanted = {"device": device, "batch_size": batch_size, "seq_len": seq_len, "threads": torch.get_num_threads()}
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            table = LatencyTable.from_dict(data)
+            if {k: data.get(k) for k in wanted} == wanted and set(table.mlp) == {s.name for s in space.sites}:
+                return table
+        except (ValueError, KeyError, TypeError):
+            pass  # a torn or foreign file: measure again
+    model = model_loader().to(device)
+    table = latency_table(model, space, batch_size, seq_len)
+    write_json(path, {**table.to_dict(), "threads": wanted["threads"]})
+    return table
+
+
+# --------------------------------------------------------------------------- CLI: EFTNAS bounds
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from .errors import cli_errors
+
+    @cli_errors
+    def run(argv):
+        p = argparse.ArgumentParser(prog="python -m shears.width", description="Elastic base width tools.")
+        sub = p.add_subparsers(dest="command", required=True)
+        b = sub.add_parser("bounds", help="derive each block's width choices from channel importance (EFTNAS)")
+        b.add_argument("--model", default="smollm2-135m", help="model (hub id, folder, .gguf or alias)")
+        b.add_argument("--space", required=True, help="a search space with width groups (name or .yaml)")
+        b.add_argument("--output", required=True, help="the search-space YAML to write")
+        b.add_argument("--data", default="builtin:arithmetic", help="calibration records (a data source)")
+        b.add_argument("--keep", type=float, default=0.9, help="share of each block's importance the smallest "
+                                                               "width keeps")
+        b.add_argument("--multiple", type=int, default=8, help="round widths up to a multiple of this")
+        b.add_argument("--importance", choices=IMPORTANCE, default="taylor")
+        b.add_argument("--nsamples", type=int, default=32)
+        b.add_argument("--seqlen", type=int, default=256)
+        b.add_argument("--seed", type=int, default=0)
+        b.add_argument("--force", action="store_true", help="overwrite --output")
+        args = p.parse_args(argv)
+        from pathlib import Path
+
+        from .atomic import refuse_existing
+        from .data import calibration_input_ids, load_records
+        from .models import load_model, load_tokenizer
+        from .search_space import load_search_space, save_search_space, width_bounds
+
+        refuse_existing(args.output, args.force)
+        space = load_search_space(args.space)
+        model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+        bound = space.bind(model)
+        if not bound.sites:
+            raise ShearsError(f"search space {args.space} has no width groups: use e.g. --space llama-width")
+        ids = calibration_input_ids(tokenizer, load_records(args.data), args.nsamples, args.seqlen, args.seed)
+        scores = channel_importance(model, bound.sites, ids, args.importance)
+        bounded = width_bounds(bound, scores, args.keep, args.multiple)
+        comment = (f"{Path(space.source).name} with EFTNAS width bounds for {args.model}: per block, the smallest width "
+                   f"keeps {args.keep:.0%} of the\n{args.importance} importance of its channels on {args.nsamples} x "
+                   f"{args.seqlen} tokens of {args.data}. Edit freely.")
+        save_search_space(bounded, args.output, comment)
+        for site in bounded.bind(model).sites:
+            if site.layer in (0, bound.num_layers - 1) or site.layer % 8 == 0:
+                print(f"  {site.name}: {list(site.choices)} of {site.channels}")
+        print(f"wrote {args.output}")
+
+    run(argv)
+
+
+if __name__ == "__main__":
+    main()

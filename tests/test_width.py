@@ -295,3 +295,25 @@ def test_unload_removes_the_width_hooks_and_restores_the_channel_order():
     hooks = ElasticWidth(base, net.space.sites)
     hooks.activate({"mlp.0": 64, "mlp.1": 64})
     one_line_error(lambda: hooks.activate({"mlp.0": 65, "mlp.1": 64}), "outside [1, 64]")
+
+
+# ----------------------------------------------------------------------------- EFTNAS bounds
+
+
+def test_width_bounds_keep_a_share_of_each_blocks_importance(tmp_path, tiny_llama):
+    from shears.search_space import load_search_space as load, save_search_space, width_bounds
+
+    bound = load("llama-width").bind(tiny_llama)
+    # block 0: the first 10 channels (in a shuffled order) hold all importance; block 1: uniform
+    block0 = torch.zeros(64)
+    block0[torch.randperm(64, generator=torch.Generator().manual_seed(0))[:10]] = 1.0
+    scores = {"mlp.0": block0, "mlp.1": torch.ones(64)}
+    space = width_bounds(bound, scores, keep=0.9, multiple=8)
+    rebound = space.bind(tiny_llama)
+    assert rebound.choices["mlp.0"] == (64, 40, 16)  # 9 channels hold 90% -> 16, then evenly spaced
+    assert rebound.choices["mlp.1"] == (64,)  # 58 uniform channels hold 90%, rounded up to 64: kept whole
+    path = save_search_space(space, tmp_path / "bounded.yaml", "derived\nby a test")
+    assert path.read_text().startswith("# derived\n# by a test\n")
+    assert load(path).bind(tiny_llama).choices == rebound.choices
+    one_line_error(lambda: width_bounds(load("llama").bind(tiny_llama), scores), "no width groups")
+    one_line_error(lambda: width_bounds(bound, {"mlp.0": block0}), "no importance scores for mlp.1")

@@ -87,3 +87,33 @@ def test_per_block_widths_load_through_shears(width_run, tmp_path):
     spec["format"] = "other/9"
     (folder / WIDTH_FILE).write_text(json.dumps(spec))
     one_line_error(lambda: load_model(folder), "format 'other/9'")
+
+
+def test_params_objective_counts_the_exported_model(width_run, tmp_path):
+    from shears.search.objectives import size_function
+
+    loaded = load_run(width_run.path)
+    count = size_function(loaded.supernet, "params")
+    folder = export_subnets(width_run.path, {"mixed": MIXED}, tmp_path)[0].folder / "merged"
+    exported = load_model(folder)
+    assert count(MIXED) == sum(p.numel() for p in exported.parameters())
+    assert count(loaded.supernet.maximal()) == sum(p.numel() for p in make_tiny_model().parameters())
+
+
+def test_latency_table_is_measured_once_and_predicts_by_width(width_run, tmp_path):
+    from shears.rundir import RunDir
+    from shears.search.objectives import latency_function
+    from shears.width import LatencyTable
+
+    run = load_run(width_run.path)
+    run.dir = RunDir(tmp_path)  # cache the table here, not in the shared fixture run
+    latency = latency_function(run)
+    table = json.loads(run.dir.latency.read_text())
+    assert set(table["mlp"]) == {"mlp.0", "mlp.1"} and set(table["mlp"]["mlp.0"]) == {"64", "48", "32"}
+    assert latency(run.supernet.maximal()) == pytest.approx(table["full_model"])
+    saved = run.dir.latency.read_text()
+    latency_function(run)  # a second use reads the cache
+    assert run.dir.latency.read_text() == saved
+    # the prediction: the full model's time minus what each block's MLP saves at its width
+    fake = LatencyTable("cpu", 1, 8, 10.0, {"mlp.0": {64: 3.0, 48: 2.0, 32: 1.0}, "mlp.1": {64: 3.0, 48: 2.5, 32: 1.5}})
+    assert fake.latency(run.supernet.space, MIXED) == pytest.approx(10.0 - 1.0 - 1.5)

@@ -50,7 +50,7 @@ def problem_from_run(run, objective_names, eval_limit: int | None, batch_size: i
     """The search problem of a loaded run: its super-network's space, scored on its validation split."""
     supernet, space = run.supernet, run.supernet.space
     names = [n.strip() for n in objective_names.split(",")] if isinstance(objective_names, str) else list(objective_names)
-    sizes = {name: size_function(supernet, name) for name in names if name in SIZES}
+    sizes = {name: size_function(supernet, name, run) for name in names if name in SIZES}
     objectives = parse_objectives(names, lambda name, config: sizes[name](config), space.minimal(), space.maximal())
     evaluation = run.recipe.evaluation
     records = run.validation_records[:eval_limit] if eval_limit is not None else run.validation_records
@@ -84,6 +84,8 @@ def format_front(result, objectives) -> str:
     names = [o.name for o in objectives]
     header = ["#", *names, "label", "trial"]
     def cell(objective, value: float) -> str:  # sizes are counts: print them whole, with separators
+        if objective.name == "latency":
+            return f"{value * 1e3:.2f} ms"
         return f"{value:,.0f}" if objective.is_size else f"{value:.4f}"
 
     rows = [[str(i), *(cell(o, r["objectives"][o.name]) for o in objectives), r.get("label") or "",

@@ -5,6 +5,9 @@ objectives computed analytically from the config (never by a model run).
     loss            validation loss (minimise)             -> normalised 1 - exp(-loss)
     adapter_params  LoRA parameters of the subnet          -> normalised (s - s_min) / (s_max - s_min)
     nonzero_params  non-zeros of the deployed model        -> normalised the same way
+    params          parameters of the deployed model (LoRA merged, elastic widths cut) -> the same
+    latency         seconds per forward of the deployed model on this device, predicted from a per-site
+                    latency table measured once and cached in RUN/latency.json -> the same
 
 Normalised values are minimised and lie in [0, 1] (s_min/s_max are the minimal and maximal subnets'
 sizes, known before any evaluation; exp(-loss) is the geometric-mean probability of the target
@@ -25,7 +28,7 @@ from ..squeeze import PEFT_PREFIX
 
 
 QUALITY = {"accuracy": True, "loss": False}  # name -> maximise?
-SIZES = ("adapter_params", "nonzero_params")
+SIZES = ("adapter_params", "nonzero_params", "params", "latency")
 REFERENCE = 1.1  # hypervolume reference point, in every normalised objective
 
 
@@ -55,8 +58,10 @@ class Objective:
 
 
 # Why a size objective can be the same for every subnet, and what to search on instead.
+_RANKS_MERGE = "ranks merge away; give the space width groups, e.g. search_spaces/llama-width.yaml"
 CONSTANT_HINT = {"nonzero_params": "a masked (sparse_adapter) update merges into the base's sparsity pattern, "
-                                   "so the deployed model has the base's non-zeros whatever the ranks"}
+                                   "so the deployed model has the base's non-zeros whatever the ranks",
+                 "params": _RANKS_MERGE, "latency": _RANKS_MERGE}
 
 
 def check_objective_names(names: str | list[str]) -> list[str]:
@@ -72,7 +77,7 @@ def check_objective_names(names: str | list[str]) -> list[str]:
         raise ShearsError(f"objectives {names} name one twice: list each once")
     if not any(n in QUALITY for n in names) or not any(n in SIZES for n in names):
         raise ShearsError(f"objectives {names} need one quality (accuracy or loss) and one size "
-                          "(adapter_params or nonzero_params), e.g. --objectives accuracy,adapter_params")
+                          f"({', '.join(SIZES)}), e.g. --objectives accuracy,adapter_params")
     return names
 
 
@@ -159,9 +164,29 @@ def supernet_objective(supernet, tokenizer, records: list[dict], task: str, obje
     return measure
 
 
-def size_function(supernet, name: str) -> Callable[[Config], float]:
+def latency_function(run) -> Callable[[Config], float]:
+    """config -> predicted forward seconds of its exported model (recipe search.latency_batch_size x
+    search.latency_seq_len tokens), from RUN/latency.json (measured on first use)."""
+    from ..models import load_model
+    from ..width import cached_latency_table
+
+    space, s = run.supernet.space, run.recipe.search
+    table = cached_latency_table(run.dir.latency, lambda: load_model(run.base_source, dtype=run.recipe.dtype),
+                                 space, s.latency_batch_size, s.latency_seq_len)
+    return lambda config: table.latency(space, config)
+
+
+def size_function(supernet, name: str, run=None) -> Callable[[Config], float]:
     if name == "adapter_params":
         return lambda config: float(supernet.space.adapter_params(config))
     if name == "nonzero_params":
         return nonzero_counter(supernet)
+    if name == "params":
+        from ..width import deployed_params
+
+        return deployed_params(supernet.model, supernet.space)
+    if name == "latency":
+        if run is None:
+            raise ShearsError("the latency objective measures the run's base model: search a run directory")
+        return latency_function(run)
     raise ShearsError(f"unknown size objective {name!r}: choose from {', '.join(SIZES)}")

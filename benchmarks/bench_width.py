@@ -1,0 +1,208 @@
+"""Elastic base width (LoNAS/EFTNAS) vs rank-only NLS on smollm2-135m: do subnets get faster, and at what loss?
+
+    python benchmarks/bench_width.py [--steps 120] [--budget 16] [--out runs/bench_width] [--threads 1]
+
+Two super-networks are trained with the same budget (steps x batch of the same LLM-Adapters
+commonsense training records, seed, lr, schedule; dense base, no pruning, so speed comes from width
+alone): `rank` on search_spaces/llama.yaml (Shears' rank groups) and `width` on
+search_spaces/llama-width.yaml (the same rank groups + each block's MLP width in {100, 75, 50}%,
+channels ordered by first-order importance before training). The width super-network is searched
+over (validation loss, latency predicted from the run's measured per-site latency table); every
+front point is exported as a physically smaller model, its logits checked against the super-network
+subnet, and its forward time measured against the unpruned base model, interleaved in this process
+on the same batch. The target: a subnet >= 1.3x faster than the base within 5% of the rank-only
+maximal subnet's validation loss.
+
+Timings take /tmp/shears-timing.lock (training and evaluation do not), so no other timing benchmark
+runs at the same time. Each stage is skipped when its output exists, so a crash costs one stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import math
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from shears.evaluate import evaluate  # noqa: E402
+from shears.export import export_subnets  # noqa: E402
+from shears.models import load_model  # noqa: E402
+from shears.recipe import load_recipe  # noqa: E402
+from shears.run import load_run  # noqa: E402
+from shears.search import Evaluator, History, OptunaBackend, search  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+from shears.search.cli import problem_from_run  # noqa: E402
+from shears.train_supernet import train_supernet  # noqa: E402
+
+RECIPE = REPO / "recipes" / "smollm2-commonsense.yaml"
+TARGET_SPEEDUP, LOSS_SLACK = 1.3, 0.05
+
+
+@contextmanager
+def timing_lock():
+    with open("/tmp/shears-timing.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def recipe_for(space: str, args, run_dir: Path):
+    return load_recipe(RECIPE, {
+        "search_space": space, "output_dir": str(run_dir), "sparsity.sparsity": 0.0,
+        "data.train": ["{data_dir}/commonsense/arc-easy_train.json", "{data_dir}/commonsense/openbookqa_train.json"],
+        "data.cutoff_len": 128, "data.val_size": args.val, "training.val_limit": args.val,
+        "training.max_steps": args.steps, "training.per_device_train_batch_size": 8,
+        "training.gradient_accumulation_steps": 1, "training.learning_rate": 1e-3, "training.save_steps": 40,
+        "search.latency_batch_size": args.batch, "search.latency_seq_len": args.seq_len})
+
+
+def train(space: str, args, run_dir: Path) -> float:
+    if (run_dir / "supernet" / "adapter_config.json").is_file():
+        return json.loads((run_dir / "bench_train.json").read_text())["seconds"]
+    start = time.perf_counter()
+    train_supernet(recipe_for(space, args, run_dir), run_dir, resume=(run_dir / "recipe.yaml").is_file())
+    seconds = time.perf_counter() - start
+    (run_dir / "bench_train.json").write_text(json.dumps({"seconds": seconds}))
+    return seconds
+
+
+def val_loss(run, config: dict) -> float:
+    run.supernet.activate(config)
+    return evaluate(run.supernet, run.tokenizer, run.validation_records, "loss", batch_size=16, progress=False,
+                    cutoff_len=run.recipe.data.cutoff_len)["loss"]
+
+
+def forward_seconds(models: dict, ids: torch.Tensor, reps: int) -> dict[str, list[float]]:
+    """Interleaved: every round times each model once, so load from other processes hits all alike."""
+    times = {name: [] for name in models}
+    with torch.no_grad():
+        for model in models.values():
+            model(input_ids=ids, use_cache=False)  # warm-up
+        for _ in range(reps):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(input_ids=ids, use_cache=False)
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def widths_summary(space, config: dict) -> str:
+    widths = list(space.site_widths(config).values())
+    full = space.sites[0].channels
+    return f"mean {sum(widths) / len(widths) / full:.0%} " + " ".join(
+        f"{w / full:.0%}x{widths.count(w)}" for w in sorted(set(widths), reverse=True))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--budget", type=int, default=16, help="search evaluations of the width super-network")
+    p.add_argument("--val", type=int, default=96, help="validation records (loss objective and the table)")
+    p.add_argument("--batch", type=int, default=4, help="timed forward: batch x seq-len tokens")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    p.add_argument("--out", default="runs/bench_width")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+
+    seconds = {arm: train(space, args, out / arm) for arm, space in (("rank", "llama"), ("width", "llama-width"))}
+    rank_run, width_run = load_run(out / "rank"), load_run(out / "width")
+    rank_max = val_loss(rank_run, rank_run.supernet.maximal())
+    del rank_run
+
+    with timing_lock():  # the latency table is measured on first use
+        problem = problem_from_run(width_run, "loss,latency", eval_limit=None, batch_size=16)
+    space = width_run.supernet.space
+    search_dir = out / "width" / "search"
+    search_dir.mkdir(parents=True, exist_ok=True)
+    # Besides the search's maximal/heuristic/minimal anchors: every block at 75% and at 50% width, full ranks
+    history = History(search_dir / "history.jsonl", problem.objectives)
+    with tqdm(total=2, desc="uniform-width subnets", unit="eval") as bar:
+        evaluator = Evaluator(problem, history, "bench:uniform", bar)
+        for share in (0.75, 0.5):
+            evaluator.evaluate({**space.maximal(), **{k: round(share * space.sites[0].channels)
+                                                      for k in space.width_keys}})
+    backend = OptunaBackend(sampler="tpe", storage=f"sqlite:///{(out / 'width' / 'search' / 'study.db').resolve()}",
+                            seed=0)
+    result = search(problem, search_dir, args.budget, backend, plot=False)
+    front = result.front
+
+    configs = {f"front-{i}": row["config"] for i, row in enumerate(front)}
+    export_dir = out / "export"
+    folders = export_subnets(width_run, configs, export_dir, force=True)
+    ids = torch.randint(0, 49152, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
+    exported, diffs, merged_diffs, params = {}, {}, {}, {}
+    net = width_run.supernet
+    for name, exported_folder in zip(configs, folders):
+        model = load_model(exported_folder.folder / "merged").eval()
+        net.activate(configs[name])
+        with torch.no_grad():
+            ours = model(input_ids=ids[:1]).logits
+            diffs[name] = float((ours - net.model(input_ids=ids[:1]).logits).abs().max())
+            # the same subnet with its LoRA merged in place: what differs is only the slicing
+            net.model.merge_adapter()
+            merged_diffs[name] = float((ours - net.model(input_ids=ids[:1]).logits).abs().max())
+            net.model.unmerge_adapter()
+        exported[name] = model
+        params[name] = sum(p.numel() for p in model.parameters())
+    del width_run
+    base = load_model(RECIPE_MODEL).eval()
+    with timing_lock():
+        times = forward_seconds({"base": base, **exported}, ids, args.reps)
+    base_t = median(times["base"])
+
+    print(f"\nsmollm2-135m, LLM-Adapters ARC-e + OBQA train, {args.steps} steps x 8 records each arm, dense base; "
+          f"val loss on {args.val} held-out training records; torch threads {torch.get_num_threads()}")
+    print(f"training wall time: rank-only {seconds['rank']:.0f} s, width {seconds['width']:.0f} s "
+          f"(ratio {seconds['width'] / seconds['rank']:.2f})")
+    print(f"rank-only maximal subnet: val loss {rank_max:.4f}")
+    print(f"search: {len(result.history)} evaluations, {len(front)} front points over (val loss, predicted latency)")
+    print(f"forward of {args.batch} x {args.seq_len} tokens, median of {args.reps} interleaved rounds; "
+          f"base (unpruned, full width) {base_t * 1e3:.1f} ms, {sum(p.numel() for p in base.parameters()):,} params\n")
+    header = f"{'subnet':<9} {'widths':<28} {'val loss':>8} {'vs rank-max':>11} {'pred ms':>8} {'meas ms':>8} " \
+             f"{'speed-up':>8} {'params':>12} {'|dlogit|':>9}"
+    print(header)
+    hits = []
+    for name, row in zip(configs, front):
+        loss = row["objectives"]["loss"]
+        t = median(times[name])
+        rel = loss / rank_max - 1
+        speed = base_t / t
+        spread = (max(times[name]) - min(times[name])) / t
+        if speed >= TARGET_SPEEDUP and rel <= LOSS_SLACK:
+            hits.append(name)
+        print(f"{name:<9} {widths_summary(space, configs[name]):<28} {loss:>8.4f} {rel:>+10.1%} "
+              f"{row['objectives']['latency'] * 1e3:>8.1f} {t * 1e3:>8.1f} {speed:>7.2f}x {params[name]:>12,} "
+              f"{diffs[name]:>9.1e}   (spread {spread:.0%})")
+    print(f"\ntarget: a subnet >= {TARGET_SPEEDUP}x faster than the base within {LOSS_SLACK:.0%} of the rank-only "
+          f"maximal loss -> {'met by ' + ', '.join(hits) if hits else 'NOT met'}")
+    worst = max(diffs.values()) if diffs else math.nan
+    worst_merged = max(merged_diffs.values()) if merged_diffs else math.nan
+    print(f"exported vs super-network subnet logits (fp32, target <= 1e-4): max |diff| {worst:.2e} against the "
+          f"unmerged subnet (base + B A in two matmuls), {worst_merged:.2e} against the same subnet merged")
+    print(f"wrote {export_dir} ({len(folders)} smaller models) and {search_dir}")
+
+
+RECIPE_MODEL = "smollm2-135m"
+
+if __name__ == "__main__":
+    main()
