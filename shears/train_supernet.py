@@ -429,10 +429,10 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
             trained = [tuple(x) for x in json.loads((finished / "trained.json").read_text())]
             continue
         if supernet is None:
-            order = channel_order(recipe, space, base, tokenizer, train_records, run_dir)
+            channels = channel_order(recipe, space, base, tokenizer, train_records, run_dir)
             set_seed(recipe.training.seed)  # the adapters' initial weights, identical across runs and processes
             supernet = SuperNet.from_base(base, stage.space, sparse_adapter=recipe.training.sparse_adapter,
-                                          channel_order=order)
+                                          channel_order=channels)
         elif supernet.space.r_max != stage.space.r_max:
             supernet = squeeze_supernet(supernet, stage.space)
         trainer = NLSTrainer(
