@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from conftest import make_tiny_model, one_line_error
+from test_elastic import prune_half, randomize_adapters
 from shears.elastic import SuperNet
 from shears.errors import ShearsError
 from shears.search_space import SearchSpace, load_search_space
@@ -21,22 +22,6 @@ CALIBRATION = torch.randint(3, 128, (6, 16), generator=torch.Generator().manual_
 def logits(model, ids=IDS):
     with torch.no_grad():
         return model(input_ids=ids).logits
-
-
-def randomize_adapters(peft_model, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
-
-
-def prune_half(model):
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, nn.Linear) and ".layers." in name:
-                module.weight.mul_(torch.rand(module.weight.shape, generator=gen) > 0.5)
 
 
 def width_net(arch="llama", sparse=False, space="llama-width", order=True):
