@@ -4,13 +4,19 @@ Everything is written into a temporary sibling of the target and renamed over it
 rename within one folder is atomic on POSIX). An existing target is replaced only when the caller
 says so (`force`, i.e. the CLIs' --force); the old one is moved aside first and deleted only after
 the new one is in place. A crash or an exception leaves the target as it was.
+
+A temporary is hidden (a dot name) and carries its writer's host and pid, `.NAME.tmp-HOST-PID.xxxx`:
+a process killed mid-write (kill -9, OOM) cannot remove it, so the next write of the same target
+removes those whose process on this host is gone -- a killed merged export leaves no gigabytes behind.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +25,36 @@ from typing import Any, Iterator
 from .errors import ShearsError
 
 REPLACE_HINT = "pass --force to replace it, or choose another output"
+HOST = socket.gethostname()
+
+
+def _prefix(target: Path, kind: str) -> str:
+    return f".{target.name}.{kind}-{HOST}-{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: str | os.PathLike) -> None:
+    """Delete the temporaries of `target` left by killed writers on this host (live writers' are kept)."""
+    target = Path(target)
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-{re.escape(HOST)}-(\d+)\.")
+    if not target.parent.is_dir():
+        return
+    for entry in target.parent.iterdir():
+        match = pattern.match(entry.name)
+        if match and not _alive(int(match.group(2))):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 def refuse_existing(path: str | os.PathLike, force: bool, hint: str = REPLACE_HINT) -> None:
@@ -32,11 +68,12 @@ def atomic_folder(out: str | os.PathLike, force: bool = False, hint: str = REPLA
     out = Path(out)
     refuse_existing(out, force, hint)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    remove_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(prefix=_prefix(out, "tmp"), dir=out.parent))
     try:
         yield tmp
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            old = Path(tempfile.mkdtemp(prefix=_prefix(out, "old"), dir=out.parent))
             os.replace(out, old / out.name)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -52,7 +89,8 @@ def atomic_file(path: str | os.PathLike, force: bool = True, hint: str = REPLACE
     path = Path(path)
     refuse_existing(path, force, hint)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    remove_stale_temporaries(path)
+    handle, tmp = tempfile.mkstemp(prefix=_prefix(path, "tmp"), suffix=path.suffix, dir=path.parent)
     os.close(handle)
     try:
         yield Path(tmp)

@@ -43,7 +43,7 @@ from torch import nn
 
 from .atomic import atomic_folder
 from .errors import ShearsError
-from .models import model_fingerprint
+from .models import load_safetensors, model_fingerprint
 from .rundir import SHEARS_RECORD
 from .search_space import BoundSpace, Config, SearchSpace, load_search_space
 from .squeeze import ADAPTER_WEIGHTS, PEFT_PREFIX
@@ -286,17 +286,15 @@ class SuperNet:
                               "was trained on")
         bound = BoundSpace.from_dict(json.loads((folder / SEARCH_SPACE_FILE).read_text()),
                                      source=str(folder / SEARCH_SPACE_FILE))
-        from safetensors.torch import load_file
-
         order = None
         if meta.get("channel_order"):
             if not (folder / CHANNEL_ORDER_FILE).is_file():
                 raise ShearsError(f"{folder} lost its {CHANNEL_ORDER_FILE}: the width channels cannot be restored; "
                                   "re-train or restore the file")
-            order = load_file(folder / CHANNEL_ORDER_FILE)
+            order = load_safetensors(folder / CHANNEL_ORDER_FILE)
         net = cls.from_base(base_model, bound, sparse_adapter=bool(meta["sparse_adapter"]), channel_order=order)
 
-        weights = load_file(folder / ADAPTER_WEIGHTS, device=str(next(net.model.parameters()).device))
+        weights = load_safetensors(folder / ADAPTER_WEIGHTS, device=str(next(net.model.parameters()).device))
         result = set_peft_model_state_dict(net.model, weights)
         missing = [k for k in result.missing_keys if "lora_" in k]
         if result.unexpected_keys or missing:

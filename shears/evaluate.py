@@ -28,6 +28,7 @@ import typing
 import argparse
 import contextlib
 import copy
+import json
 import math
 import os
 import re
@@ -680,6 +681,21 @@ def load_for_run(run: str | os.PathLike, subnet: str, dtype: str | None = None):
     return loaded.supernet, loaded.tokenizer, loaded.recipe
 
 
+def check_adapter_base(adapter: Path, model, model_name: str) -> None:
+    """Refuse, in one line, a damaged adapter or a shears export made for a base other than `model`."""
+    from .models import load_safetensors, model_fingerprint
+
+    if (adapter / "adapter_model.safetensors").is_file():
+        load_safetensors(adapter / "adapter_model.safetensors")  # a torn file fails here, not deep in PEFT
+    record = adapter / "shears.json"
+    if record.is_file():
+        base = json.loads(record.read_text()).get("base_model") or {}
+        expected, found = base.get("fingerprint"), model_fingerprint(model)
+        if expected and expected != found:
+            raise ShearsError(f"{adapter} was exported for the base {base.get('source')!r} (fingerprint {expected}), "
+                              f"not {model_name} ({found}): pass --model {base.get('source')}")
+
+
 def _load_plain(model_name: str, adapter: str | None, dtype: str):
     from .models import load_model, load_tokenizer
 
@@ -689,7 +705,14 @@ def _load_plain(model_name: str, adapter: str | None, dtype: str):
 
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise ShearsError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, adapter)
+        check_adapter_base(Path(adapter), model, model_name)
+        try:
+            model = PeftModel.from_pretrained(model, adapter)
+        except RuntimeError as err:  # PEFT's state-dict loading: the shapes of another base
+            if "size mismatch" not in str(err):
+                raise
+            raise ShearsError(f"{adapter} does not fit {model_name}: its shapes are another base model's; pass the "
+                              "--model it was trained on") from None
     return model, load_tokenizer(model_name)
 
 

@@ -157,6 +157,18 @@ def _hub_error(name: str, err: Exception) -> ShearsError:
         f"hub could not provide it ({cause}); download it where the hub is reachable and pass the folder")
 
 
+def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file; a torn or damaged file is a one-line error, not a traceback."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError) as err:
+        raise ShearsError(f"{path} is damaged ({str(err).splitlines()[0] if str(err) else type(err).__name__}): "
+                          "restore it, or write it again with the stage that made it") from None
+
+
 def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = "float32",
                device: str | torch.device | None = None):
     """An `AutoModelForCausalLM` from a hub id, folder, .gguf file or the alias `smollm2-135m`."""
@@ -172,6 +184,13 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None 
         if Path(path).exists():
             raise
         raise _hub_error(str(name_or_path), err) from None
+    except Exception as err:  # transformers wraps a torn weights file in its own error types
+        from safetensors import SafetensorError
+
+        if isinstance(err, SafetensorError) or isinstance(err.__cause__, SafetensorError):
+            raise ShearsError(f"the weights of {path} are damaged ({str(err).splitlines()[0]}): restore the "
+                              "model folder") from None
+        raise
     if device is not None:
         model.to(device)
     return model
@@ -188,6 +207,13 @@ def load_tokenizer(name_or_path: str | os.PathLike):
         if Path(path).exists():
             raise
         raise _hub_error(str(name_or_path), err) from None
+    except Exception as err:  # transformers wraps a torn weights file in its own error types
+        from safetensors import SafetensorError
+
+        if isinstance(err, SafetensorError) or isinstance(err.__cause__, SafetensorError):
+            raise ShearsError(f"the weights of {path} are damaged ({str(err).splitlines()[0]}): restore the "
+                              "model folder") from None
+        raise
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -47,11 +47,12 @@ from pathlib import Path
 
 import torch
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .atomic import atomic_folder, refuse_existing
 from .errors import ShearsError, cli_errors
+from .models import load_safetensors
 
 # PEFT's own names for an adapter folder's files and its state-dict key prefix: the one definition shears uses
 ADAPTER_CONFIG = CONFIG_NAME
@@ -256,7 +257,7 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.
     if config.get("use_dora"):
         raise ShearsError(f"{folder} is a DoRA adapter (its magnitudes depend on the full update): "
                           "squeeze needs plain LoRA")
-    return config, load_file(str(folder / ADAPTER_WEIGHTS))
+    return config, load_safetensors(folder / ADAPTER_WEIGHTS)
 
 
 def lora_factor_keys(tensors: dict[str, torch.Tensor]) -> list[tuple[str, str, str]]:

@@ -368,9 +368,21 @@ def training_arguments(recipe: Recipe, stage: Stage, bf16: bool) -> TrainingArgu
     )
 
 
+def complete_checkpoint(folder: Path) -> bool:
+    """Trainer writes trainer_state.json last: a checkpoint killed mid-save lacks it (or has it torn)."""
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def last_checkpoint(checkpoints_dir: Path) -> str | None:
-    checkpoints = sorted(checkpoints_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return str(checkpoints[-1]) if checkpoints else None
+    """The newest complete checkpoint; one a kill tore mid-save is skipped (its step is trained again)."""
+    checkpoints = sorted((p for p in checkpoints_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                         key=lambda p: int(p.name.split("-")[-1]))
+    complete = [p for p in checkpoints if complete_checkpoint(p)]
+    return str(complete[-1]) if complete else None
 
 
 def check_run_dir(run_dir: RunDir, recipe: Recipe, resume: bool, force: bool) -> None:
