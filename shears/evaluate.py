@@ -684,10 +684,11 @@ def load_for_run(run: str | os.PathLike, subnet: str, dtype: str | None = None):
 def check_adapter_base(adapter: Path, model, model_name: str) -> None:
     """Refuse, in one line, a damaged adapter or a shears export made for a base other than `model`."""
     from .models import load_safetensors, model_fingerprint
+    from .rundir import SHEARS_RECORD
 
     if (adapter / "adapter_model.safetensors").is_file():
         load_safetensors(adapter / "adapter_model.safetensors")  # a torn file fails here, not deep in PEFT
-    record = adapter / "shears.json"
+    record = adapter / SHEARS_RECORD
     if record.is_file():
         base = json.loads(record.read_text()).get("base_model") or {}
         expected, found = base.get("fingerprint"), model_fingerprint(model)
