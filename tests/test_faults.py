@@ -247,7 +247,7 @@ def test_a_damaged_exported_adapter_is_one_line(trained, tmp_path, capsys):
     from shears.squeeze import main as squeeze_main
 
     folder = export_subnets(trained, {"minimal": {"qv.0": 2, "qv.1": 2, "up": 2}},
-                            tmp_path / "export")[0]
+                            tmp_path / "export")[0].folder
     damage(folder / "adapter_model.safetensors")
     recipe = load_recipe(trained / "recipe.yaml")
     for main, args in ((evaluate_main, ["--model", recipe.model, "--adapter", str(folder), "--data",
@@ -272,7 +272,7 @@ def test_export_and_evaluate_on_another_base_are_refused_in_one_line(trained, tm
     from shears.export import main as export_main
 
     run = copy_of(trained, tmp_path)
-    folder = export_subnets(run, {"minimal": {"qv.0": 2, "qv.1": 2, "up": 2}}, tmp_path / "export")[0]
+    folder = export_subnets(run, {"minimal": {"qv.0": 2, "qv.1": 2, "up": 2}}, tmp_path / "export")[0].folder
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
     base = other_base(tmp_path / "other-base")
     # the run's base replaced by another model
