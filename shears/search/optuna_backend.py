@@ -191,11 +191,37 @@ class OptunaBackend:
                 time.sleep(self.poll_s)
                 housekeeping()
 
+        def system_attrs(trial: optuna.Trial) -> dict:
+            return storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)).system_attrs
+
+        def fixed(trial: optuna.Trial) -> bool:
+            """Was this trial enqueued with its params (an anchor or a retry)?"""
+            return bool(system_attrs(trial).get("fixed_params"))
+
+        def duplicate_retry(trial: optuna.Trial) -> bool:
+            """Two workers' housekeeping may both re-enqueue one failed trial. Of its retries the lowest-numbered
+            one runs: it was enqueued first, so every later sibling sees it (no claim race to lose)."""
+            failed = system_attrs(trial).get("failed_trial")
+            return failed is not None and any(
+                t.number < trial.number and t.system_attrs.get("failed_trial") == failed
+                for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING, *LIVE)))
+
         def objective(trial: optuna.Trial):
             trial.set_user_attr("worker", _worker_tag(trial.number))
+            if trial.user_attrs.get("config") is not None:  # a retry copies the failed trial's claim: not ours yet
+                trial.set_user_attr("config", None)
+            if duplicate_retry(trial):
+                trial.set_user_attr("outcome", "duplicate_retry")
+                raise optuna.TrialPruned()
             if not wait_for_room(trial.number):
                 trial.set_user_attr("outcome", "budget_done")
                 study.stop()
+                raise optuna.TrialPruned()
+            if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)) and not fixed(trial):
+                # A retry of a killed worker's trial was enqueued while this one waited. Sampling afresh
+                # here would spend its slot of the budget on another config and lose that one (an anchor,
+                # say): yield, so the next trial asked for is the retry.
+                trial.set_user_attr("outcome", "yield_to_waiting")
                 raise optuna.TrialPruned()
             config = {key: trial.suggest_categorical(key, problem.choices[key]) for key in problem.keys}
             key = canonical(config)
