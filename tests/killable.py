@@ -116,12 +116,12 @@ def arm(point: str, ready_file: str) -> None:
 
         measure, count = SearchProblem.measure, [0]
 
-        def parked_measure(self, config):
+        def parked_measure(self, config, *args, **kwargs):
             count[0] += 1
             if count[0] == target:
                 park(ready_file, json.dumps({"pid": os.getpid(),
                                              "config": json.dumps(config, sort_keys=True, separators=(",", ":"))}))
-            return measure(self, config)
+            return measure(self, config, *args, **kwargs)
 
         SearchProblem.measure = parked_measure
     else:

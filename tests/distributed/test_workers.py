@@ -139,14 +139,18 @@ def test_a_worker_killed_mid_evaluation_costs_at_most_that_evaluation(kind, trai
     assert len(lost) == 1 and lost[0]["worker"] != victim[0]["worker"]  # evaluated again once, by a survivor
 
     trials = optuna.load_study(study_name=study, storage=open_storage(storage)).get_trials(deepcopy=False)
-    dead = [t for t in trials if t.user_attrs.get("config") == parked["config"]
-            and str(t.user_attrs.get("worker", "")).split("#")[0].endswith(f":{parked['pid']}")]
-    assert len(dead) == 1 and dead[0].state == optuna.trial.TrialState.FAIL, \
-        (parked, [(t.number, t.state, t.user_attrs) for t in trials])  # failed, not left RUNNING
+    dead = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]  # failed, not left RUNNING
+    assert len(dead) == 1 and dead[0].user_attrs["config"] == parked["config"], \
+        (parked, [(t.number, t.state, t.user_attrs) for t in trials])
+    assert dead[0].user_attrs["worker"].split("#")[0].endswith(f":{parked['pid']}")
     retried = [t for t in trials if dead[0].number in
                optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(t)]
     assert retried and any(t.state == optuna.trial.TrialState.COMPLETE for t in retried)
     assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    # two survivors' housekeeping may both have re-enqueued it; a retry left waiting is harmless: it is a
+    # duplicate of the one that ran, and would be pruned as such if a later search popped it
+    waiting = [t for t in trials if t.state == optuna.trial.TrialState.WAITING]
+    assert all(t.system_attrs.get("failed_trial") == dead[0].number for t in waiting)
 
 
 def open_storage(url: str):
