@@ -20,7 +20,7 @@ FLOORS = [
     {"run"},  # reads RUN: the trained super-network on its base, the recipe's splits
     {"train_supernet"},
     {"evaluate"},
-    {"search"},  # the whole package shears/search/
+    {"search", "lm_eval_tasks"},  # the whole package shears/search/; lm-eval's hooks call data and evaluate
     {"export"},  # reads the search's files through search.history
 ]
 
