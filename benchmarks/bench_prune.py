@@ -3,7 +3,10 @@
 Wanda (50% unstructured by default) needs a calibration pass: every block runs the calibration
 tokens twice (once to accumulate ||X_j||^2 for its linears, once more after masking so the next
 block sees pruned outputs), and block 0's hidden states for every sample are kept in memory.
-Magnitude pruning needs no data at all. This measures what that costs.
+Magnitude pruning needs no data at all. This measures what that costs, and what bf16 autocast of
+the calibration forward (`wanda-bf16`, as training.bf16=auto runs it on a CPU with native bf16;
+the statistics still accumulate in fp32) saves: its time against fp32 Wanda, and per matrix the
+share of mask entries on which the two agree.
 
 Peak RSS is a per-process high-water mark (`resource.getrusage(...).ru_maxrss`; tracemalloc does not
 see torch's allocations), so every (method, repetition) runs in a fresh subprocess of this script.
@@ -28,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-METHODS = ("wanda", "magnitude")
+METHODS = ("wanda", "magnitude", "wanda-bf16")
 RESULT_TAG = "BENCH_RESULT "  # prefix of the worker's one JSON line on stdout
 
 
@@ -51,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "threads run ~4x slower than one (0 = torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--masks-dir", help=argparse.SUPPRESS)  # where a Wanda worker leaves its masks
     return parser.parse_args(argv)
 
 
@@ -74,22 +78,27 @@ def run_worker(args: argparse.Namespace) -> dict:
     checksum = sum(float(p.detach().abs().sum()) for p in model.parameters())
     rss_loaded = peak_rss_mib()
     ids = None
-    if args.worker == "wanda":  # calibration tokens are an input, not part of the pruning time
+    if args.worker.startswith("wanda"):  # calibration tokens are an input, not part of the pruning time
         tokenizer = load_tokenizer(args.model)
         ids = calibration_input_ids(tokenizer, load_records(args.data), args.nsamples, args.seqlen, args.seed)
     rss_before = peak_rss_mib()
     start = time.perf_counter()
-    wanda_prune(model, ids, sparsity=args.sparsity, method=args.worker, batch_size=args.batch_size)
+    masks = wanda_prune(model, ids, sparsity=args.sparsity, method=args.worker.removesuffix("-bf16"),
+                        batch_size=args.batch_size, bf16=args.worker.endswith("-bf16"))
     prune_s = time.perf_counter() - start
+    if args.masks_dir and ids is not None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in masks.items()}, str(Path(args.masks_dir) / f"{args.worker}.safetensors"))
     return {"method": args.worker, "load_s": load_s, "prune_s": prune_s, "rss_loaded_mib": rss_loaded,
             "rss_before_mib": rss_before, "rss_peak_mib": peak_rss_mib(),
             "sparsity": sparsity_report(model)["total"], "checksum": checksum,
             "calibration": None if ids is None else list(ids.shape)}
 
 
-def spawn(method: str, argv: list[str]) -> dict:
+def spawn(method: str, argv: list[str], masks_dir: str) -> dict:
     """Run this script as a worker for `method` in a fresh interpreter; its tqdm bars go to our stderr."""
-    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", method]
+    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", method, "--masks-dir", masks_dir]
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_TAG)]
     return json.loads(lines[-1][len(RESULT_TAG):])
@@ -123,6 +132,20 @@ def print_table(runs: dict[str, list[dict]], args: argparse.Namespace) -> None:
     extra_w = median(w, "rss_peak_mib") - median(w, "rss_loaded_mib")
     extra_m = median(m, "rss_peak_mib") - median(m, "rss_loaded_mib")
     print(f"  RSS added by pruning (peak - loaded model): wanda +{extra_w:.0f} MiB, magnitude +{extra_m:.0f} MiB")
+    b = runs["wanda-bf16"]
+    print(f"  wanda-bf16 / wanda prune time {median(b, 'prune_s') / median(w, 'prune_s'):6.2f}x  (target <= 0.60)")
+
+
+def mask_agreement(masks_dir: str) -> None:
+    from safetensors.torch import load_file
+
+    fp32 = load_file(str(Path(masks_dir) / "wanda.safetensors"))
+    bf16 = load_file(str(Path(masks_dir) / "wanda-bf16.safetensors"))
+    agree = {name: float((bf16[name] == keep).float().mean()) for name, keep in fp32.items()}
+    worst = min(agree, key=agree.get)
+    print(f"  mask agreement bf16 vs fp32 per matrix ({len(agree)} matrices): min {agree[worst]:.4%} ({worst}), "
+          f"median {statistics.median(agree.values()):.4%}; matrices >= 99.5%: "
+          f"{sum(a >= 0.995 for a in agree.values())}/{len(agree)}")
 
 
 def main(argv=None) -> None:
@@ -132,15 +155,19 @@ def main(argv=None) -> None:
         return
     passthrough = sys.argv[1:] if argv is None else list(argv)
     runs: dict[str, list[dict]] = {m: [] for m in METHODS}
+    import tempfile
+
+    masks_dir = tempfile.mkdtemp(prefix="bench_prune_masks_")
     for rep in range(args.reps):
         order = METHODS if rep % 2 == 0 else METHODS[::-1]
         for method in order:
             print(f"[rep {rep + 1}/{args.reps}] {method} ...", file=sys.stderr, flush=True)
-            result = spawn(method, passthrough)
+            result = spawn(method, passthrough, masks_dir)
             runs[method].append(result)
             print(f"[rep {rep + 1}/{args.reps}] {method}: prune {result['prune_s']:.2f} s, "
                   f"peak RSS {result['rss_peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
     print_table(runs, args)
+    mask_agreement(masks_dir)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,15 @@ builtin:arithmetic for four arms, each on its own copy of the base model:
     nls         shears SuperNet, a freshly sampled subnet per step (elastic ranks A[:r], B[:, :r])
     nls-max     shears SuperNet at the maximal subnet (same ranks as `peft`: the pure elastic overhead)
     sparsepeft  SuperNet(sparse_adapter=True) on a 50% magnitude-pruned copy, sampled per step
+    nls-bf16    `nls` (same initial adapters, same subnets) under bf16 autocast, as training.bf16=auto
+                runs it on a CPU with native bf16; adapters and AdamW state stay fp32
 
 `nls` and `sparsepeft` draw the same sequence of subnets (one seeded generator each), so their
 ratio compares identical subnets. Each repetition runs every arm once on the same batch, the arm
 order rotating per repetition, so load from other processes on the shared CPU hits every arm alike;
-ratios are medians of the per-repetition paired ratios.
+ratios are medians of the per-repetition paired ratios. The mean training loss of nls-bf16 over
+the run is compared with nls's (target: within 1%). Then the padded-token share of the demo
+recipe's training batches (builtin:arithmetic, cutoff 96, batch 8): random order vs length-grouped.
 
     python benchmarks/bench_train_step.py [--reps 8] [--lora-dropout 0] [--profile]
 """
@@ -33,11 +37,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-ARMS = ("peft", "nls", "nls-max", "sparsepeft")
+ARMS = ("peft", "nls", "nls-max", "sparsepeft", "nls-bf16")
 # (numerator, denominator, target, label)
 TARGETS = (("nls", "peft", 1.00, "NLS (sampled subnets) / PEFT"),
            ("nls-max", "peft", 1.05, "NLS maximal / PEFT"),
-           ("sparsepeft", "nls", 1.30, "SparsePEFT / NLS (same subnets)"))
+           ("sparsepeft", "nls", 1.30, "SparsePEFT / NLS (same subnets)"),
+           ("nls-bf16", "nls", 0.60, "NLS bf16 autocast / NLS fp32"))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--space", default="llama", help="search space name or YAML path")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=128)
-    parser.add_argument("--reps", type=int, default=8, help="timed steps per arm (arm order rotates)")
+    parser.add_argument("--reps", type=int, default=20, help="timed steps per arm (arm order rotates)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per arm first (optimizer state)")
     parser.add_argument("--lora-dropout", type=float, default=None,
                         help="override the space's lora_dropout (SparsePEFT folds the mask only when it is 0)")
@@ -66,22 +71,28 @@ class Arm:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     before_step: Callable[[], None] = lambda: None  # picks the subnet of a sampled arm
+    bf16: bool = False
     times_ms: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
 
 
 def train_step(arm: Arm, batch: torch.Tensor) -> float:
+    from shears.precision import autocast
+
     arm.before_step()
-    loss = arm.model(input_ids=batch, labels=batch).loss
+    with autocast(arm.bf16, "cpu"):
+        loss = arm.model(input_ids=batch, labels=batch).loss
     loss.backward()
     arm.optimizer.step()
     arm.optimizer.zero_grad(set_to_none=True)
     return float(loss.detach())
 
 
-def make_arm(name: str, model: torch.nn.Module, before_step: Callable[[], None] = lambda: None) -> Arm:
+def make_arm(name: str, model: torch.nn.Module, before_step: Callable[[], None] = lambda: None,
+             bf16: bool = False) -> Arm:
     model.train()  # LoRA dropout on, as in training
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return Arm(name, model, torch.optim.AdamW(trainable, lr=1e-4), before_step)
+    return Arm(name, model, torch.optim.AdamW(trainable, lr=1e-4), before_step, bf16)
 
 
 def sampler(net, seed: int) -> Callable[[], None]:
@@ -103,7 +114,10 @@ def build_arms(base: torch.nn.Module, args: argparse.Namespace) -> dict[str, Arm
         space = replace(space, lora_dropout=args.lora_dropout)
     stock = LoraConfig(r=space.r_max, lora_alpha=space.lora_alpha, lora_dropout=space.lora_dropout,
                        target_modules=list(space.target_modules), bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(args.seed)
     nls = SuperNet.from_base(copy.deepcopy(base), space)
+    torch.manual_seed(args.seed)  # the same initial adapters as `nls`
+    nls_bf16 = SuperNet.from_base(copy.deepcopy(base), space)
     nls_max = SuperNet.from_base(copy.deepcopy(base), space)
     sparse_base = copy.deepcopy(base)
     wanda_prune(sparse_base, sparsity=0.5, method="magnitude")  # any 50% pattern times the same
@@ -111,7 +125,8 @@ def build_arms(base: torch.nn.Module, args: argparse.Namespace) -> dict[str, Arm
     return {"peft": make_arm("peft", get_peft_model(copy.deepcopy(base), stock)),
             "nls": make_arm("nls", nls.model, sampler(nls, args.seed)),
             "nls-max": make_arm("nls-max", nls_max.model),  # from_base activates the maximal subnet
-            "sparsepeft": make_arm("sparsepeft", sparse.model, sampler(sparse, args.seed))}
+            "sparsepeft": make_arm("sparsepeft", sparse.model, sampler(sparse, args.seed)),
+            "nls-bf16": make_arm("nls-bf16", nls_bf16.model, sampler(nls_bf16, args.seed), bf16=True)}
 
 
 def batches(args: argparse.Namespace, count: int) -> list[torch.Tensor]:
@@ -137,8 +152,9 @@ def run(arms: dict[str, Arm], data: list[torch.Tensor], warmup: int) -> None:
     for rep, batch in enumerate(tqdm(data, desc="timed steps (all arms)", unit="rep")):
         for name in order[rep % len(order):] + order[:rep % len(order)]:
             start = time.perf_counter()
-            train_step(arms[name], batch)
+            loss = train_step(arms[name], batch)
             arms[name].times_ms.append(1e3 * (time.perf_counter() - start))
+            arms[name].losses.append(loss)
 
 
 def paired_ratio(a: Arm, b: Arm) -> float:
@@ -175,6 +191,28 @@ def print_report(arms: dict[str, Arm], args: argparse.Namespace) -> None:
         of_means = statistics.fmean(arms[num].times_ms) / statistics.fmean(arms[den].times_ms)
         verdict = "ok" if ratio <= target else "MISSED"
         print(f"{label:<33} {ratio:>13.3f} {of_means:>9.3f} {'<= ' + format(target, '.2f'):>7}  {verdict}")
+    fp32, bf16 = statistics.fmean(arms["nls"].losses), statistics.fmean(arms["nls-bf16"].losses)
+    gap = abs(bf16 - fp32) / fp32
+    print(f"\nmean training loss over {len(arms['nls'].losses)} steps: nls fp32 {fp32:.4f}, nls bf16 {bf16:.4f} "
+          f"(relative gap {gap:.2%}, target <= 1%: {'ok' if gap <= 0.01 else 'MISSED'}); "
+          f"per step max |diff| {max(abs(a - b) for a, b in zip(arms['nls'].losses, arms['nls-bf16'].losses)):.4f}")
+
+
+def padding_report(args: argparse.Namespace) -> None:
+    """Padded share of the demo recipe's training batches: Trainer's random order vs shears' length grouping."""
+    from shears.data import TokenizedDataset, load_records
+    from shears.models import load_tokenizer
+    from shears.train_supernet import TrainingOrder
+
+    data = TokenizedDataset(load_tokenizer(args.model), load_records("builtin:arithmetic?n=2000&seed=0"), 96)
+    lengths = [len(x["input_ids"]) for x in data.examples]
+    pad8 = lambda n: -(-n // 8) * 8  # the Collator pads to a multiple of 8
+    for name, order in (("random", TrainingOrder(len(lengths), 42, 8)),
+                        ("length-grouped", TrainingOrder(len(lengths), 42, 8, lengths=tuple(lengths)))):
+        ids = order.epoch_indices(0, 0)
+        steps = [ids[i:i + 8] for i in range(0, len(ids), 8)]
+        total = sum(pad8(max(lengths[i] for i in s)) * len(s) for s in steps)
+        print(f"padded-token share, demo training batches ({name}): {1 - sum(lengths[i] for i in ids) / total:.1%}")
 
 
 def main(argv=None) -> None:
@@ -190,6 +228,7 @@ def main(argv=None) -> None:
     data = batches(args, args.reps)
     run(arms, data, args.warmup)
     print_report(arms, args)
+    padding_report(args)
     if args.profile:
         profile(arms, data[0])
 
