@@ -102,7 +102,7 @@ def arm(point: str, ready_file: str) -> None:
     elif kind == "export":
         import shears.export as export
 
-        write, count = export.write_adapter, [0]
+        write, count = export.write_subnet_adapter, [0]
 
         def parked_write(*args, **kwargs):
             write(*args, **kwargs)
@@ -110,7 +110,7 @@ def arm(point: str, ready_file: str) -> None:
             if count[0] == target:
                 park(ready_file, point)
 
-        export.write_adapter = parked_write
+        export.write_subnet_adapter = parked_write
     elif kind == "eval":
         from shears.search.problem import SearchProblem
 
