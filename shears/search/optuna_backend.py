@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+import sqlalchemy.exc
 from optuna.distributions import CategoricalDistribution
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
@@ -45,6 +46,7 @@ from .problem import ANCHORS, Evaluator, SearchProblem
 SAMPLERS = typing.get_args(OptunaSampler)  # the recipe's Literal: one definition
 STUDY_NAME = "shears-search"
 HEARTBEAT_S, GRACE_S, MAX_RETRY = 30, 90, 3
+SCHEMA_RETRIES = 5
 LIVE = (TrialState.RUNNING, TrialState.COMPLETE)
 HOST = socket.gethostname()
 
@@ -60,10 +62,19 @@ def open_storage(url: str):
                           "database URL such as sqlite:///study.db or postgresql://user@host/db")
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+    # Workers started together on a fresh database all create Optuna's schema at once; on PostgreSQL the
+    # losers fail on CREATE TYPE/TABLE (a duplicate-object or unique-violation error). The schema then
+    # exists, so opening again succeeds: retry a few times before giving up.
+    for attempt in range(SCHEMA_RETRIES):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+        except sqlalchemy.exc.DBAPIError:
+            if attempt == SCHEMA_RETRIES - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 def make_sampler(name: str, seed: int, population_size: int) -> optuna.samplers.BaseSampler:
