@@ -32,7 +32,6 @@ import hashlib
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -51,6 +50,9 @@ from shears.evaluate import evaluate  # noqa: E402
 from shears.models import load_model, load_tokenizer  # noqa: E402
 from shears.recipe import load_recipe  # noqa: E402
 from shears.search_space import canonical  # noqa: E402
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from paper_medium import python_module, run_command  # noqa: E402  (one way to run a stage's CLI)
 
 RECIPE = REPO / "recipes" / "smollm2-commonsense.yaml"
 TEST_SETS = {"BoolQ": "commonsense/boolq_test.json", "ARC-e": "commonsense/arc-easy_test.json",
@@ -102,20 +104,6 @@ def check_settings(out: Path, settings: Settings) -> None:
             raise ShearsError(f"{out} was run with other settings ({', '.join(changed)}): pass the same flags "
                               "to resume, or another --out")
     write_json(saved, current)
-
-
-def run_command(command: list[str], settings: Settings) -> float:
-    """Run a shears CLI with the experiment's thread count; returns its wall time in seconds."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(settings.threads), "MKL_NUM_THREADS": str(settings.threads),
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    print("$ " + " ".join(command), flush=True)
-    start = time.time()
-    subprocess.run(command, cwd=REPO, env=env, check=True)
-    return time.time() - start
-
-
-def python_module(module: str, *args) -> list[str]:
-    return [sys.executable, "-m", module, *map(str, args)]
 
 
 class Experiment:
