@@ -14,11 +14,11 @@ Sources (`load_records`):
 
 from __future__ import annotations
 
-import typing
 import csv
 import json
 import random
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence

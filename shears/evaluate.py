@@ -24,7 +24,6 @@ for a SuperNet it measures whatever config is active, so a search never reloads 
 
 from __future__ import annotations
 
-import typing
 import argparse
 import contextlib
 import copy
@@ -33,6 +32,7 @@ import math
 import os
 import re
 import sys
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence

@@ -28,12 +28,12 @@ model's max_position_embeddings.
 
 from __future__ import annotations
 
-import typing
 import fnmatch
 import hashlib
 import json
 import os
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence

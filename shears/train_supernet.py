@@ -27,13 +27,13 @@ torchrun DDP and FSDP work unchanged.
 
 from __future__ import annotations
 
-import typing
 import argparse
 import json
 import math
 import os
 import sys
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -22,11 +22,11 @@ an exception is re-enqueued when a worker next starts. Give concurrent workers d
 
 from __future__ import annotations
 
-import typing
 import os
 import random
 import socket
 import time
+import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
