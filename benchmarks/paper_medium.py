@@ -126,8 +126,11 @@ class Experiment:
     def check_settings(self) -> None:
         """Resuming with other settings would mix incomparable arms in one table: refuse."""
         path = self.results / "settings.json"
-        # which arms run and where the data lives do not change any result
-        current = {k: v for k, v in dataclasses.asdict(self.s).items() if k not in ("arms", "data_dir", "require_signal")}
+        # which arms run and where the data lives do not change any result; the thread count changes the
+        # speed (and float summation order, in the last bits) but not what is computed, so an experiment may
+        # resume on fewer threads when the machine is shared; each arm records the count it ran with
+        current = {k: v for k, v in dataclasses.asdict(self.s).items()
+                   if k not in ("arms", "data_dir", "require_signal", "threads")}
         if path.is_file():
             previous = json.loads(path.read_text())
             changed = sorted(k for k in current if previous.get(k) != current[k])
@@ -152,6 +155,7 @@ class Experiment:
         start = time.time()
         result = {"arm": name, **fn()}
         result["wall_s"] = round(time.time() - start, 1)
+        result["threads"] = self.s.threads
         predictions = result.pop("predictions", None)
         if predictions is not None:
             lines = "".join(json.dumps(p, separators=(",", ":")) + "\n" for p in predictions)
