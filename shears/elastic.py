@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,6 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 from peft.tuners.lora.layer import Linear as LoraLinear
-from peft.utils.other import transpose
 from torch import nn
 
 from .atomic import atomic_folder
@@ -46,7 +46,7 @@ from .errors import ShearsError
 from .models import load_safetensors, model_fingerprint
 from .rundir import SHEARS_RECORD
 from .search_space import BoundSpace, Config, SearchSpace, load_search_space
-from .squeeze import ADAPTER_WEIGHTS, PEFT_PREFIX
+from .squeeze import ADAPTER_WEIGHTS, PEFT_PREFIX, pattern_key
 from .width import ChannelOrder, ElasticWidth, inverse_order, permute_channels
 
 SEARCH_SPACE_FILE = "search_space.json"
@@ -62,6 +62,8 @@ class ElasticLoraLinear(LoraLinear):
         super().__init__(base_layer, adapter_name, config=config, **kwargs)
         if self.lora_variant or any(self.lora_bias.values()):
             raise ShearsError("elastic LoRA supports plain LoRA only: turn off DoRA, lora_bias and other variants")
+        if self.fan_in_fan_out:  # nn.Linear stores W as (out, in), the layout of B @ A: no transpose anywhere
+            raise ShearsError("elastic LoRA adapts nn.Linear modules: set fan_in_fan_out=False")
         self.active_rank: int = self.r[adapter_name]
         # (base weight != 0), set by enable_sparse_mask(); not saved: it is recomputed from the base
         self.register_buffer("sparse_mask", None, persistent=False)
@@ -90,9 +92,7 @@ class ElasticLoraLinear(LoraLinear):
         cast_to_fp32 = weight_B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
         if cast_to_fp32:
             weight_A, weight_B = weight_A.float(), weight_B.float()
-        delta = transpose(weight_B @ weight_A, self.fan_in_fan_out) * self.scaling[adapter]
-        if self.sparse_mask is not None:
-            delta = delta * self.sparse_mask
+        delta = lora_delta(weight_A, weight_B, self.scaling[adapter], self.sparse_mask)
         return delta.to(dtype) if cast_to_fp32 else delta
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -138,11 +138,42 @@ class ElasticLoraLinear(LoraLinear):
         return f"elastic-{super().__repr__()}"
 
 
-def lora_config_for(space: BoundSpace) -> LoraConfig:
-    """A stock LoraConfig at r_max over the space's modules, with ElasticLoraLinear registered."""
+def lora_delta(A: torch.Tensor, B: torch.Tensor, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The LoRA update scale * B @ A, masked by `mask` (SparsePEFT: the base weight's non-zeros) when given.
+    The one definition: training's forward, PEFT's merge and the export's merged/ all add this to W."""
+    delta = (B @ A) * scale
+    return delta * mask if mask is not None else delta
+
+
+def merged_weight(base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, sparse_adapter: bool) -> torch.Tensor:
+    """W + lora_delta in fp32, masked by W's non-zeros for a SparsePEFT adapter, in W's dtype: what merging a
+    subnet's factors into the base gives (its zeros stay exactly zero under SparsePEFT)."""
+    mask = base != 0 if sparse_adapter else None
+    return (base.float() + lora_delta(A.float(), B.float(), scale, mask)).to(base.dtype)
+
+
+def most_common_rank(ranks: dict[str, int]) -> int:
+    counts = Counter(ranks.values())
+    return max(counts, key=lambda r: (counts[r], r))
+
+
+def lora_config(ranks: dict[str, int], lora_alpha: float, r_max: int, lora_dropout: float, **peft_kwargs) -> LoraConfig:
+    """The one stock LoraConfig builder: each module of `ranks` at its rank k with alpha = lora_alpha * k / r_max,
+    so every module keeps the super-network's scale lora_alpha / r_max. r is the most common rank; every other
+    module is pinned by an anchored rank_pattern/alpha_pattern key (a short key would match every layer)."""
+    r = most_common_rank(ranks)
+    others = {module: rank for module, rank in ranks.items() if rank != r}
+    return LoraConfig(r=r, lora_alpha=lora_alpha * r / r_max, lora_dropout=lora_dropout,
+                      target_modules=sorted(ranks), bias="none", task_type="CAUSAL_LM",
+                      rank_pattern={pattern_key(m): k for m, k in others.items()},
+                      alpha_pattern={pattern_key(m): lora_alpha * k / r_max for m, k in others.items()},
+                      **peft_kwargs)
+
+
+def supernet_lora_config(space: BoundSpace) -> LoraConfig:
+    """The super-network's LoraConfig: every module at r_max, with ElasticLoraLinear registered."""
     s = space.space
-    config = LoraConfig(r=s.r_max, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
-                        target_modules=space.module_names(), bias="none", task_type="CAUSAL_LM")
+    config = lora_config(dict.fromkeys(space.module_names(), s.r_max), s.lora_alpha, s.r_max, s.lora_dropout)
     config._register_custom_module({nn.Linear: ElasticLoraLinear})
     return config
 
@@ -182,7 +213,7 @@ class SuperNet:
             # PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` inside get_peft_model;
             # the warning is about PEFT's call, not ours, and says nothing a user can act on.
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            model = get_peft_model(base_model, lora_config_for(bound))
+            model = get_peft_model(base_model, supernet_lora_config(bound))
         layers = {name: model.get_base_model().get_submodule(name) for name in bound.module_names()}
         for name, layer in layers.items():
             if not isinstance(layer, ElasticLoraLinear):

@@ -54,7 +54,7 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .elastic import SCALING_RULE, SuperNet
+from .elastic import SCALING_RULE, SuperNet, lora_config, merged_weight
 from .errors import ShearsError, cli_errors
 from .models import load_model, model_id, save_sliced_model, slice_linears
 from .atomic import atomic_folder, refuse_existing, write_text
@@ -65,8 +65,8 @@ from .search.history import read_front as read_search_front, recorded_objectives
 from .search_space import ANCHORS, Config, canonical
 from .sparsity import SPARSITY_JSON, sparsity_report
 from .width import permute_channels, uniform_width, width_spec
-from .squeeze import (ADAPTER_WEIGHTS, PEFT_PREFIX, DEFAULT_TOL, alpha_for_scale,
-                      lora_factor_keys, pattern_key, squeeze_lora)
+from .squeeze import (ADAPTER_WEIGHTS, PEFT_PREFIX, DEFAULT_TOL,
+                      lora_factor_keys, squeeze_lora)
 
 EXPORT_FORMAT = "shears-export/1"
 MERGED = "merged"  # the merged model's folder inside a subnet's folder
@@ -139,22 +139,6 @@ def pad_factors(factors: Factors, rank: int) -> Factors:
     return padded
 
 
-def most_common_rank(ranks: dict[str, int]) -> int:
-    counts = Counter(ranks.values())
-    return max(counts, key=lambda r: (counts[r], r))
-
-
-def lora_config(ranks: dict[str, int], scale: float, lora_dropout: float, base_model: str) -> LoraConfig:
-    """A stock LoraConfig: r = the most common rank, every other module pinned by an anchored key."""
-    r = most_common_rank(ranks)
-    others = {module: rank for module, rank in ranks.items() if rank != r}
-    return LoraConfig(r=r, lora_alpha=alpha_for_scale(scale, r, False), lora_dropout=lora_dropout,
-                      target_modules=sorted(ranks), bias="none", task_type="CAUSAL_LM",
-                      rank_pattern={pattern_key(m): k for m, k in others.items()},
-                      alpha_pattern={pattern_key(m): alpha_for_scale(scale, k, False) for m, k in others.items()},
-                      base_model_name_or_path=base_model, inference_mode=True)
-
-
 def global_scale(config: dict) -> float:
     """lora_alpha / r of an adapter_config, after checking every pattern entry has that same ratio: the
     invariant that lets an engine applying one global scale serve our per-module ranks."""
@@ -185,18 +169,13 @@ def sparsity_summary(model: torch.nn.Module) -> dict:
 
 @torch.no_grad()
 def merge_into(target: torch.nn.Module, supernet: SuperNet, factors: Factors, scale: float) -> bool:
-    """target's adapted weights := base + scale·B·A (masked by the base's non-zeros under SparsePEFT).
-    Every adapted weight is rewritten from the super-network's untouched base, so one target serves
-    every subnet. Returns whether every zero of the base stayed exactly zero."""
+    """target's adapted weights := the super-network's untouched base merged with `factors` (elastic.merged_weight),
+    so one target serves every subnet. Returns whether every zero of the base stayed exactly zero."""
     zeros_kept = True
     for module, (A, B) in factors.items():
         base = supernet.layers[module].get_base_layer().weight
-        nonzero = base != 0
-        delta = scale * (B.float() @ A.float())
-        if supernet.sparse_adapter:
-            delta.mul_(nonzero)
-        merged = delta.add_(base).to(base.dtype)
-        zeros_kept &= not bool(merged.ne(0).logical_and_(nonzero.logical_not_()).any())
+        merged = merged_weight(base, A, B, scale, supernet.sparse_adapter)
+        zeros_kept &= not bool(merged.ne(0).logical_and_(base == 0).any())
         target.get_submodule(module).weight.copy_(merged)
     return zeros_kept
 
@@ -266,8 +245,8 @@ def export_one(run: Run, name: str, config: Config, folder: Path, objectives: di
     ranks = {module: A.shape[0] for module, (A, _) in factors.items()}
     padded_to = max(ranks.values()) if uniform_rank else None
     written = pad_factors(factors, padded_to) if uniform_rank else factors
-    adapter = lora_config({m: A.shape[0] for m, (A, _) in written.items()}, scale, space.space.lora_dropout,
-                          base_name(run))
+    adapter = lora_config({m: A.shape[0] for m, (A, _) in written.items()}, space.space.lora_alpha, space.r_max,
+                          space.space.lora_dropout, base_model_name_or_path=base_name(run), inference_mode=True)
     global_scale(adapter.to_dict())  # the invariant, checked on what is written
     if not space.sites:
         write_subnet_adapter(folder, written, adapter)
