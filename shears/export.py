@@ -35,7 +35,9 @@ merged/ only: base + LoRA merged, channels in importance order, every MLP cut to
 so the folder is a physically smaller model. One width in every block gives a stock config
 (intermediate_size reduced; AutoModelForCausalLM.from_pretrained loads it); per-block widths add
 shears_widths.json, read by shears.models.load_model. No adapter folder is written: the adapter's
-channels are in the reordered base's order, and a stock adapter cannot drop channels.
+channels are in the reordered base's order, and a stock adapter cannot drop channels. A --front
+export's manifest.json names each merged/ model's loader, and its README.md shows the snippet that
+loads each kind.
 
 Merged weights are computed in float64 and rounded once to the base's dtype. How close an export is
 to its subnet is measured in float64 too: on a 30-block model two correct fp32 evaluations of one
@@ -62,7 +64,7 @@ from tqdm.auto import tqdm
 
 from .elastic import SCALING_RULE, SuperNet, lora_config, merged_weight
 from .errors import ShearsError, cli_errors
-from .models import load_model, model_id, save_sliced_model, slice_linears
+from .models import WIDTH_FILE, load_model, model_id, save_sliced_model, slice_linears
 from .atomic import atomic_folder, refuse_existing, write_text
 from .recipe import ExportConfig
 from .run import Run, load_run, load_run_recipe, subnet_config
@@ -355,17 +357,21 @@ def export_front(run: Run | str | Path, output: str | Path | None = None, squeez
     configs = front_subnets(run.supernet, front)
     old_folders = _manifest_folders(files)
     exported = export_subnets(run, configs, files.folder, squeeze, energy, merge, force, uniform_rank)
+    width = bool(run.supernet.space.sites)
     manifest = {"format": EXPORT_FORMAT, "run": str(run_dir.root.resolve()), "objectives": front.get("objectives"),
                 "hypervolume": front.get("hypervolume"), "uniform_rank": uniform_rank,
                 "base_model": base_record(run), "sparse_adapter": run.supernet.sparse_adapter,
-                # SparsePEFT masks the update; the folders' stock adapters apply the unmasked factors
-                "adapter_reproduces_supernet": not run.supernet.sparse_adapter,
+                # SparsePEFT masks the update; the folders' stock adapters apply the unmasked factors. An
+                # elastic-width run writes no adapter: each folder's merged/ is the subnet
+                "adapter_reproduces_supernet": not run.supernet.sparse_adapter and not width,
+                "elastic_width": width,
                 "subnets": [{"folder": e.folder.name, "config": e.record["config"],
                              "ranks": rank_summary(e.record["module_ranks"]), "max_rank": e.record["max_rank"],
                              "objectives": e.record["objectives"], "adapter_params": e.record["adapter_params"],
-                             "exported_adapter_params": e.record["exported_adapter_params"]} for e in exported]}
+                             "exported_adapter_params": e.record["exported_adapter_params"],
+                             **({"model": smaller_model_record(e)} if width else {})} for e in exported]}
     write_text(files.manifest, json.dumps(manifest, indent=1) + "\n")
-    write_text(files.readme, front_readme(manifest))
+    write_text(files.readme, width_front_readme(manifest) if width else front_readme(manifest))
     _remove_stale(files, old_folders - {e.folder.name for e in exported})
     return exported
 
@@ -412,6 +418,63 @@ def front_readme(manifest: dict) -> str:
                   "HF model folder of base + masked update that keeps the base's zeros.", ""]
     lines += engine_notes(manifest, load_from)
     return "\n".join(lines)
+
+
+# How a width export's merged/ loads: a stock config needs transformers only; per-block widths need shears
+STOCK_LOADER = "transformers.AutoModelForCausalLM.from_pretrained"
+SHEARS_LOADER = "shears.models.load_model"
+LOAD_SNIPPETS = {
+    STOCK_LOADER: ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                   'model = AutoModelForCausalLM.from_pretrained("{folder}")',
+                   'tokenizer = AutoTokenizer.from_pretrained("{folder}")'],
+    SHEARS_LOADER: ["from shears.models import load_model, load_tokenizer", "",
+                    'model = load_model("{folder}")  # reads {widths_file}: each block\'s MLP width',
+                    'tokenizer = load_tokenizer("{folder}")'],
+}
+
+
+def smaller_model_record(exported: Exported) -> dict:
+    """A width export's manifest entry for its merged/ model: where, how big, and what loads it."""
+    width = exported.record["merged"]["width"]
+    return {"folder": f"{exported.folder.name}/{MERGED}", "params": width["params"],
+            "widths": width_summary(width["widths"]),
+            "loader": STOCK_LOADER if width["stock_config"] else SHEARS_LOADER}
+
+
+def width_summary(widths: dict[str, int]) -> str:
+    """"1152x20 768x10": how many blocks have each MLP width, widest first."""
+    counts = Counter(widths.values())
+    return " ".join(f"{w}x{counts[w]}" for w in sorted(counts, reverse=True))
+
+
+def width_front_readme(manifest: dict) -> str:
+    """The README of an elastic-width front: every folder's merged/ is a smaller model, loaded without PEFT."""
+    names = manifest["objectives"] or sorted({k for s in manifest["subnets"] for k in s["objectives"]})
+    names = [n for n in names if n != "params"]  # already its own column, measured on the written model
+    lines = [f"# Pareto-front subnets of {manifest['run']}", "",
+             f"{len(manifest['subnets'])} non-dominated subnets (hypervolume {manifest['hypervolume']}), "
+             f"smallest first. The base ({manifest['base_model']['model_id']}) has an elastic width: each folder's "
+             f"`{MERGED}/` is a physically smaller model, the subnet's LoRA merged into the base and every MLP cut "
+             "to the subnet's width. There is no adapter to put on a base (`PeftModel` does not apply); load "
+             f"`{MERGED}/` as a model, from this folder:", "",
+             "| model folder | params | " + " | ".join(names) + " | MLP widths (width x blocks) | loads with |",
+             "|---|---:|" + "---:|" * len(names) + "---|---|"]
+    for s in manifest["subnets"]:
+        values = " | ".join(f"{s['objectives'].get(n, float('nan')):.6g}" for n in names)
+        lines.append(f"| {s['model']['folder']} | {s['model']['params']:,} | {values} | {s['model']['widths']} | "
+                     f"`{s['model']['loader']}` |")
+    for loader, explanation in ((STOCK_LOADER, "One width in every block: a stock config (`intermediate_size` "
+                                 "reduced), so transformers alone loads it, and so does anything that loads the "
+                                 "base's architecture:"),
+                                (SHEARS_LOADER, f"Per-block widths: the folder's `{WIDTH_FILE}` names each block's "
+                                 "width, which a stock config cannot say, so shears loads it (shapes that disagree "
+                                 "with the file are refused):")):
+        first = next((s for s in manifest["subnets"] if s["model"]["loader"] == loader), None)
+        if first is not None:
+            snippet = [line.format(folder=first["model"]["folder"], widths_file=WIDTH_FILE)
+                       for line in LOAD_SNIPPETS[loader]]
+            lines += ["", explanation, "", "```python", *snippet, "```"]
+    return "\n".join(lines) + "\n"
 
 
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
@@ -522,7 +585,7 @@ def main(argv=None) -> None:
                        else "per-block widths, load it with shears.models.load_model")
                 print(f"{e.folder.name}: {MERGED}/ is a smaller model of {width['params']:,} parameters ({how})")
     extras = f" + {files.manifest.name}, {files.readme.name}" if args.front else ""
-    print(f"wrote {len(exported)} subnet adapter folder(s){extras} to {files.folder}")
+    print(f"wrote {len(exported)} subnet folder(s){extras} to {files.folder}")
 
 
 if __name__ == "__main__":

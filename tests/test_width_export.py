@@ -4,6 +4,7 @@ whose logits equal the super-network subnet's."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +18,10 @@ from shears.export import export_subnets, merge_into, smaller_model, subnet_fact
 from shears.models import SMOLLM2_ALIAS, SMOLLM2_INSTALL, WIDTH_FILE, load_model
 from shears.recipe import load_recipe
 from shears.run import load_run
-from shears.search_space import load_search_space
+from shears.search_space import canonical, load_search_space
 from shears.width import permute_channels
 from shears.train_supernet import train_supernet
-from test_export import INPUT_IDS, TinyRun, logits, randomise_adapter
+from test_export import INPUT_IDS, TinyRun, copy_run, logits, randomise_adapter
 from test_models import HAS_SMOLLM2
 from test_train_supernet import TINY_SPACE, tiny_recipe
 
@@ -123,6 +124,49 @@ def test_latency_table_is_measured_once_and_predicts_by_width(width_run, tmp_pat
     fake = LatencyTable("cpu", 1, 8, 10.0, {"mlp.0": {64: 3.0, 48: 2.0, 32: 1.0}, "mlp.1": {64: 3.0, 48: 2.5, 32: 1.5}})
     assert fake.latency(run.supernet.space, MIXED) == pytest.approx(10.0 - 1.0 - 1.5)
 
+
+
+def python_blocks(markdown: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)
+
+
+def test_front_readme_loads_each_kind_of_smaller_model(width_run, tmp_path, monkeypatch):
+    from shears.export import SHEARS_LOADER, STOCK_LOADER, export_front
+    from shears.search.history import History, write_front
+    from shears.search.objectives import Objective, size_function
+
+    run = copy_run(width_run, tmp_path)
+    loaded = load_run(run.path)
+    count = size_function(loaded.supernet, "params")
+    objectives = (Objective("loss", False),
+                  Objective("params", False, count(loaded.supernet.minimal()), count(loaded.supernet.maximal())))
+    history = History(run.path / "search" / "history.jsonl", objectives)
+    for config, loss in ((UNIFORM, 2.0), (MIXED, 1.0)):  # MIXED is bigger and better: both on the front
+        history.append(config, {"loss": loss, "params": count(config)}, 0.1, "test")
+    write_front(history, run.path / "search")
+    expected = {canonical(c): subnet_logits(run, c) for c in (UNIFORM, MIXED)}
+    out = tmp_path / "export"
+    export_front(run.path, out)
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["elastic_width"] and not manifest["adapter_reproduces_supernet"]
+    models = [s["model"] for s in manifest["subnets"]]
+    assert [m["loader"] for m in models] == [STOCK_LOADER, SHEARS_LOADER]
+    assert [m["widths"] for m in models] == ["32x2", "48x1 32x1"]
+    readme = (out / "README.md").read_text()
+    assert "PeftModel" not in readme.replace("`PeftModel` does not apply", "")
+    blocks = python_blocks(readme)
+    assert len(blocks) == 2
+    monkeypatch.chdir(out)  # the README's paths are relative to its folder
+    for block, model_record, subnet in zip(blocks, models, manifest["subnets"]):
+        assert model_record["folder"] in block
+        namespace = {}
+        exec(block, namespace)  # the snippet exactly as a user copies it
+        model = namespace["model"].eval()
+        assert namespace["tokenizer"] is not None
+        assert sum(p.numel() for p in model.parameters()) == model_record["params"]
+        with torch.no_grad():
+            assert (logits(model) - expected[canonical(subnet["config"])]).abs().max() <= 1e-4
 
 def small_random_adapters(peft_model, seed=0, std=0.02):
     """Factors whose update B·A is the size of a trained one on a real model (|ΔW| ~ |W| / 10)."""
