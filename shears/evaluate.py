@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from .atomic import write_json
 from .errors import ShearsError, cli_errors
-from .precision import autocast, precision_name, resolve_bf16
+from .precision import autocast, float32_logits, precision_name, resolve_bf16
 from .recipe import Task
 
 TASKS = typing.get_args(Task)  # the recipe's Literal: one definition
@@ -634,8 +634,8 @@ def evaluate(model_or_supernet, tokenizer, records: Sequence[dict], task: str, l
              cutoff_len: int = 1024, progress: bool = True, bf16: bool = False) -> dict:
     """Score the model (or the SuperNet's active subnet) on `records` (the first `limit`).
 
-    `bf16` runs the forward passes under bf16 autocast (weights stay as they are; log-softmax is
-    taken in float32); resolve a recipe's `auto` with `shears.precision.resolve_bf16` first.
+    `bf16` runs the forward passes under bf16 autocast (weights stay as they are; the logits and
+    their log-softmax are computed in float32, so close options do not tie); resolve a recipe's `auto` with `shears.precision.resolve_bf16` first.
 
     Returns {"task", "accuracy", "n", "predictions", ...}: choice adds "accuracy_norm"; loss gives
     "loss", "perplexity", "tokens" and accuracy None. Predictions are in the records' order."""
@@ -649,7 +649,7 @@ def evaluate(model_or_supernet, tokenizer, records: Sequence[dict], task: str, l
     if not records:
         raise ShearsError("no records to evaluate: check the data file and --limit")
     model = unwrap(model_or_supernet)
-    with evaluation_mode(model), autocast(bf16, _device(model)):
+    with evaluation_mode(model), autocast(bf16, _device(model)), float32_logits(model):
         if task == "math":
             result = _evaluate_math(model, tokenizer, records, batch_size, max_new_tokens, progress)
         elif task == "choice":

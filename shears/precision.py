@@ -75,3 +75,38 @@ def autocast(bf16: bool, device: Union[str, torch.device, None] = None):
         return contextlib.nullcontext()
     device = torch.device(device) if device is not None else default_device()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+class _Float32Head(torch.nn.Module):
+    """The output projection computed in float32 whatever the surrounding autocast says.
+
+    Under bf16 autocast the logits would come out in bf16, whose 8-bit mantissa rounds a logit near 20
+    to a step of 0.125: two answer options whose log-likelihoods differ by less than that tie (seen on
+    ARC-Easy: 4 of 48 picks flipped against fp32, at a margin of exactly 0). The hidden states stay bf16
+    products; only the last projection, which sees few positions (`logits_to_keep`), runs in fp32."""
+
+    def __init__(self, head: torch.nn.Linear):
+        super().__init__()
+        self.head = head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        bias = None if self.head.bias is None else self.head.bias.float()
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return torch.nn.functional.linear(hidden.float(), self.head.weight.float(), bias)
+
+
+@contextlib.contextmanager
+def float32_logits(model):
+    """For the duration, `model`'s logits are computed in float32 (see _Float32Head); restored after.
+
+    `model` is an HF causal LM or a PeftModel around one. An output layer that is not a plain Linear
+    (a LoRA-wrapped lm_head) is left alone: replacing it would drop its adapter."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear:
+        yield model
+        return
+    model.set_output_embeddings(_Float32Head(head))
+    try:
+        yield model
+    finally:
+        model.set_output_embeddings(head)

@@ -638,3 +638,34 @@ def test_real_commonsense_files_give_sane_candidates(llm_adapters_dir):
             continuations = choice_continuations(record, labels)
             assert record["output"] in continuations, path.name
             assert len(set(continuations)) == len(labels)
+
+
+@torch.no_grad()
+def test_bf16_scoring_takes_the_logits_in_float32():
+    """Under bf16 autocast the scores equal: body in bf16, then the output projection in float32 —
+    not bf16 logits, whose rounding step ties close options (the reference with bf16 logits differs)."""
+    model = tiny_model("llama").eval()
+    record = ARC
+    continuations = choice_continuations(record, choice_labels(record))
+    context = prompt_ids(record)
+    scored = evaluate(model, TOKENIZER, [record], "choice", bf16=True, progress=False)["predictions"][0]["logprobs"]
+
+    def reference(fp32_head: bool) -> list[float]:
+        sums = []
+        for text in continuations:
+            tokens = TOKENIZER(text, add_special_tokens=False)["input_ids"]
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ids = torch.tensor([context + tokens])
+                if fp32_head:
+                    hidden = model.model(input_ids=ids).last_hidden_state
+                    with torch.autocast("cpu", enabled=False):
+                        logits = hidden.float() @ model.lm_head.weight.float().T
+                else:
+                    logits = model(input_ids=ids).logits
+            logp = logits[0].float().log_softmax(-1)
+            sums.append(sum(float(logp[len(context) - 1 + j, t]) for j, t in enumerate(tokens)))
+        return sums
+
+    torch.testing.assert_close(torch.tensor(scored), torch.tensor(reference(True)), rtol=0, atol=1e-4)
+    assert (torch.tensor(scored) - torch.tensor(reference(False))).abs().max() > 1e-3  # the check can fail
+    assert type(model.get_output_embeddings()) is torch.nn.Linear  # the head is put back
