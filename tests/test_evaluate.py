@@ -669,3 +669,23 @@ def test_bf16_scoring_takes_the_logits_in_float32():
     torch.testing.assert_close(torch.tensor(scored), torch.tensor(reference(True)), rtol=0, atol=1e-4)
     assert (torch.tensor(scored) - torch.tensor(reference(False))).abs().max() > 1e-3  # the check can fail
     assert type(model.get_output_embeddings()) is torch.nn.Linear  # the head is put back
+
+
+@torch.no_grad()
+def test_frozen_weights_cast_once_give_autocasts_numbers_and_come_back():
+    from shears.precision import bf16_frozen_weights
+
+    base = tiny_model("llama")
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    ids = torch.tensor([prompt_ids(ARC)])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(input_ids=ids).logits
+        with bf16_frozen_weights(model):
+            frozen = [n for n, p in model.named_parameters() if p.dtype == torch.bfloat16]
+            got = model(input_ids=ids).logits
+    assert frozen and all("lora_" not in n and "lm_head" not in n and "embed" not in n for n in frozen)
+    assert any("base_layer" in n for n in frozen)  # the frozen Linear under a LoRA layer too
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for n, p in model.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, before[n]), n
