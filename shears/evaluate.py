@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from .atomic import write_json
 from .errors import ShearsError, cli_errors
-from .precision import autocast, bf16_frozen_weights, float32_logits, precision_name, resolve_bf16
+from .precision import autocast, bf16_weights, float32_logits, precision_name, resolve_bf16
 from .recipe import Task
 
 TASKS = typing.get_args(Task)  # the recipe's Literal: one definition
@@ -650,7 +650,7 @@ def evaluate(model_or_supernet, tokenizer, records: Sequence[dict], task: str, l
         raise ShearsError("no records to evaluate: check the data file and --limit")
     model = unwrap(model_or_supernet)
     with (evaluation_mode(model), autocast(bf16, _device(model)), float32_logits(model),
-          bf16_frozen_weights(model, enabled=bf16)):
+          bf16_weights(model, enabled=bf16)):
         if task == "math":
             result = _evaluate_math(model, tokenizer, records, batch_size, max_new_tokens, progress)
         elif task == "choice":

@@ -113,14 +113,14 @@ def float32_logits(model):
 
 
 @contextlib.contextmanager
-def bf16_frozen_weights(model, enabled: bool = True):
-    """For the duration, frozen float32 Linear weights are held in bf16; the float32 originals come back after.
+def bf16_weights(model, enabled: bool = True, frozen_only: bool = True):
+    """For the duration, float32 Linear weights are held in bf16 (by default only frozen ones, which
+    require no grad); the float32 originals come back after, untouched.
 
     Autocast caches its bf16 copy of a weight only for leaf tensors that require grad, so a frozen base
     weight is re-cast on every call: for one-token decode steps that cast costs more than the matmul.
-    Casting once gives the same numbers — autocast's cast and `.to(bfloat16)` round alike — so outputs
-    are unchanged. The output projection is skipped: `float32_logits` reads it in float32 (and a tied
-    embedding shares its tensor)."""
+    Casting once gives the same numbers — autocast's cast and `.to(bfloat16)` round alike. The output
+    projection is skipped: `float32_logits` reads it in float32 (and a tied embedding shares its tensor)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head = getattr(head, "head", head)  # inside float32_logits the Linear is wrapped
     saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
@@ -128,7 +128,7 @@ def bf16_frozen_weights(model, enabled: bool = True):
         for module in model.modules():
             w = getattr(module, "weight", None)
             if (isinstance(module, torch.nn.Linear) and module is not head and isinstance(w, torch.nn.Parameter)
-                    and w.dtype == torch.float32 and not w.requires_grad):
+                    and w.dtype == torch.float32 and not (frozen_only and w.requires_grad)):
                 saved.append((w, w.data))
                 w.data = w.data.to(torch.bfloat16)
     try:

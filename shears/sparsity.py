@@ -28,6 +28,7 @@ model's max_position_embeddings.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import json
@@ -46,7 +47,7 @@ from .atomic import atomic_folder
 from .errors import ShearsError
 from .recipe import PruneMethod
 from .models import decoder_layers, linear_names
-from .precision import autocast, precision_name
+from .precision import autocast, bf16_weights, precision_name
 
 METHODS = typing.get_args(PruneMethod)  # the recipe's Literal: one definition
 SPARSITY_JSON = "sparsity.json"
@@ -295,15 +296,28 @@ def wanda_prune(model: nn.Module, calibration_input_ids: torch.Tensor | None = N
     _, blocks = decoder_layers(model)
     was_training = model.training
     model.eval()
+    device = model.get_input_embeddings().weight.device
+
+    @contextlib.contextmanager
+    def in_bf16(module):
+        # One autocast region per pass, never one around the pruning: autocast keeps its bf16 copy of a
+        # weight that requires grad for the whole region, so a pass after the pruning would still see the
+        # unpruned copy. The pass's weights are cast once, explicitly (autocast would re-cast frozen ones
+        # on every call), and the pruning then works on the float32 originals.
+        with autocast(bf16, device), bf16_weights(module, enabled=bf16, frozen_only=False):
+            yield
+
     try:
-        with torch.no_grad(), autocast(bf16, model.get_input_embeddings().weight.device):
-            hidden, received = capture_block_inputs(model, blocks, ids.split(max(1, batch_size)), offload_device)
+        with torch.no_grad():
+            with in_bf16(model):
+                hidden, received = capture_block_inputs(model, blocks, ids.split(max(1, batch_size)), offload_device)
             for index, block in enumerate(tqdm(blocks, desc="wanda pruning", unit="block")):
                 linears = targets[index]
                 norms = {name: _InputSquaredNorms(linear) for name, linear in linears.items()}
                 handles = [linear.register_forward_hook(norms[name]) for name, linear in linears.items()]
                 try:
-                    run_block(block, hidden, received[index], offload_device, keep_outputs=False)
+                    with in_bf16(block):
+                        run_block(block, hidden, received[index], offload_device, keep_outputs=False)
                 finally:
                     for handle in handles:
                         handle.remove()
@@ -311,7 +325,8 @@ def wanda_prune(model: nn.Module, calibration_input_ids: torch.Tensor | None = N
                     score = linear.weight.detach().float().abs() * norms[name].sum_sq.sqrt().unsqueeze(0)
                     masks[name] = _prune_linear(linear, score, sparsity, nm)
                 # The next block must be scored on what this block outputs once pruned.
-                hidden = run_block(block, hidden, received[index], offload_device)
+                with in_bf16(block):
+                    hidden = run_block(block, hidden, received[index], offload_device)
     finally:
         model.train(was_training)
     return masks

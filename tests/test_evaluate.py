@@ -673,7 +673,7 @@ def test_bf16_scoring_takes_the_logits_in_float32():
 
 @torch.no_grad()
 def test_frozen_weights_cast_once_give_autocasts_numbers_and_come_back():
-    from shears.precision import bf16_frozen_weights
+    from shears.precision import bf16_weights
 
     base = tiny_model("llama")
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
@@ -681,7 +681,7 @@ def test_frozen_weights_cast_once_give_autocasts_numbers_and_come_back():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = model(input_ids=ids).logits
-        with bf16_frozen_weights(model):
+        with bf16_weights(model):
             frozen = [n for n, p in model.named_parameters() if p.dtype == torch.bfloat16]
             got = model(input_ids=ids).logits
     assert frozen and all("lora_" not in n and "lm_head" not in n and "embed" not in n for n in frozen)

@@ -80,8 +80,9 @@ def reference_keep(score: torch.Tensor, fraction: float, nm=None) -> torch.Tenso
     return keep
 
 
-def squared_input_norms(model, ids, linears) -> dict[str, torch.Tensor]:
-    """sum over all calibration tokens of X_j^2 for each linear's input, via full-model forwards."""
+def squared_input_norms(model, ids, linears, bf16: bool = False) -> dict[str, torch.Tensor]:
+    """sum over all calibration tokens of X_j^2 for each linear's input, via full-model forwards
+    (each its own autocast region under `bf16`, so no cast is carried from one forward to the next)."""
     sums = {name: torch.zeros(m.in_features) for name, m in linears.items()}
 
     def hook(name):
@@ -92,20 +93,21 @@ def squared_input_norms(model, ids, linears) -> dict[str, torch.Tensor]:
     handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
     with torch.no_grad():
         for row in ids:
-            model(input_ids=row[None], use_cache=False)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                model(input_ids=row[None], use_cache=False)
     for handle in handles:
         handle.remove()
     return sums
 
 
-def reference_wanda(model, ids, fraction, nm=None, sequential=True) -> dict[str, torch.Tensor]:
+def reference_wanda(model, ids, fraction, nm=None, sequential=True, bf16=False) -> dict[str, torch.Tensor]:
     model = copy.deepcopy(model)
     n_blocks = len(model.model.layers)
     stages = [[i] for i in range(n_blocks)] if sequential else [list(range(n_blocks))]
     masks = {}
     for blocks in stages:
         linears = {k: v for i in blocks for k, v in block_linears(model, i).items()}
-        norms = squared_input_norms(model, ids, linears)  # the model's blocks before these are pruned
+        norms = squared_input_norms(model, ids, linears, bf16)  # the model's blocks before these are pruned
         for name, linear in linears.items():
             keep = reference_keep(linear.weight.detach().abs() * norms[name].sqrt(), fraction, nm)
             linear.weight.data[~keep] = 0
@@ -157,6 +159,24 @@ def test_bf16_calibration_agrees_with_fp32_masks_and_accumulates_in_fp32(arch):
         agree = (bf16[name] == keep).float().mean().item()
         assert agree >= 0.9, (name, agree)  # rounding swaps only near-tied weights (32-wide rows here; bench_prune: real)
         assert bf16[name].sum() == keep.sum()  # the same count kept per matrix
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_bf16_calibration_equals_the_reference_run_in_bf16(arch):
+    """Each block is scored on what the *pruned* blocks before it output in bf16. (Autocast caches its
+    bf16 copy of a weight that requires grad for as long as the autocast region lasts, so pruning inside
+    one region left the next block's inputs computed with the unpruned copies.)"""
+    from shears.precision import native_bf16
+
+    if not native_bf16("cpu"):
+        pytest.skip("this CPU has no native bf16 (avx512_bf16 / amx_bf16)")
+    model, ids = tiny(arch), calibration()
+    assert all(p.requires_grad for p in model.parameters())  # as loaded: the weights autocast would cache
+    expected = reference_wanda(model, ids, 0.5, bf16=True)
+    masks = wanda_prune(model, ids, sparsity=0.5, bf16=True)
+    for name, keep in expected.items():
+        agree = (masks[name] == keep).float().mean().item()
+        assert agree >= 0.999, (name, agree)
 
 
 def target_linears_of(model):
