@@ -18,6 +18,9 @@ Killed workers: RDB storages run Optuna's heartbeat, which fails stale trials an
 (RetryHeartbeatStaleTrialCallback). Journal files have no heartbeat, so a RUNNING trial whose worker
 is a dead process on this host is failed here and re-enqueued the same way; a trial that failed by
 an exception is re-enqueued when a worker next starts. Give concurrent workers different seeds.
+
+`OptunaBackend` holds the settings and opens the study; a `StudyWorker` runs this process's trials
+against it, with its state (the study, the budget, the idle count) as explicit fields.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import socket
 import time
 import typing
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -157,127 +160,174 @@ class OptunaBackend:
 
     def run(self, problem: SearchProblem, evaluator: Evaluator, budget: int) -> None:
         study, storage = self.open_study(problem, evaluator.history)
-        study_id = storage.get_study_id_from_name(self.study_name)
-        history = evaluator.history
-        idle = 0
+        StudyWorker(self, problem, evaluator, budget, study, storage).run()
 
-        def evaluated() -> set[str]:
-            history.refresh()
-            done = {t.user_attrs.get("config") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
-            return (done - {None}) | history.configs()
 
-        def finished() -> bool:  # screening on slices (multi-fidelity) spends budget too
-            return len(evaluated()) >= problem.size or len(evaluated()) + history.partial_spent >= budget
+@dataclass
+class StudyWorker:
+    """This process's part of one search: it runs trials of the shared study until the budget is spent.
 
-        def housekeeping() -> None:
-            """Fail this host's trials whose process died; re-enqueue failed trials not yet retried."""
-            trials = study.get_trials(deepcopy=False)
-            for t in trials:
-                if t.state == TrialState.RUNNING and _dead_here(t):
-                    try:
-                        storage.set_trial_state_values(storage.get_trial_id_from_study_id_trial_number(
-                            study_id, t.number), TrialState.FAIL)
-                    except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
-                        continue  # another worker failed it first
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)  # heartbeat storages only
-                trials = study.get_trials(deepcopy=False)
-                retried = {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
-                done = {t.user_attrs.get("config") for t in trials if t.state == TrialState.COMPLETE}
-                for t in trials:
-                    if t.state == TrialState.FAIL and t.number not in retried and t.params \
-                            and t.user_attrs.get("config") not in done:
-                        RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, t)
+    Its state is these fields; each method does one thing. Everything about other workers is read
+    back from the study (trials, their claims) and the history, never kept here."""
+    backend: OptunaBackend
+    problem: SearchProblem
+    evaluator: Evaluator
+    budget: int
+    study: optuna.Study
+    storage: optuna.storages.BaseStorage
+    study_id: int = field(init=False)
+    idle: int = field(init=False, default=0)  # trials in a row without a fresh evaluation by this worker
+    fresh_seen: int = field(init=False)  # evaluator.fresh when the last trial ended
 
-        def wait_for_room(me: int) -> bool:
-            """Block while configs in flight in other trials fill the budget; False once it is done."""
-            while True:
-                if finished():
-                    return False
-                running = {t.user_attrs.get("config") for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                           if t.number != me}
-                if len(evaluated() | (running - {None})) + history.partial_spent < budget:
-                    return True
-                time.sleep(self.poll_s)
-                housekeeping()
+    def __post_init__(self) -> None:
+        self.study_id = self.storage.get_study_id_from_name(self.backend.study_name)
+        self.fresh_seen = self.evaluator.fresh
 
-        def system_attrs(trial: optuna.Trial) -> dict:
-            return storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)).system_attrs
+    @property
+    def history(self):
+        return self.evaluator.history
 
-        def fixed(trial: optuna.Trial) -> bool:
-            """Was this trial enqueued with its params (an anchor or a retry)?"""
-            return bool(system_attrs(trial).get("fixed_params"))
-
-        def duplicate_retry(trial: optuna.Trial) -> bool:
-            """Two workers' housekeeping may both re-enqueue one failed trial. Of its retries the lowest-numbered
-            one runs: it was enqueued first, so every later sibling sees it (no claim race to lose)."""
-            failed = system_attrs(trial).get("failed_trial")
-            return failed is not None and any(
-                t.number < trial.number and t.system_attrs.get("failed_trial") == failed
-                for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING, *LIVE)))
-
-        def objective(trial: optuna.Trial):
-            trial.set_user_attr("worker", _worker_tag(trial.number))
-            if trial.user_attrs.get("config") is not None:  # a retry copies the failed trial's claim: not ours yet
-                trial.set_user_attr("config", None)
-            if duplicate_retry(trial):
-                trial.set_user_attr("outcome", "duplicate_retry")
-                raise optuna.TrialPruned()
-            if not wait_for_room(trial.number):
-                trial.set_user_attr("outcome", "budget_done")
-                study.stop()
-                raise optuna.TrialPruned()
-            if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)) and not fixed(trial):
-                # A retry of a killed worker's trial was enqueued while this one waited. Sampling afresh
-                # here would spend its slot of the budget on another config and lose that one (an anchor,
-                # say): yield, so the next trial asked for is the retry.
-                trial.set_user_attr("outcome", "yield_to_waiting")
-                raise optuna.TrialPruned()
-            config = {key: trial.suggest_categorical(key, problem.choices[key]) for key in problem.keys}
-            key = canonical(config)
-            trial.set_user_attr("config", key)  # the claim: written before the study is read back
-            trials = study.get_trials(deepcopy=False, states=LIVE)
-            rivals = [t for t in trials if t.number != trial.number and t.user_attrs.get("config") == key]
-            done = next((t for t in rivals if t.state == TrialState.COMPLETE), None)
-            if done is not None:
-                trial.set_user_attr("outcome", f"duplicate_of:{done.number}")
-                return list(done.values)
-            if rivals:
-                trial.set_user_attr("outcome", f"evaluated_by:{rivals[0].number}")
-                raise optuna.TrialPruned()
-            history.refresh()
-            claimed = {t.user_attrs.get("config") for t in trials} - {None}
-            # with screening a candidate costs less than one evaluation: start it while budget is left
-            if key not in history.configs() and len((claimed - {key}) | history.configs()) + history.partial_spent >= budget:
-                trial.set_user_attr("outcome", "over_budget")
-                time.sleep(random.uniform(0.0, self.poll_s))  # desynchronise workers that collided
-                raise optuna.TrialPruned()
-            fresh = key not in history.configs()
-            if not evaluator.screen(config, trial=trial.number):  # stopped at a rung of multi-fidelity
-                trial.set_user_attr("outcome", "stopped_at_rung")
-                raise optuna.TrialPruned()
-            record = evaluator.evaluate(config, trial=trial.number)
-            trial.set_user_attr("outcome", "evaluated" if fresh else "recorded")
-            return [record["objectives"][o.name] for o in problem.objectives]
-
-        fresh_before = evaluator.fresh
-
-        def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            nonlocal idle, fresh_before
-            idle = 0 if evaluator.fresh > fresh_before else idle + 1
-            fresh_before = evaluator.fresh
-            evaluator.show()
-            if finished():
-                study.stop()
-            elif idle >= self.max_idle:
-                warnings.warn(f"{self.name}: {idle} trials in a row proposed configs already evaluated; stopping "
-                              f"this worker with {len(evaluated())} of {budget} (try another sampler or seed)")
-                study.stop()
-
-        housekeeping()
-        if finished():
+    def run(self) -> None:
+        self.housekeeping()
+        if self.finished():
             return
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.optimize(objective, callbacks=[after_trial], gc_after_trial=False)
+            self.study.optimize(self.objective, callbacks=[self.after_trial], gc_after_trial=False)
+
+    # ---- the budget
+
+    def evaluated(self) -> set[str]:
+        """Canonical configs evaluated at full fidelity by any worker: COMPLETE trials' and the history's."""
+        self.history.refresh()
+        done = {t.user_attrs.get("config") for t in self.trials(TrialState.COMPLETE)}
+        return (done - {None}) | self.history.configs()
+
+    def finished(self) -> bool:  # screening on slices (multi-fidelity) spends budget too
+        evaluated = len(self.evaluated())
+        return evaluated >= self.problem.size or evaluated + self.history.partial_spent >= self.budget
+
+    def wait_for_room(self, me: int) -> bool:
+        """Block while configs in flight in other trials fill the budget; False once it is done."""
+        while True:
+            if self.finished():
+                return False
+            running = {t.user_attrs.get("config") for t in self.trials(TrialState.RUNNING) if t.number != me}
+            if len(self.evaluated() | (running - {None})) + self.history.partial_spent < self.budget:
+                return True
+            time.sleep(self.backend.poll_s)
+            self.housekeeping()
+
+    # ---- the study's trials
+
+    def trials(self, *states: TrialState) -> list[optuna.trial.FrozenTrial]:
+        return self.study.get_trials(deepcopy=False, states=states or None)
+
+    def system_attrs(self, trial: optuna.Trial) -> dict:
+        trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
+        return self.storage.get_trial(trial_id).system_attrs
+
+    def fixed(self, trial: optuna.Trial) -> bool:
+        """Was this trial enqueued with its params (an anchor or a retry)?"""
+        return bool(self.system_attrs(trial).get("fixed_params"))
+
+    def duplicate_retry(self, trial: optuna.Trial) -> bool:
+        """Two workers' housekeeping may both re-enqueue one failed trial. Of its retries the lowest-numbered
+        one runs: it was enqueued first, so every later sibling sees it (no claim race to lose)."""
+        failed = self.system_attrs(trial).get("failed_trial")
+        return failed is not None and any(t.number < trial.number and t.system_attrs.get("failed_trial") == failed
+                                          for t in self.trials(TrialState.WAITING, *LIVE))
+
+    def housekeeping(self) -> None:
+        """Fail this host's trials whose process died; re-enqueue failed trials not yet retried."""
+        for t in self.trials(TrialState.RUNNING):
+            if _dead_here(t):
+                try:
+                    self.storage.set_trial_state_values(self.storage.get_trial_id_from_study_id_trial_number(
+                        self.study_id, t.number), TrialState.FAIL)
+                except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+                    continue  # another worker failed it first
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(self.study)  # heartbeat storages only
+            trials = self.trials()
+            retried = {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
+            done = {t.user_attrs.get("config") for t in trials if t.state == TrialState.COMPLETE}
+            for t in trials:
+                if t.state == TrialState.FAIL and t.number not in retried and t.params \
+                        and t.user_attrs.get("config") not in done:
+                    RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(self.study, t)
+
+    # ---- one trial
+
+    def objective(self, trial: optuna.Trial) -> list[float]:
+        trial.set_user_attr("worker", _worker_tag(trial.number))
+        if trial.user_attrs.get("config") is not None:  # a retry copies the failed trial's claim: not ours yet
+            trial.set_user_attr("config", None)
+        self.back_off_before_sampling(trial)
+        config = {key: trial.suggest_categorical(key, self.problem.choices[key]) for key in self.problem.keys}
+        key = canonical(config)
+        values = self.claim(trial, key)
+        if values is not None:
+            return values
+        fresh = key not in self.history.configs()
+        if not self.evaluator.screen(config, trial=trial.number):  # stopped at a rung of multi-fidelity
+            _prune(trial, "stopped_at_rung")
+        record = self.evaluator.evaluate(config, trial=trial.number)
+        trial.set_user_attr("outcome", "evaluated" if fresh else "recorded")
+        return [record["objectives"][o.name] for o in self.problem.objectives]
+
+    def back_off_before_sampling(self, trial: optuna.Trial) -> None:
+        """Prune `trial` before it samples when another trial should run instead, or the budget is done."""
+        if self.duplicate_retry(trial):
+            _prune(trial, "duplicate_retry")
+        if not self.wait_for_room(trial.number):
+            self.study.stop()
+            _prune(trial, "budget_done")
+        if self.trials(TrialState.WAITING) and not self.fixed(trial):
+            # A retry of a killed worker's trial was enqueued while this one waited. Sampling afresh
+            # here would spend its slot of the budget on another config and lose that one (an anchor,
+            # say): yield, so the next trial asked for is the retry.
+            _prune(trial, "yield_to_waiting")
+
+    def claim(self, trial: optuna.Trial, key: str) -> list[float] | None:
+        """Claim config `key` for `trial`, then read the study back: the values of a COMPLETE trial of the
+        same config (reused, no evaluation), None when this trial is to evaluate it, else prune."""
+        trial.set_user_attr("config", key)  # the claim: written before the study is read back
+        trials = self.trials(*LIVE)
+        rivals = [t for t in trials if t.number != trial.number and t.user_attrs.get("config") == key]
+        done = next((t for t in rivals if t.state == TrialState.COMPLETE), None)
+        if done is not None:
+            trial.set_user_attr("outcome", f"duplicate_of:{done.number}")
+            return list(done.values)
+        if rivals:
+            _prune(trial, f"evaluated_by:{rivals[0].number}")
+        self.history.refresh()
+        claimed = {t.user_attrs.get("config") for t in trials} - {None}
+        recorded = self.history.configs()
+        # with screening a candidate costs less than one evaluation: start it while budget is left
+        if key not in recorded and len((claimed - {key}) | recorded) + self.history.partial_spent >= self.budget:
+            trial.set_user_attr("outcome", "over_budget")
+            time.sleep(random.uniform(0.0, self.backend.poll_s))  # desynchronise workers that collided
+            raise optuna.TrialPruned()
+        return None
+
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """Optuna's callback: count idle trials, show progress, stop when the budget is spent or the sampler
+        keeps proposing configs already evaluated."""
+        self.idle = 0 if self.evaluator.fresh > self.fresh_seen else self.idle + 1
+        self.fresh_seen = self.evaluator.fresh
+        self.evaluator.show()
+        if self.finished():
+            study.stop()
+        elif self.idle >= self.backend.max_idle:
+            warnings.warn(f"{self.backend.name}: {self.idle} trials in a row proposed configs already evaluated; "
+                          f"stopping this worker with {len(self.evaluated())} of {self.budget} (try another sampler "
+                          "or seed)")
+            study.stop()
+
+
+def _prune(trial: optuna.Trial, outcome: str) -> typing.NoReturn:
+    """End `trial` without values, recording why in its "outcome" attribute."""
+    trial.set_user_attr("outcome", outcome)
+    raise optuna.TrialPruned()
