@@ -67,7 +67,8 @@ class SparsityConfig:
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 0
-    exclude: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)  # fnmatch patterns of module names left dense
+    batch_size: int = 1  # calibration samples per block forward (memory, not the result)
 
 
 @dataclass

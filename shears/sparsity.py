@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_folder
 from .errors import ShearsError
-from .recipe import PruneMethod
+from .recipe import PruneMethod, SparsityConfig
 from .models import decoder_layers, linear_names
 from .precision import autocast, bf16_weights, precision_name
 
@@ -384,29 +384,30 @@ def _recorded_settings(folder: Path) -> dict | None:
     return {key: record.get(key) for key in _SETTINGS} if isinstance(record, dict) else None
 
 
-def prune_to_folder(model_name_or_path: str | os.PathLike, output_dir: str | os.PathLike, *,
-                    sparsity: float = 0.5, pattern: str = "unstructured", method: str = "wanda",
+def prune_to_folder(model_name_or_path: str | os.PathLike, output_dir: str | os.PathLike, config: SparsityConfig, *,
                     calibration_records: Iterable[dict] | None = None,
                     calibration_input_ids: torch.Tensor | None = None, calibration_source: str | None = None,
-                    nsamples: int = 128, seqlen: int = 2048, seed: int = 0, exclude: Sequence[str] = (),
-                    batch_size: int = 1, dtype: str = "float32", bf16: bool = False, force: bool = False) -> Path:
-    """Load a model, prune it, write RUN/sparse_base-style folder; reuse a folder pruned alike.
+                    dtype: str = "float32", bf16: bool = False, force: bool = False) -> Path:
+    """Load a model, prune it as the recipe's `sparsity:` section says, write a RUN/sparse_base-style
+    folder; reuse a folder pruned alike.
 
-    Calibration (method "wanda" only): `calibration_input_ids` if given, else `nsamples` windows of
-    min(seqlen, max_position_embeddings) tokens from `calibration_records` (default: the records of
-    builtin:arithmetic). `calibration_source` names the records in sparsity.json."""
+    Calibration (method "wanda" only): `calibration_input_ids` if given, else `config.nsamples` windows
+    of min(config.seqlen, max_position_embeddings) tokens from `calibration_records` (default: the records
+    of builtin:arithmetic). `calibration_source` names the records in sparsity.json. `bf16`: the
+    calibration forward under bf16 autocast (resolved by shears.precision)."""
     from transformers import AutoConfig
 
     from . import data
     from .models import load_model, load_tokenizer, resolve_model_path
 
-    if method not in METHODS:
-        raise ShearsError(f"unknown pruning method {method!r}: use one of {', '.join(METHODS)}")
-    parse_pattern(pattern, sparsity)
+    c = config
+    if c.method not in METHODS:
+        raise ShearsError(f"unknown pruning method {c.method!r}: use one of {', '.join(METHODS)}")
+    parse_pattern(c.pattern, c.sparsity)
     out = Path(output_dir)
     calibration = None
     records = None
-    if method == "wanda":
+    if c.method == "wanda":
         if calibration_input_ids is not None:
             ids = _check_calibration(calibration_input_ids)
             calibration = {"source": calibration_source or "input_ids", "nsamples": ids.shape[0],
@@ -417,12 +418,12 @@ def prune_to_folder(model_name_or_path: str | os.PathLike, output_dir: str | os.
                 calibration_records = data.load_records(DEFAULT_CALIBRATION)
             records = list(calibration_records)
             limit = _max_positions(AutoConfig.from_pretrained(resolve_model_path(model_name_or_path)))
-            calibration = {"source": calibration_source or "records", "nsamples": int(nsamples),
-                           "seqlen": int(min(seqlen, limit) if limit else seqlen), "seed": int(seed),
+            calibration = {"source": calibration_source or "records", "nsamples": int(c.nsamples),
+                           "seqlen": int(min(c.seqlen, limit) if limit else c.seqlen), "seed": int(c.seed),
                            "sha256": _sha256(json.dumps(records, sort_keys=True, default=str).encode())}
-    settings = {"base_model": str(model_name_or_path), "method": method, "pattern": pattern,
-                "sparsity": float(sparsity), "exclude": list(exclude), "calibration": calibration,
-                "precision": precision_name(bf16) if method == "wanda" else None}
+    settings = {"base_model": str(model_name_or_path), "method": c.method, "pattern": c.pattern,
+                "sparsity": float(c.sparsity), "exclude": list(c.exclude), "calibration": calibration,
+                "precision": precision_name(bf16) if c.method == "wanda" else None}
     if out.exists() and not force:
         if _recorded_settings(out) == settings:
             return out
@@ -433,7 +434,7 @@ def prune_to_folder(model_name_or_path: str | os.PathLike, output_dir: str | os.
     tokenizer = load_tokenizer(model_name_or_path)
     ids = calibration_input_ids
     if records is not None:
-        ids = data.calibration_input_ids(tokenizer, records, calibration["nsamples"], calibration["seqlen"], seed)
-    wanda_prune(model, ids, sparsity=sparsity, pattern=pattern, method=method, exclude=exclude,
-                batch_size=batch_size, bf16=bf16)
+        ids = data.calibration_input_ids(tokenizer, records, calibration["nsamples"], calibration["seqlen"], c.seed)
+    wanda_prune(model, ids, sparsity=c.sparsity, pattern=c.pattern, method=c.method, exclude=c.exclude,
+                batch_size=c.batch_size, bf16=bf16)
     return save_pruned(model, tokenizer, out, settings, force=True)

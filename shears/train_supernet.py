@@ -234,13 +234,10 @@ def resolve_search_space(recipe: Recipe) -> SearchSpace:
 def prepare_base(recipe: Recipe, run_dir: RunDir, train_records: list[dict], bf16: bool = False):
     """The frozen base: the recipe's model, pruned into RUN/sparse_base first when sparsity > 0
     (its Wanda calibration forward in the training precision, `bf16`)."""
-    s = recipe.sparsity
     source = recipe.model
-    if s.sparsity > 0:
-        source = str(prune_to_folder(
-            recipe.model, run_dir.sparse_base, sparsity=s.sparsity, pattern=s.pattern, method=s.method,
-            calibration_records=train_records, nsamples=s.nsamples, seqlen=s.seqlen, seed=s.seed,
-            exclude=s.exclude, bf16=bf16))
+    if recipe.sparsity.sparsity > 0:
+        source = str(prune_to_folder(recipe.model, run_dir.sparse_base, recipe.sparsity,
+                                     calibration_records=train_records, bf16=bf16))
     return load_model(source, dtype=recipe.dtype), load_tokenizer(source), source
 
 

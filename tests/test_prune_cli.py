@@ -130,3 +130,20 @@ def test_n_m_pattern_implies_its_sparsity(tmp_path):
     run_cli("--model", base, "--pattern", "3:8", "--method", "magnitude", "--output", tmp_path / "out")
     record = json.loads((tmp_path / "out" / "sparsity.json").read_text())
     assert record["sparsity"] == 3 / 8 and record["total"] == 3 / 8
+
+
+def test_the_recipes_sparsity_section_sets_the_defaults_and_flags_and_overrides_win(tmp_path):
+    base = save_tiny_model(tmp_path / "base")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {base}\nsparsity:\n  sparsity: 0.25\n  method: magnitude\n  exclude: ['*.o_proj']\n")
+
+    def pruned(name: str, *argv) -> dict:
+        run_cli("--recipe", recipe, "--output", tmp_path / name, *argv)
+        return json.loads((tmp_path / name / "sparsity.json").read_text())
+
+    by_recipe = pruned("by-recipe")  # --model too comes from the recipe
+    assert (by_recipe["sparsity"], by_recipe["method"], by_recipe["exclude"]) == (0.25, "magnitude", ["*.o_proj"])
+    assert by_recipe["base_model"] == str(base) and by_recipe["modules"]["model.layers.0.self_attn.o_proj"] == 0
+    assert pruned("by-flag", "--sparsity", "0.5")["sparsity"] == 0.5
+    assert pruned("by-override", "sparsity.sparsity=0.375", "--exclude")["exclude"] == []
+    assert json.loads((tmp_path / "by-override" / "sparsity.json").read_text())["sparsity"] == 0.375

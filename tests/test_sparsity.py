@@ -9,6 +9,7 @@ with a Python sort.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -20,6 +21,7 @@ from transformers import AutoModelForCausalLM, Cache, PreTrainedTokenizerFast
 
 from shears import data, sparsity
 from shears.errors import ShearsError
+from shears.recipe import SparsityConfig
 from shears.sparsity import (capture_block_inputs, prune_to_folder, run_block, save_pruned, sparsity_report,
                              wanda_prune)
 
@@ -344,9 +346,9 @@ def test_save_pruned_is_an_ordinary_hf_folder(tmp_path):
 def test_prune_to_folder_matches_in_memory_pruning_and_reuses(tmp_path, monkeypatch):
     base = save_tiny_model(tmp_path / "base")
     records = data.load_records("builtin:arithmetic?n=40")
-    settings = dict(sparsity=0.5, calibration_records=records, calibration_source="builtin:arithmetic?n=40",
-                    nsamples=3, seqlen=4096, seed=1)
-    out = prune_to_folder(base, tmp_path / "sparse", **settings)
+    section = SparsityConfig(sparsity=0.5, nsamples=3, seqlen=4096, seed=1)  # the recipe's sparsity: section
+    settings = dict(calibration_records=records, calibration_source="builtin:arithmetic?n=40")
+    out = prune_to_folder(base, tmp_path / "sparse", section, **settings)
 
     model = AutoModelForCausalLM.from_pretrained(base)
     ids = data.calibration_input_ids(make_tiny_tokenizer(), records, 3, 256, 1)  # seqlen capped to 256
@@ -363,10 +365,11 @@ def test_prune_to_folder_matches_in_memory_pruning_and_reuses(tmp_path, monkeypa
         raise AssertionError("recomputed instead of reusing")
 
     monkeypatch.setattr(sparsity, "wanda_prune", must_not_run)
-    assert prune_to_folder(base, tmp_path / "sparse", **settings) == out
+    assert prune_to_folder(base, tmp_path / "sparse", section, **settings) == out
     with pytest.raises(ShearsError, match="not pruned with these settings"):
-        prune_to_folder(base, tmp_path / "sparse", **{**settings, "seed": 2})
+        prune_to_folder(base, tmp_path / "sparse", dataclasses.replace(section, seed=2), **settings)
     monkeypatch.undo()
-    prune_to_folder(base, tmp_path / "sparse", **{**settings, "sparsity": 0.25}, method="magnitude", force=True)
+    prune_to_folder(base, tmp_path / "sparse", dataclasses.replace(section, sparsity=0.25, method="magnitude"),
+                    **settings, force=True)
     record = json.loads((out / "sparsity.json").read_text())
     assert record["method"] == "magnitude" and record["calibration"] is None and record["total"] == 0.25

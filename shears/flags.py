@@ -1,0 +1,75 @@
+"""The command-line flags the stages share, each defined once.
+
+Every `python -m shears.<stage>` that has one of these concepts adds it through this module, so a
+flag has one name, one type and one meaning everywhere: --model, --recipe (+ key=value overrides),
+--run, --data, --output, --force, --dtype, --bf16, --seed, --batch-size. A stage says only what its
+own default is. docs/CLI.md tabulates which stage has which; tests/test_cli.py checks every parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Union
+
+# auto | true | false -> shears.precision's setting (resolved against the device there)
+BF16_VALUES: dict[str, Union[bool, str]] = {"auto": "auto", "true": True, "false": False}
+DTYPES = ("float32", "bfloat16", "float16")
+OVERRIDES_EPILOG = ("Any recipe key can be overridden: training.max_steps=50 or --training.max_steps 50 "
+                    "(key=value, the value read as YAML).")
+
+
+def bf16_setting(text: str) -> Union[bool, str]:
+    """argparse type of --bf16: the precision setting `auto`, True or False."""
+    try:
+        return BF16_VALUES[text.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"use {', '.join(BF16_VALUES)}") from None
+
+
+def add_model(parser, default: str, **kwargs) -> argparse.Action:
+    return parser.add_argument("--model", **kwargs,
+                               help=f"model: hub id, model folder, .gguf file or the alias smollm2-135m ({default})")
+
+
+def add_recipe(parser) -> argparse.Action:
+    return parser.add_argument("--recipe", help="recipe YAML, or the name of a shipped one (default: "
+                                                "recipes/default.yaml); key=value arguments override its keys")
+
+
+def add_run(parser, **kwargs) -> argparse.Action:
+    return parser.add_argument("--run", **kwargs, help="run directory (recipe.yaml + supernet/)")
+
+
+def add_data(parser, what: str, *aliases: str, **kwargs) -> argparse.Action:
+    return parser.add_argument("--data", *aliases, **kwargs,
+                               help=f"{what}: a .json/.jsonl/.csv file, builtin:arithmetic[?n=N] or hub:NAME[:split]")
+
+
+def add_output(parser, what: str, **kwargs) -> argparse.Action:
+    return parser.add_argument("--output", **kwargs, help=what)
+
+
+def add_force(parser, what: str, *aliases: str) -> argparse.Action:
+    return parser.add_argument("--force", *aliases, dest="force", action="store_true", help=what)
+
+
+def add_dtype(parser, default: str) -> argparse.Action:
+    return parser.add_argument("--dtype", choices=DTYPES, help=f"weights' dtype ({default})")
+
+
+def add_bf16(parser, default: str) -> argparse.Action:
+    return parser.add_argument("--bf16", type=bf16_setting, metavar="{auto,true,false}",
+                               help=f"bf16 autocast: auto = where the device has native bf16 ({default})")
+
+
+def add_seed(parser, what: str, **kwargs) -> argparse.Action:
+    return parser.add_argument("--seed", type=int, **kwargs, help=f"seed of {what}")
+
+
+def add_batch_size(parser, what: str, **kwargs) -> argparse.Action:
+    return parser.add_argument("--batch-size", type=int, **kwargs, help=what)
+
+
+def given(value, default):
+    """A flag's value when it was passed (0 and False included), else `default` (the recipe's, say)."""
+    return default if value is None else value
