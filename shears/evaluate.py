@@ -40,6 +40,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from . import flags
 from .atomic import write_json
 from .errors import ShearsError, cli_errors
 from .precision import autocast, bf16_weights, float32_logits, precision_name, resolve_bf16
@@ -718,40 +719,29 @@ def _load_plain(model_name: str, adapter: str | None, dtype: str):
     return model, load_tokenizer(model_name)
 
 
-_BF16_FLAG = {"auto": "auto", "true": True, "false": False}
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="shears-evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m shears.evaluate", description=__doc__.split("\n\n")[0])
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="hub id, folder, .gguf or the alias smollm2-135m")
-    source.add_argument("--run", help="run directory: evaluates a subnet of RUN/supernet")
+    flags.add_model(source, "scored plain, or with --adapter")
+    flags.add_run(source)
     p.add_argument("--adapter", help="stock-PEFT adapter folder to load on --model")
     p.add_argument("--subnet", default="maximal",
                    help="with --run: maximal | heuristic | minimal | a JSON config | a .json file (default maximal)")
-    p.add_argument("--data", required=True, help="records: .json/.jsonl/.csv, or builtin:arithmetic[?n=N]")
+    flags.add_data(p, "the records to score", required=True)
     # validated by evaluate(), not argparse: a bad --task then gets the one-line error of every other bad input
     p.add_argument("--task", help=f"{' | '.join(TASKS)} (default: the run's recipe evaluation.task, else math)")
     p.add_argument("--limit", type=int, help="evaluate only the first N records")
-    p.add_argument("--batch-size", type=int, help="records per forward/generate call (default recipe, else 16)")
+    flags.add_batch_size(p, "records per forward/generate call (default recipe, else 16)")
     p.add_argument("--max-new-tokens", type=int, help="math generation budget (default recipe, else 256)")
     p.add_argument("--choices", help="choice task: comma-separated candidate labels for every record")
     p.add_argument("--answer-format", help="label | content: how multiple-choice records are scored "
                                            "(default: the run's recipe data.answer_format, else label)")
     p.add_argument("--cutoff-len", type=int, help="loss task: token cut-off (default recipe data.cutoff_len, else 1024)")
-    p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default recipe, else float32)")
-    p.add_argument("--bf16", choices=sorted(_BF16_FLAG),
-                   help="bf16 autocast: auto (where the device has native bf16) | true | false "
-                        "(default: the run's evaluation.bf16, else auto)")
-    p.add_argument("--output", help="write the result with per-example predictions to this JSON file")
-    # --force, as in every other stage's CLI; --overwrite is kept as its old name
-    p.add_argument("--force", "--overwrite", dest="force", action="store_true", help="replace an existing --output")
+    flags.add_dtype(p, "default: the run's recipe, else float32")
+    flags.add_bf16(p, "default: the run's evaluation.bf16, else auto")
+    flags.add_output(p, "write the result with per-example predictions to this JSON file")
+    flags.add_force(p, "replace an existing --output", "--overwrite")  # --overwrite: its old name
     return p
-
-
-def _given(value, default):
-    """The flag's value when it was passed (0 included, so that evaluate() can refuse it), else the default."""
-    return default if value is None else value
 
 
 @cli_errors
@@ -788,13 +778,13 @@ def main(argv: list[str] | None = None) -> None:
         described = args.model + (f" + {args.adapter}" if args.adapter else "")
     if torch.cuda.is_available():
         unwrap(model).to("cuda")
-    bf16 = resolve_bf16(bf16_setting if args.bf16 is None else _BF16_FLAG[args.bf16], _device(unwrap(model)),
+    bf16 = resolve_bf16(flags.given(args.bf16, bf16_setting), _device(unwrap(model)),
                         key="--bf16" if args.bf16 is not None else "evaluation.bf16")
     result = evaluate(model, tokenizer, records, args.task or task, limit=args.limit, bf16=bf16,
-                      batch_size=_given(args.batch_size, batch_size),
-                      max_new_tokens=_given(args.max_new_tokens, max_new_tokens),
+                      batch_size=flags.given(args.batch_size, batch_size),
+                      max_new_tokens=flags.given(args.max_new_tokens, max_new_tokens),
                       choices=args.choices.split(",") if args.choices else None,
-                      cutoff_len=_given(args.cutoff_len, cutoff_len))
+                      cutoff_len=flags.given(args.cutoff_len, cutoff_len))
     result = {"model": described, "data": args.data, **result}
     print(f"{described} on {args.data}: {summary(result)}")
     if output is not None:

@@ -62,6 +62,7 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from . import flags
 from .elastic import SCALING_RULE, SuperNet, lora_config, merged_weight
 from .errors import ShearsError, cli_errors
 from .models import WIDTH_FILE, load_model, model_id, save_sliced_model, slice_linears
@@ -528,9 +529,11 @@ def format_table(exported: list[Exported]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m shears.export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="run directory (recipe.yaml + supernet/)")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m shears.export", description=__doc__.split("\n\n")[0],
+                                epilog="key=value arguments override the run's recipe's export: section, e.g. "
+                                       "export.squeeze=true.")
+    flags.add_run(p, required=True)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--front", action="store_true", help="every point of RUN/search/front.json")
     which.add_argument("--subnet", action="append",
@@ -543,9 +546,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="zero-pad every module to the subnet's largest rank, no rank_pattern (SGLang, LoRAX, TGI)")
     p.add_argument("--merge", action=argparse.BooleanOptionalAction,
                    help="also write merged/: base + subnet as an HF model folder")
-    p.add_argument("--output", help="output folder (default RUN/export)")
-    p.add_argument("--force", action="store_true", help="overwrite existing subnet folders")
-    return p.parse_args(argv)
+    flags.add_output(p, "output folder (default RUN/export)")
+    flags.add_force(p, "overwrite existing subnet folders")
+    return p
 
 
 def export_settings(recipe_section: ExportConfig, args: argparse.Namespace) -> ExportConfig:
@@ -557,10 +560,10 @@ def export_settings(recipe_section: ExportConfig, args: argparse.Namespace) -> E
 
 @cli_errors
 def main(argv=None) -> None:
-    args = parse_args(argv)
+    args, overrides = build_parser().parse_known_args(argv)
     run_dir = RunDir(args.run)
     files = ExportFiles(Path(args.output)) if args.output else run_dir.export
-    settings = export_settings(load_run_recipe(run_dir).export, args)
+    settings = export_settings(load_run_recipe(run_dir, overrides, ("export",)).export, args)
     if settings.energy is not None and not settings.squeeze:
         raise ShearsError("--energy sets the squeezed rank: add --squeeze (or export.squeeze: true in the recipe)")
     options = dict(squeeze=settings.squeeze, energy=settings.energy, merge=settings.merge, force=args.force,

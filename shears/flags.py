@@ -2,8 +2,9 @@
 
 Every `python -m shears.<stage>` that has one of these concepts adds it through this module, so a
 flag has one name, one type and one meaning everywhere: --model, --recipe (+ key=value overrides),
---run, --data, --output, --force, --dtype, --bf16, --seed, --batch-size. A stage says only what its
-own default is. docs/CLI.md tabulates which stage has which; tests/test_cli.py checks every parser.
+--run, --data, --output, --force, --dtype, --bf16, --seed, --batch-size. A stage adds only its own
+default or purpose (`note`, `what`). docs/CLI.md tabulates which stage has which; tests/test_cli.py
+checks every stage's parser against these definitions.
 """
 
 from __future__ import annotations
@@ -18,6 +19,18 @@ OVERRIDES_EPILOG = ("Any recipe key can be overridden: training.max_steps=50 or 
                     "(key=value, the value read as YAML).")
 
 
+# What a shared flag means, the same words in every stage's --help (a stage adds its default or purpose)
+MEANINGS = {
+    "--model": "hub id, model folder, .gguf file or the alias smollm2-135m",
+    "--recipe": "recipe YAML, or the name of a shipped one (default: recipes/default.yaml); key=value arguments "
+                "override its keys",
+    "--run": "run directory (recipe.yaml + supernet/)",
+    "--data": "a .json/.jsonl/.csv file, builtin:arithmetic[?n=N] or hub:NAME[:split]",
+    "--dtype": "weights' dtype",
+    "--bf16": "bf16 autocast: auto = where the device has native bf16",
+}
+
+
 def bf16_setting(text: str) -> Union[bool, str]:
     """argparse type of --bf16: the precision setting `auto`, True or False."""
     try:
@@ -26,23 +39,22 @@ def bf16_setting(text: str) -> Union[bool, str]:
         raise argparse.ArgumentTypeError(f"use {', '.join(BF16_VALUES)}") from None
 
 
-def add_model(parser, default: str, **kwargs) -> argparse.Action:
+def add_model(parser, note: str, **kwargs) -> argparse.Action:
     return parser.add_argument("--model", **kwargs,
-                               help=f"model: hub id, model folder, .gguf file or the alias smollm2-135m ({default})")
+                               help=f"model: {MEANINGS['--model']} ({note})")
 
 
 def add_recipe(parser) -> argparse.Action:
-    return parser.add_argument("--recipe", help="recipe YAML, or the name of a shipped one (default: "
-                                                "recipes/default.yaml); key=value arguments override its keys")
+    return parser.add_argument("--recipe", help=MEANINGS["--recipe"])
 
 
 def add_run(parser, **kwargs) -> argparse.Action:
-    return parser.add_argument("--run", **kwargs, help="run directory (recipe.yaml + supernet/)")
+    return parser.add_argument("--run", **kwargs, help=MEANINGS["--run"])
 
 
 def add_data(parser, what: str, *aliases: str, **kwargs) -> argparse.Action:
     return parser.add_argument("--data", *aliases, **kwargs,
-                               help=f"{what}: a .json/.jsonl/.csv file, builtin:arithmetic[?n=N] or hub:NAME[:split]")
+                               help=f"{what}: {MEANINGS['--data']}")
 
 
 def add_output(parser, what: str, **kwargs) -> argparse.Action:
@@ -53,13 +65,13 @@ def add_force(parser, what: str, *aliases: str) -> argparse.Action:
     return parser.add_argument("--force", *aliases, dest="force", action="store_true", help=what)
 
 
-def add_dtype(parser, default: str) -> argparse.Action:
-    return parser.add_argument("--dtype", choices=DTYPES, help=f"weights' dtype ({default})")
+def add_dtype(parser, note: str) -> argparse.Action:
+    return parser.add_argument("--dtype", choices=DTYPES, help=f"{MEANINGS['--dtype']} ({note})")
 
 
-def add_bf16(parser, default: str) -> argparse.Action:
+def add_bf16(parser, note: str) -> argparse.Action:
     return parser.add_argument("--bf16", type=bf16_setting, metavar="{auto,true,false}",
-                               help=f"bf16 autocast: auto = where the device has native bf16 ({default})")
+                               help=f"{MEANINGS['--bf16']} ({note})")
 
 
 def add_seed(parser, what: str, **kwargs) -> argparse.Action:

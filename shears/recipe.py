@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 
@@ -347,8 +347,10 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None) -> Recipe:
-    """Read a recipe YAML (default: recipes/default.yaml) and apply dotted-key overrides."""
+def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None,
+                sections: Sequence[str] | None = None) -> Recipe:
+    """Read a recipe YAML (default: recipes/default.yaml) and apply dotted-key overrides; with `sections`,
+    only keys of those sections may be overridden (a later stage must not change what training built)."""
     path = Path(path) if path else DEFAULT_RECIPE
     if not path.is_file() and not path.suffix and (RECIPES_DIR / f"{path}.yaml").is_file():
         path = RECIPES_DIR / f"{path}.yaml"  # a bare name picks a shipped recipe
@@ -364,6 +366,9 @@ def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | list
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     for key, value in (overrides or {}).items():
+        if sections is not None and key.split(".")[0] not in sections:
+            raise ShearsError(f"cannot override {key} here: this stage reads only "
+                              f"{', '.join(f'{name}.*' for name in sections)} of the run's recipe")
         _set_dotted(values, key, value)
     return recipe_from_dict(values)
 

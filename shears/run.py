@@ -55,19 +55,23 @@ def base_source(run_dir: RunDir, recipe: Recipe) -> str:
     return str(run_dir.sparse_base) if run_dir.has_base() else recipe.model
 
 
-def load_run_recipe(run_dir: str | Path | RunDir) -> Recipe:
-    """RUN/recipe.yaml, or a one-line error when RUN is not a run directory."""
+def load_run_recipe(run_dir: str | Path | RunDir, overrides: dict[str, Any] | list[str] | None = None,
+                    sections: tuple[str, ...] = ()) -> Recipe:
+    """RUN/recipe.yaml, with a later stage's `overrides` of its own `sections` (command-line key=value),
+    or a one-line error when RUN is not a run directory."""
     run_dir = RunDir(run_dir)
     if not run_dir.recipe.is_file():
         raise ShearsError(f"{run_dir} is not a shears run (no {run_dir.recipe.name}): train one with "
                           "`python -m shears.train_supernet --output RUN`, or pass that --output")
-    return load_recipe(run_dir.recipe)
+    return load_recipe(run_dir.recipe, overrides, sections)
 
 
-def load_run(run_dir: str | Path | RunDir, dtype: str | None = None, device: str | None = None) -> Run:
-    """The trained super-network of RUN, on its base model, ready for `activate(config)`."""
+def load_run(run_dir: str | Path | RunDir, dtype: str | None = None, device: str | None = None,
+             recipe: Recipe | None = None) -> Run:
+    """The trained super-network of RUN, on its base model, ready for `activate(config)`. `recipe`: RUN's
+    recipe as a stage overrode it (load_run_recipe), default RUN/recipe.yaml as it is."""
     run_dir = RunDir(run_dir)
-    recipe = load_run_recipe(run_dir)
+    recipe = recipe or load_run_recipe(run_dir)
     if not run_dir.has_supernet():
         raise ShearsError(f"{run_dir} has no trained super-network yet (no {run_dir.supernet.name}/): finish "
                           f"`python -m shears.train_supernet --output {run_dir} --resume` first")

@@ -50,6 +50,7 @@ from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from . import flags
 from .atomic import atomic_folder, refuse_existing
 from .errors import ShearsError, cli_errors
 from .models import load_safetensors
@@ -390,23 +391,23 @@ def print_report(squeezed: SqueezedAdapter) -> None:
           f"max rel. error {worst:.3e}")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m shears.squeeze", description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", required=True, help="stock PEFT LoRA adapter folder")
     rule = parser.add_mutually_exclusive_group(required=True)
     rule.add_argument("--rank", type=int, help="keep K directions per module")
     rule.add_argument("--energy", type=float, help="per module, the smallest rank keeping this share of sum(σ²)")
     rule.add_argument("--tol", type=float, help="drop only directions below this relative error (lossless)")
-    parser.add_argument("--output", required=True, help="folder for the squeezed adapter")
-    parser.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+    flags.add_output(parser, "folder for the squeezed adapter", required=True)
+    flags.add_force(parser, "overwrite --output if it exists")
     parser.add_argument("--recover-steps", type=int, default=0, help="recovery fine-tuning steps (Cont-Squeeze)")
-    parser.add_argument("--data", help="recovery data: a shears.data source (file, builtin:..., hub:...)")
-    parser.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
+    flags.add_data(parser, "recovery training records")
+    flags.add_model(parser, "the recovery's base; default: the adapter's base_model_name_or_path")
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--batch-size", type=int, default=4)
+    flags.add_batch_size(parser, "recovery batch size", default=4)
     parser.add_argument("--cutoff-len", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    flags.add_seed(parser, "the recovery's data order", default=0)
+    return parser
 
 
 def _base_model_of(adapter_dir: Path, override: str | None) -> str:
@@ -418,7 +419,7 @@ def _base_model_of(adapter_dir: Path, override: str | None) -> str:
 
 @cli_errors
 def main(argv=None) -> None:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     adapter_dir, output = Path(args.adapter), Path(args.output)
     refuse_existing(output, args.force)  # before any work
     if args.recover_steps < 0:

@@ -42,13 +42,14 @@ import torch
 from torch.utils.data import Sampler
 from transformers import Trainer, TrainingArguments, get_scheduler, set_seed
 
+from . import flags
 from .atomic import write_json, write_text
 from .data import Collator, TokenizedDataset, calibration_input_ids
 from .elastic import SuperNet
 from .errors import ShearsError, cli_errors
 from .models import load_model, load_tokenizer
 from .precision import precision_name, resolve_bf16
-from .recipe import Recipe, Strategy, load_recipe, save_recipe
+from .recipe import Recipe, Strategy, load_recipe, parse_overrides, save_recipe
 from .run import recipe_splits
 from .rundir import RunDir
 from .search_space import BoundSpace, SearchSpace, canonical, load_search_space
@@ -496,16 +497,29 @@ def _print_summary(run_dir: RunDir, summary: dict) -> None:
           + (f", {run_dir.sparse_base}" if run_dir.sparse_base.exists() else ""))
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m shears.train_supernet", description=__doc__.split("\n\n")[0],
+                                     epilog=flags.OVERRIDES_EPILOG)
+    flags.add_recipe(parser)
+    flags.add_output(parser, "run directory (default: the recipe's output_dir)")
+    parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    flags.add_force(parser, "start over in a run directory that holds results")
+    # the shared flags, each the recipe key it names
+    flags.add_model(parser, "default: the recipe's model")
+    flags.add_dtype(parser, "default: the recipe's dtype")
+    flags.add_bf16(parser, "training and Wanda calibration; default: the recipe's training.bf16")
+    flags.add_seed(parser, "training: subnet sampling, data order, initialisation (default: training.seed)")
+    return parser
+
+
+FLAG_KEYS = {"model": "model", "dtype": "dtype", "bf16": "training.bf16", "seed": "training.seed"}
+
+
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m shears.train_supernet", description=__doc__.split("\n\n")[0],
-        epilog="Any recipe key can be overridden: training.max_steps=50 or --training.max_steps 50.")
-    parser.add_argument("--recipe", default=None, help="recipe YAML (default: recipes/default.yaml)")
-    parser.add_argument("--output", default=None, help="run directory (default: the recipe's output_dir)")
-    parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    parser.add_argument("--force", action="store_true", help="start over in a run directory that holds results")
-    args, overrides = parser.parse_known_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    overrides = {**parse_overrides(rest), **{key: getattr(args, flag) for flag, key in FLAG_KEYS.items()
+                                             if getattr(args, flag) is not None}}
     recipe = load_recipe(args.recipe, overrides)
     if args.output:
         recipe.output_dir = args.output

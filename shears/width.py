@@ -358,29 +358,35 @@ def cached_latency_table(path, model_loader, space: BoundSpace, batch_size: int,
 
 # --------------------------------------------------------------------------- CLI: EFTNAS bounds
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser():
     import argparse
 
+    from . import flags
+
+    p = argparse.ArgumentParser(prog="python -m shears.width", description="Elastic base width tools.")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bounds", help="derive each block's width choices from channel importance (EFTNAS)")
+    flags.add_model(b, "default smollm2-135m", default="smollm2-135m")
+    b.add_argument("--space", required=True, help="a search space with width groups (name or .yaml)")
+    flags.add_output(b, "the search-space YAML to write", required=True)
+    flags.add_data(b, "calibration records", default="builtin:arithmetic")
+    b.add_argument("--keep", type=float, default=0.9, help="share of each block's importance the smallest "
+                                                           "width keeps")
+    b.add_argument("--multiple", type=int, default=8, help="round widths up to a multiple of this")
+    b.add_argument("--importance", choices=IMPORTANCE, default="taylor")
+    b.add_argument("--nsamples", type=int, default=32)
+    b.add_argument("--seqlen", type=int, default=256)
+    flags.add_seed(b, "the calibration windows' sampling", default=0)
+    flags.add_force(b, "overwrite --output")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
     from .errors import cli_errors
 
     @cli_errors
     def run(argv):
-        p = argparse.ArgumentParser(prog="python -m shears.width", description="Elastic base width tools.")
-        sub = p.add_subparsers(dest="command", required=True)
-        b = sub.add_parser("bounds", help="derive each block's width choices from channel importance (EFTNAS)")
-        b.add_argument("--model", default="smollm2-135m", help="model (hub id, folder, .gguf or alias)")
-        b.add_argument("--space", required=True, help="a search space with width groups (name or .yaml)")
-        b.add_argument("--output", required=True, help="the search-space YAML to write")
-        b.add_argument("--data", default="builtin:arithmetic", help="calibration records (a data source)")
-        b.add_argument("--keep", type=float, default=0.9, help="share of each block's importance the smallest "
-                                                               "width keeps")
-        b.add_argument("--multiple", type=int, default=8, help="round widths up to a multiple of this")
-        b.add_argument("--importance", choices=IMPORTANCE, default="taylor")
-        b.add_argument("--nsamples", type=int, default=32)
-        b.add_argument("--seqlen", type=int, default=256)
-        b.add_argument("--seed", type=int, default=0)
-        b.add_argument("--force", action="store_true", help="overwrite --output")
-        args = p.parse_args(argv)
+        args = build_parser().parse_args(argv)
         from pathlib import Path
 
         from .atomic import refuse_existing

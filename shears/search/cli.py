@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import typing
 
+from .. import flags
 from ..errors import ShearsError, cli_errors
 from ..precision import precision_name, resolve_bf16
+from ..recipe import SearchBackend
 from ..rundir import RunDir
 from .objectives import QUALITY, SIZES, check_objective_names, parse_objectives, size_function, supernet_objective
-from .optuna_backend import SAMPLERS, OptunaBackend
+from .optuna_backend import SAMPLERS, STUDY_NAME, OptunaBackend
 from .problem import SearchProblem
 from .fidelity import Rungs
 from .pymoo_backend import PymooBackend
@@ -21,12 +24,17 @@ from .runner import search
 from .surrogate import SurrogateBackend
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m shears.search", description=__doc__.splitlines()[0])
-    p.add_argument("--run", required=True, help="run directory (recipe.yaml + supernet/)")
+RECIPE_SECTIONS = ("search", "evaluation")  # what key=value arguments may override of the run's recipe
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m shears.search", description=__doc__.splitlines()[0],
+                                epilog="key=value arguments override the run's recipe for this search: any "
+                                       "search.* or evaluation.* key, e.g. evaluation.batch_size=8.")
+    flags.add_run(p, required=True)
     p.add_argument("--budget", type=int, help="total full-set-equivalent evaluations (distinct subnets without "
                                               "--rungs); a larger re-run continues")
-    p.add_argument("--backend", choices=("optuna", "pymoo", "surrogate"),
+    p.add_argument("--backend", choices=typing.get_args(SearchBackend),
                    help="surrogate: a ridge predictor of quality proposes, NSGA-II on it refines")
     p.add_argument("--rungs", help="multi-fidelity: comma list of record counts each candidate is first scored "
                                    "on, e.g. 16,64 (default: the recipe's search.rungs)")
@@ -38,12 +46,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-limit", type=int, help="validation records scored per subnet (default: all)")
     p.add_argument("--storage", help="optuna storage: RDB URL or journal file (.log/.journal or journal:PATH); "
                                      "default sqlite:///RUN/search/study.db")
-    p.add_argument("--study-name", default="shears-search")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--study-name", default=STUDY_NAME)
+    flags.add_seed(p, "the sampler (default: search.seed); give concurrent workers different seeds")
     p.add_argument("--population-size", type=int, default=16, help="NSGA-II population (both backends)")
-    p.add_argument("--batch-size", type=int, help="evaluation batch size (default: the recipe's)")
+    flags.add_batch_size(p, "evaluation batch size (default: the recipe's evaluation.batch_size)")
+    flags.add_bf16(p, "scoring; default: the run's evaluation.bf16, else training.bf16")
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    return p
 
 
 def problem_from_run(run, objective_names, eval_limit: int | None, batch_size: int | None) -> SearchProblem:
@@ -99,9 +108,12 @@ def format_front(result, objectives) -> str:
 def main(argv: list[str] | None = None) -> None:
     from ..run import load_run, load_run_recipe
 
-    args = parse_args(argv)
+    args, overrides = build_parser().parse_known_args(argv)
     run_dir = RunDir(args.run)
-    cfg = load_run_recipe(run_dir).search  # settings are checked before the model loads
+    recipe = load_run_recipe(run_dir, overrides, RECIPE_SECTIONS)  # settings are checked before the model loads
+    if args.bf16 is not None:
+        recipe.evaluation.bf16 = args.bf16
+    cfg = recipe.search
     backend_name = args.backend or cfg.backend
     budget = args.budget if args.budget is not None else cfg.budget
     seed = args.seed if args.seed is not None else cfg.seed
@@ -119,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     check_objective_names(names)  # before the model loads; sizes come with it
     if budget is None or budget < 1:
         raise ShearsError(f"--budget must be a positive number of evaluations, got {budget}")
-    run = load_run(run_dir)
+    run = load_run(run_dir, recipe=recipe)
     eval_limit = args.eval_limit if args.eval_limit is not None else cfg.eval_limit
     problem = problem_from_run(run, names, eval_limit, args.batch_size)
     rungs = Rungs.from_recipe([int(n) for n in args.rungs.split(",") if n.strip()] if args.rungs else cfg.rungs,
