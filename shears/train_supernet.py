@@ -356,6 +356,7 @@ def training_arguments(recipe: Recipe, stage: Stage, bf16: bool) -> TrainingArgu
         # use_cpu, or it refuses bf16 as "gpu only".
         bf16=bf16,
         use_cpu=bf16 and on_cpu,
+        dataloader_pin_memory=not on_cpu,  # pinned memory only speeds host-to-GPU copies; torch warns without one
         seed=t.seed,
         data_seed=t.seed,
         report_to=[],
