@@ -62,13 +62,19 @@ def refuse_existing(path: str | os.PathLike, force: bool, hint: str = REPLACE_HI
         raise ShearsError(f"{path} already exists: {hint}")
 
 
-@contextmanager
-def atomic_folder(out: str | os.PathLike, force: bool = False, hint: str = REPLACE_HINT) -> Iterator[Path]:
-    """Yield an empty temporary folder; when the block ends without error it becomes `out`."""
+def _prepare(out: str | os.PathLike, force: bool, hint: str) -> Path:
+    """Refuse an existing `out` unless `force`, make its folder, clear temporaries a killed write left."""
     out = Path(out)
     refuse_existing(out, force, hint)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
+    return out
+
+
+@contextmanager
+def atomic_folder(out: str | os.PathLike, force: bool = False, hint: str = REPLACE_HINT) -> Iterator[Path]:
+    """Yield an empty temporary folder; when the block ends without error it becomes `out`."""
+    out = _prepare(out, force, hint)
     tmp = Path(tempfile.mkdtemp(prefix=_prefix(out, "tmp"), dir=out.parent))
     try:
         yield tmp
@@ -86,10 +92,7 @@ def atomic_folder(out: str | os.PathLike, force: bool = False, hint: str = REPLA
 @contextmanager
 def atomic_file(path: str | os.PathLike, force: bool = True, hint: str = REPLACE_HINT) -> Iterator[Path]:
     """Yield a temporary file path (same folder and suffix); when the block ends it becomes `path`."""
-    path = Path(path)
-    refuse_existing(path, force, hint)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
+    path = _prepare(path, force, hint)
     handle, tmp = tempfile.mkstemp(prefix=_prefix(path, "tmp"), suffix=path.suffix, dir=path.parent)
     os.close(handle)
     try:

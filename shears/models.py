@@ -19,6 +19,7 @@ such file: its config's intermediate_size is reduced and stock from_pretrained l
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -169,17 +170,12 @@ def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, 
                           "restore it, or write it again with the stage that made it") from None
 
 
-def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = "float32",
-               device: str | torch.device | None = None):
-    """An `AutoModelForCausalLM` from a hub id, folder, .gguf file or the alias `smollm2-135m`."""
-    from transformers import AutoModelForCausalLM
-
-    path = resolve_model_path(name_or_path)
-    if (Path(path) / WIDTH_FILE).is_file():
-        model = _load_sliced(Path(path), as_dtype(dtype))
-        return model.to(device) if device is not None else model
+@contextlib.contextmanager
+def _loading(name_or_path: str | os.PathLike, path: str):
+    """One-line errors for what a from_pretrained of `path` (resolved from `name_or_path`) may hit: a name
+    that is neither here nor cached, a torn weights file."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=as_dtype(dtype))
+        yield
     except OSError as err:
         if Path(path).exists():
             raise
@@ -191,6 +187,19 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None 
             raise ShearsError(f"the weights of {path} are damaged ({str(err).splitlines()[0]}): restore the "
                               "model folder") from None
         raise
+
+
+def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = "float32",
+               device: str | torch.device | None = None):
+    """An `AutoModelForCausalLM` from a hub id, folder, .gguf file or the alias `smollm2-135m`."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name_or_path)
+    if (Path(path) / WIDTH_FILE).is_file():
+        model = _load_sliced(Path(path), as_dtype(dtype))
+        return model.to(device) if device is not None else model
+    with _loading(name_or_path, path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=as_dtype(dtype))
     if device is not None:
         model.to(device)
     return model
@@ -201,19 +210,8 @@ def load_tokenizer(name_or_path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name_or_path)
-    try:
+    with _loading(name_or_path, path):
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as err:
-        if Path(path).exists():
-            raise
-        raise _hub_error(str(name_or_path), err) from None
-    except Exception as err:  # transformers wraps a torn weights file in its own error types
-        from safetensors import SafetensorError
-
-        if isinstance(err, SafetensorError) or isinstance(err.__cause__, SafetensorError):
-            raise ShearsError(f"the weights of {path} are damaged ({str(err).splitlines()[0]}): restore the "
-                              "model folder") from None
-        raise
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
