@@ -674,11 +674,15 @@ def summary(result: dict) -> str:
 
 # --------------------------------------------------------------------------- CLI
 
-def load_for_run(run: str | os.PathLike, subnet: str, dtype: str | None = None):
-    """(SuperNet with `subnet` active, tokenizer, recipe) of a run directory."""
-    from .run import load_run, subnet_config
+RECIPE_SECTIONS = ("evaluation",)  # what key=value arguments may override of a --run's recipe
 
-    loaded = load_run(run, dtype=dtype)
+
+def load_for_run(run: str | os.PathLike, subnet: str, dtype: str | None = None, overrides: list[str] | None = None):
+    """(SuperNet with `subnet` active, tokenizer, recipe) of a run directory; `overrides`: key=value
+    arguments over its recipe's evaluation: section."""
+    from .run import load_run, load_run_recipe, subnet_config
+
+    loaded = load_run(run, dtype=dtype, recipe=load_run_recipe(run, overrides, RECIPE_SECTIONS))
     loaded.supernet.activate(subnet_config(loaded.supernet, subnet))
     return loaded.supernet, loaded.tokenizer, loaded.recipe
 
@@ -720,7 +724,9 @@ def _load_plain(model_name: str, adapter: str | None, dtype: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m shears.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m shears.evaluate", description=__doc__.split("\n\n")[0],
+                                epilog="With --run, key=value arguments override its recipe's evaluation.* keys, "
+                                       "e.g. evaluation.max_new_tokens=64.")
     source = p.add_mutually_exclusive_group(required=True)
     flags.add_model(source, "scored plain, or with --adapter")
     flags.add_run(source)
@@ -748,7 +754,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     from .data import ANSWER_FORMATS, load_records, to_answer_format
 
-    args = build_parser().parse_args(argv)
+    args, overrides = build_parser().parse_known_args(argv)
+    if overrides and not args.run:
+        raise ShearsError(f"cannot read {' '.join(overrides)}: key=value overrides go with --run (its recipe's "
+                          "evaluation.* keys)")
     if args.answer_format is not None and args.answer_format not in ANSWER_FORMATS:
         raise ShearsError(f"unknown --answer-format {args.answer_format!r}: use {' or '.join(ANSWER_FORMATS)}")
     output = Path(args.output) if args.output else None
@@ -764,7 +773,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.run:
         if args.adapter:
             raise ShearsError("--adapter goes with --model; a --run evaluates its own super-network")
-        model, tokenizer, recipe = load_for_run(args.run, args.subnet, args.dtype)
+        model, tokenizer, recipe = load_for_run(args.run, args.subnet, args.dtype, overrides)
         ev = recipe.evaluation
         task, batch_size, max_new_tokens, cutoff_len = ev.task, ev.batch_size, ev.max_new_tokens, recipe.data.cutoff_len
         if not args.answer_format:  # score in the format the run trained in

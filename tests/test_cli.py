@@ -107,11 +107,18 @@ def run_with_recipe(tmp_path):
     return run
 
 
-@pytest.mark.parametrize("main,allowed", [(search_cli.main, "search.*, evaluation.*"), (export.main, "export.*")])
-def test_later_stages_override_only_their_own_sections_of_the_runs_recipe(main, allowed, run_with_recipe, capsys):
-    extra = ["--front"] if main is export.main else []
+@pytest.mark.parametrize("main,extra,allowed", [(search_cli.main, [], "search.*, evaluation.*"),
+                                               (export.main, ["--front"], "export.*"),
+                                               (evaluate.main, ["--data", "builtin:arithmetic?n=2"], "evaluation.*")])
+def test_later_stages_override_only_their_own_sections_of_the_runs_recipe(main, extra, allowed, run_with_recipe,
+                                                                         capsys):
     one_line_exit(main, ["--run", str(run_with_recipe), *extra, "training.max_steps=3"], capsys,
                   "cannot override training.max_steps", allowed)
+
+
+def test_evaluate_takes_overrides_only_with_a_run(capsys):
+    one_line_exit(evaluate.main, ["--model", "m", "--data", "builtin:arithmetic?n=2", "evaluation.task=loss"],
+                  capsys, "go with --run")
 
 
 def test_an_override_reaches_the_search_settings_before_the_model_loads(run_with_recipe, capsys):
