@@ -73,7 +73,7 @@ from .rundir import SHEARS_RECORD, ExportFiles, RunDir
 from .search.history import read_front as read_search_front, recorded_objectives
 from .search_space import ANCHORS, Config, canonical
 from .sparsity import SPARSITY_JSON, sparsity_report
-from .width import permute_channels, uniform_width, width_spec
+from .width import permute_channels, stock_config, uniform_widths, width_spec
 from .squeeze import (ADAPTER_WEIGHTS, PEFT_PREFIX, DEFAULT_TOL,
                       lora_factor_keys, squeeze_lora)
 
@@ -227,10 +227,9 @@ def smaller_model(target: torch.nn.Module, space, config: Config) -> torch.nn.Mo
 
 def write_sliced(folder: Path, target: torch.nn.Module, space, config: Config, tokenizer) -> dict:
     """merged/ as a physically smaller model: a copy of the merged target cut to the config's widths."""
-    spec = width_spec(space, config)
     model = smaller_model(target, space, config)
-    stock = save_sliced_model(model, spec, folder, tokenizer)
-    return {"widths": {site["rows"][0]: site["width"] for site in spec}, "uniform_width": uniform_width(spec),
+    stock = save_sliced_model(model, width_spec(space, config), folder, tokenizer, stock_config(space, config))
+    return {"widths": space.site_widths(config), "uniform": uniform_widths(space, config),
             "stock_config": stock, "params": sum(p.numel() for p in model.parameters())}
 
 
@@ -429,7 +428,7 @@ LOAD_SNIPPETS = {
                    'model = AutoModelForCausalLM.from_pretrained("{folder}")',
                    'tokenizer = AutoTokenizer.from_pretrained("{folder}")'],
     SHEARS_LOADER: ["from shears.models import load_model, load_tokenizer", "",
-                    'model = load_model("{folder}")  # reads {widths_file}: each block\'s MLP width',
+                    'model = load_model("{folder}")  # reads {widths_file}: each block\'s widths',
                     'tokenizer = load_tokenizer("{folder}")'],
 }
 
@@ -443,9 +442,13 @@ def smaller_model_record(exported: Exported) -> dict:
 
 
 def width_summary(widths: dict[str, int]) -> str:
-    """"1152x20 768x10": how many blocks have each MLP width, widest first."""
-    counts = Counter(widths.values())
-    return " ".join(f"{w}x{counts[w]}" for w in sorted(counts, reverse=True))
+    """"mlp 1152x20 768x10, attn 3x30": per width group, how many blocks keep each width, widest first
+    (`widths`: site name "group.layer" -> channels, or key/value heads for a heads group)."""
+    by_group: dict[str, Counter] = {}
+    for site, width in widths.items():
+        by_group.setdefault(site.rpartition(".")[0], Counter())[width] += 1
+    return ", ".join(f"{group} " + " ".join(f"{w}x{counts[w]}" for w in sorted(counts, reverse=True))
+                     for group, counts in by_group.items())
 
 
 def width_front_readme(manifest: dict) -> str:
@@ -458,7 +461,7 @@ def width_front_readme(manifest: dict) -> str:
              f"`{MERGED}/` is a physically smaller model, the subnet's LoRA merged into the base and every MLP cut "
              "to the subnet's width. There is no adapter to put on a base (`PeftModel` does not apply); load "
              f"`{MERGED}/` as a model, from this folder:", "",
-             "| model folder | params | " + " | ".join(names) + " | MLP widths (width x blocks) | loads with |",
+             "| model folder | params | " + " | ".join(names) + " | widths (width x blocks) | loads with |",
              "|---|---:|" + "---:|" * len(names) + "---|---|"]
     for s in manifest["subnets"]:
         values = " | ".join(f"{s['objectives'].get(n, float('nan')):.6g}" for n in names)

@@ -12,9 +12,12 @@ config.json and the safetensors weights, `shears_widths.json`:
                 "columns": ["model.layers.0.mlp.down_proj"], "width": 1152}, ...]}
 
 each site naming the linear layers whose output rows (`rows`) or input columns (`columns`) keep the
-leading `width` channels. `load_model` builds the config's model, cuts those layers to their widths
-and loads the weights, refusing any shape that disagrees. (A subnet of one width everywhere needs no
-such file: its config's intermediate_size is reduced and stock from_pretrained loads it.)
+leading `width` rows/columns (attention heads cut to fewer heads are two such entries per block:
+q_proj rows with o_proj columns, k_proj/v_proj rows; `columns` may be empty). `load_model` builds
+the config's model, cuts those layers to their widths and loads the weights, refusing any shape that
+disagrees; HF attention takes its number of heads from its projections' shapes. (A subnet of one
+width and one head count everywhere needs no such file: its config's intermediate_size or
+num_attention_heads / num_key_value_heads are reduced and stock from_pretrained loads it.)
 """
 
 from __future__ import annotations
@@ -283,26 +286,29 @@ def slice_linears(model: nn.Module, spec: list[dict]) -> None:
             setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def save_sliced_model(model: nn.Module, spec: list[dict], folder: str | os.PathLike, tokenizer=None) -> bool:
-    """Save `model`, already cut by `slice_linears(model, spec)`, as an HF folder. When every site has
-    one width and the config's `intermediate_size` at that width gives exactly these shapes, the
-    config is reduced and the folder is stock (returns True); otherwise WIDTH_FILE records the
+def save_sliced_model(model: nn.Module, spec: list[dict], folder: str | os.PathLike, tokenizer=None,
+                      stock_config: dict | None = None) -> bool:
+    """Save `model`, already cut by `slice_linears(model, spec)`, as an HF folder. When `stock_config`
+    (HF config fields, e.g. {"intermediate_size": w}) makes the stock model of exactly these shapes, the
+    config takes those fields and the folder is stock (returns True); otherwise WIDTH_FILE records the
     widths and `load_model` reads it (returns False)."""
     import json
 
     from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
-    widths = {int(site["width"]) for site in spec}
     stock = False
-    if len(widths) == 1 and hasattr(model.config, "intermediate_size"):
-        candidate = model.config.__class__.from_dict(model.config.to_dict())
-        candidate.intermediate_size = widths.pop()
-        with torch.device("meta"):
-            shapes = {k: v.shape for k, v in AutoModelForCausalLM.from_config(candidate).state_dict().items()}
+    if stock_config:
+        try:
+            candidate = model.config.__class__.from_dict({**model.config.to_dict(), **stock_config})
+            with torch.device("meta"):
+                shapes = {k: v.shape for k, v in AutoModelForCausalLM.from_config(candidate).state_dict().items()}
+        except (ValueError, TypeError):  # a config that refuses these numbers: the shapes say it per layer
+            shapes = None
         stock = shapes == {k: v.shape for k, v in model.state_dict().items()}
         if stock:
-            model.config.intermediate_size = candidate.intermediate_size
+            for key, value in stock_config.items():
+                setattr(model.config, key, value)
     model.save_pretrained(str(folder), safe_serialization=True)
     if not stock:
         (folder / WIDTH_FILE).write_text(json.dumps({"format": WIDTH_FORMAT, "sites": spec}, indent=1) + "\n")

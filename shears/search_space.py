@@ -18,6 +18,15 @@ layers their own choices with `layer_choices: {layer index: [choices]}` (what
 `width_bounds` writes). Width modules need not be LoRA targets. A space without width groups is
 exactly a Shears rank space.
 
+`kind: heads` is the attention's width, GQA-aware: its unit is a whole key/value group -- one
+key/value head and the num_attention_heads / num_key_value_heads query heads that read it -- so a
+subnet keeps the leading g key/value heads and their query heads. `modules` produce the heads
+(q_proj, k_proj, v_proj: each head's head_dim weight rows), `consumers` read them (o_proj's columns);
+choices are fractions of the key/value heads or counts of them, and a config's value is the number
+of key/value heads kept. Everything said of width groups below holds for heads groups too: both
+are elastic base width, one `WidthSite` per block, whose `units` say how many weight rows or
+columns of each module one channel (a key/value group for heads) spans.
+
 `SearchSpace.bind(model)` resolves the names against a concrete model and enumerates the config
 keys: `f"{group}.{layer}"` for per-layer groups (layer-major), then `group` for global ones. A
 **config** is a plain `dict[str, int]` key -> rank; it survives JSON round-trips, and
@@ -41,7 +50,8 @@ from .models import decoder_layers
 
 SEARCH_SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
 SCOPES = ("per_layer", "global")
-KINDS = ("rank", "width")
+KINDS = ("rank", "width", "heads")
+WIDTH_KINDS = ("width", "heads")  # the kinds that cut the base model, each block a WidthSite
 _SPACE_KEYS = {"target_modules", "r_max", "lora_alpha", "lora_dropout", "groups"}
 _GROUP_KEYS = {"name", "modules", "choices", "scope", "kind", "consumers", "layer_choices"}
 _WIDTH_ONLY_KEYS = ("consumers", "layer_choices")
@@ -85,8 +95,8 @@ class Group:
 
     def to_dict(self) -> dict:
         out = {"name": self.name, "modules": list(self.modules), "choices": list(self.choices), "scope": self.scope}
-        if self.kind == "width":
-            out.update(kind="width", consumers=list(self.consumers))
+        if self.kind in WIDTH_KINDS:
+            out.update(kind=self.kind, consumers=list(self.consumers))
             if self.layer_choices:
                 out["layer_choices"] = {layer: list(c) for layer, c in self.layer_choices}
         return out
@@ -135,7 +145,7 @@ class SearchSpace:
 
     @property
     def width_groups(self) -> tuple[Group, ...]:
-        return tuple(g for g in self.groups if g.kind == "width")
+        return tuple(g for g in self.groups if g.kind in WIDTH_KINDS)
 
     def _check_groups(self, where: str) -> None:
         owner: dict[str, str] = {}
@@ -244,11 +254,17 @@ class SearchSpace:
         rows, columns = find(group.modules), find(group.consumers)
         widths = {name: _in_out(model.get_submodule(name))[1] for name in rows}
         widths.update({name: _in_out(model.get_submodule(name))[0] for name in columns})
-        if len(set(widths.values())) != 1:
-            raise ShearsError(f"search space {self.source}: width group {group.name!r} in block {index} joins "
-                              f"modules of different widths {widths}: producers' out_features must equal "
-                              "consumers' in_features")
-        channels = next(iter(widths.values()))
+        heads = None
+        if group.kind == "heads":
+            heads = _attention_heads(model, group.name, index, rows, widths, self.source)
+            channels = heads.kv_heads
+            units = tuple(widths[name] // channels for name in rows + columns)
+        else:
+            if len(set(widths.values())) != 1:
+                raise ShearsError(f"search space {self.source}: width group {group.name!r} in block {index} joins "
+                                  f"modules of different widths {widths}: producers' out_features must equal "
+                                  "consumers' in_features")
+            channels, units = next(iter(widths.values())), ()
         resolved = []
         for choice in group.choices_for(index):
             count = max(1, round(choice * channels)) if isinstance(choice, float) else int(choice)
@@ -260,7 +276,10 @@ class SearchSpace:
             raise ShearsError(f"search space {self.source}: width group {group.name!r} choices {list(group.choices)} "
                               f"give repeated channel counts {resolved} in block {index}; space them further apart")
         key = group.name if group.scope == "global" else f"{group.name}.{index}"
-        return WidthSite(key, group.name, index, rows, columns, channels, tuple(resolved))
+        if heads is None:
+            return WidthSite(key, group.name, index, rows, columns, channels, tuple(resolved))
+        return WidthSite(key, group.name, index, rows, columns, channels, tuple(resolved), "heads", units,
+                         heads.head_dim, heads.query_per_kv)
 
 
 def _name_list(value: Any, where: str) -> tuple[str, ...]:
@@ -295,8 +314,8 @@ def _parse_group(data: Any, index: int, r_max: int, where: str) -> Group:
     scope = data.get("scope", "per_layer")
     if scope not in SCOPES:
         raise ShearsError(f"{where}: group {name!r} has scope {scope!r}; use one of {list(SCOPES)}")
-    if kind == "width":
-        return _parse_width_group(data, name, modules, scope, where)
+    if kind in WIDTH_KINDS:
+        return _parse_width_group(data, name, modules, scope, where, kind)
     misplaced = [k for k in _WIDTH_ONLY_KEYS if k in data]
     if misplaced:
         raise ShearsError(f"{where}: group {name!r} has {misplaced}, which only width groups take; add kind: width")
@@ -327,10 +346,12 @@ def _width_choices(choices: Any, name: str, where: str) -> tuple[int | float, ..
     return tuple(float(c) if isinstance(c, float) else int(c) for c in choices)
 
 
-def _parse_width_group(data: dict, name: str, modules: tuple[str, ...], scope: str, where: str) -> Group:
+def _parse_width_group(data: dict, name: str, modules: tuple[str, ...], scope: str, where: str,
+                       kind: str = "width") -> Group:
     if "consumers" not in data:
+        example = "[o_proj]" if kind == "heads" else "[down_proj]"
         raise ShearsError(f"{where}: width group {name!r} needs consumers: the modules that read its channels "
-                          "(e.g. [down_proj])")
+                          f"(e.g. {example})")
     consumers = _name_list(data["consumers"], f"{where}: width group {name!r} consumers")
     choices = _width_choices(data["choices"], name, where)
     overrides = data.get("layer_choices") or {}
@@ -345,7 +366,40 @@ def _parse_width_group(data: dict, name: str, modules: tuple[str, ...], scope: s
         if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
             raise ShearsError(f"{where}: width group {name!r} layer_choices key {layer!r} is not a layer index")
         layer_choices.append((layer, _width_choices(values, name, where)))
-    return Group(name, modules, choices, scope, "width", consumers, tuple(sorted(layer_choices)))
+    return Group(name, modules, choices, scope, kind, consumers, tuple(sorted(layer_choices)))
+
+
+@dataclass(frozen=True)
+class AttentionHeads:
+    heads: int  # query heads
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def query_per_kv(self) -> int:
+        return self.heads // self.kv_heads
+
+
+def _attention_heads(model: nn.Module, group: str, index: int, rows: tuple[str, ...], widths: dict[str, int],
+                     source: str) -> AttentionHeads:
+    """The model's head layout (its text config), checked against a heads group's modules in block `index`:
+    each producer is query-shaped (heads x head_dim rows) or key/value-shaped (kv_heads x head_dim), each
+    consumer reads heads x head_dim columns."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = getattr(config, "num_attention_heads", None)
+    if not heads:
+        raise ShearsError(f"search space {source}: heads group {group!r} needs a model config with "
+                          f"num_attention_heads; {type(model).__name__} has none: use a width group instead")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    layout = AttentionHeads(int(heads), int(kv_heads), int(head_dim))
+    query, kv = layout.heads * layout.head_dim, layout.kv_heads * layout.head_dim
+    wrong = {name: width for name, width in widths.items() if width not in ((query, kv) if name in rows else (query,))}
+    if wrong or layout.heads % layout.kv_heads:
+        raise ShearsError(f"search space {source}: heads group {group!r} in block {index}: {wrong or widths} do "
+                          f"not fit {layout.heads} query and {layout.kv_heads} key/value heads of {layout.head_dim}: "
+                          "list the separate q/k/v projections as modules and o_proj as consumers")
+    return layout
 
 
 def _block_linears(block: nn.Module) -> list[str]:
@@ -392,22 +446,35 @@ class WidthSite:
     layer: int
     rows: tuple[str, ...]  # full module names of the producers
     columns: tuple[str, ...]  # ... and of the consumers
-    channels: int  # full width
+    channels: int  # full width (heads: key/value heads)
     choices: tuple[int, ...]  # channel counts
+    kind: str = "width"  # or "heads"
+    units: tuple[int, ...] = ()  # per module of rows + columns: its weight rows/columns per channel (() = 1)
+    head_dim: int = 0  # heads only
+    query_per_kv: int = 0  # heads only: query heads per key/value head
 
     @property
     def name(self) -> str:
         """Unique per site, also for a global group (which has one key over all layers)."""
         return f"{self.group}.{self.layer}"
 
+    def unit(self, module: str) -> int:
+        """Weight rows (producers) or columns (consumers) of `module` per channel of this site."""
+        return self.units[(self.rows + self.columns).index(module)] if self.units else 1
+
     def to_dict(self) -> dict:
-        return {"key": self.key, "group": self.group, "layer": self.layer, "rows": list(self.rows),
-                "columns": list(self.columns), "channels": self.channels, "choices": list(self.choices)}
+        out = {"key": self.key, "group": self.group, "layer": self.layer, "rows": list(self.rows),
+               "columns": list(self.columns), "channels": self.channels, "choices": list(self.choices)}
+        if self.kind != "width":
+            out.update(kind=self.kind, units=list(self.units), head_dim=self.head_dim, query_per_kv=self.query_per_kv)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "WidthSite":
         return cls(str(data["key"]), str(data["group"]), int(data["layer"]), tuple(data["rows"]),
-                   tuple(data["columns"]), int(data["channels"]), tuple(int(c) for c in data["choices"]))
+                   tuple(data["columns"]), int(data["channels"]), tuple(int(c) for c in data["choices"]),
+                   str(data.get("kind", "width")), tuple(int(u) for u in data.get("units", ())),
+                   int(data.get("head_dim", 0)), int(data.get("query_per_kv", 0)))
 
 
 @dataclass(frozen=True)
@@ -449,9 +516,9 @@ class BoundSpace:
         widths = self.site_widths(config)
         for site in self.sites:
             for name in site.rows:
-                shapes[name] = (shapes[name][0], widths[site.name])
+                shapes[name] = (shapes[name][0], widths[site.name] * site.unit(name))
             for name in site.columns:
-                shapes[name] = (widths[site.name], shapes[name][1])
+                shapes[name] = (widths[site.name] * site.unit(name), shapes[name][1])
         return shapes
 
     def validate(self, config: Any) -> Config:
@@ -526,7 +593,8 @@ class BoundSpace:
 def width_bounds(bound: BoundSpace, scores: dict[str, Any], keep: float = 0.9, multiple: int = 8) -> SearchSpace:
     """EFTNAS-style search-space bounds from channel importance: in every block, each width group's
     smallest choice becomes the fewest channels (most important first) holding a share `keep` of
-    the block's total importance, rounded up to a multiple of `multiple`; its choices are that
+    the block's total importance, rounded up to a multiple of `multiple` (heads groups: whole key/value
+heads); its choices are that
     minimum, the full width, and evenly spaced counts between, as many as the group had. Returns an
     ordinary SearchSpace (per-block `layer_choices`) to write with `save_search_space`.
 
@@ -545,7 +613,8 @@ def width_bounds(bound: BoundSpace, scores: dict[str, Any], keep: float = 0.9, m
             raise ShearsError(f"importance of {site.name} must be {site.channels} non-negative scores")
         total = score.sum()
         needed = int(np.searchsorted(np.cumsum(score), keep * total - 1e-12 * total) + 1) if total > 0 else 1
-        low = min(site.channels, -(-needed // multiple) * multiple)
+        step = multiple if site.kind == "width" else 1  # a heads site counts key/value heads, not channels
+        low = min(site.channels, -(-needed // step) * step)
         count = max(2, len(site.choices))
         choices = sorted({int(round(c)) for c in np.linspace(low, site.channels, count)}, reverse=True)
         group = groups[site.group]

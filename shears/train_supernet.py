@@ -52,7 +52,7 @@ from .precision import precision_name, resolve_bf16
 from .recipe import Recipe, Strategy, load_recipe, parse_overrides, save_recipe
 from .run import recipe_splits
 from .rundir import RunDir
-from .search_space import BoundSpace, SearchSpace, canonical, load_search_space
+from .search_space import WIDTH_KINDS, BoundSpace, SearchSpace, canonical, load_search_space
 from .sparsity import prune_to_folder
 from .squeeze import squeeze_lora_layer
 from .width import ChannelOrder, width_order
@@ -259,7 +259,7 @@ def stage_space(space: SearchSpace, r_max: int) -> SearchSpace:
     data = space.to_dict()
     data.update(r_max=r_max, lora_alpha=space.lora_alpha * factor)
     for group in data["groups"]:
-        if group.get("kind") == "width":  # channel counts do not scale with the rank
+        if group.get("kind") in WIDTH_KINDS:  # channel and head counts do not scale with the rank
             continue
         group["choices"] = [max(1, round(c * factor)) for c in group["choices"]]
         if len(set(group["choices"])) < len(group["choices"]):

@@ -1,4 +1,5 @@
-"""Elastic base width (LoNAS, EFTNAS): subnets that keep the leading channels of each block's MLP.
+"""Elastic base width (LoNAS, EFTNAS): subnets that keep the leading channels of each block's MLP
+and the leading key/value groups of its attention.
 
 A width site (`search_space.WidthSite`) is one block's intermediate channels: the rows of its
 producers (gate_proj, up_proj) and the columns of its consumers (down_proj). A subnet of width w
@@ -24,13 +25,24 @@ rows and columns (LoRA B rows of gate/up, A columns of down): exactly the sliced
 architecture, with no module replaced and PEFT's state-dict keys untouched. It saves no compute in
 training; the speed is delivered by `slice_model`, which exports a physically smaller model.
 
+Attention heads (search_space `kind: heads`). A heads site's channel is a whole key/value group:
+one key/value head (head_dim rows of k_proj and v_proj) and the query heads that read it
+(query_per_kv x head_dim rows of q_proj and columns of o_proj; HF's repeat_kv gives query head h
+the key/value head h // query_per_kv, so a group's query heads are contiguous). Each module's
+`site.unit(name)` is the rows/columns one channel spans, and everything above works per unit: the
+permutation moves whole groups (the heads are independent and RoPE and q/k norms act per head
+alike, so the function is unchanged), a subnet keeps the leading groups (the pre-hook zeroes o_proj's
+input beyond them), the scores sum over a group's o_proj input features before squaring -- the
+first-order loss change of dropping the whole group -- and the exported attention has fewer heads.
+
 Automatic bounds (EFTNAS). `python -m shears.width bounds --model M --space S --output OUT.yaml`
 scores a model's channels on calibration data and writes S with each block's width choices derived
 from the importance (search_space.width_bounds: the smallest width keeps a share --keep of it).
 
-Deployment cost. `latency_table` times one block's MLP at every width choice on the current
-device (merged weights, no LoRA) once; `LatencyModel` predicts a config's forward time from it and
-the measured full model. `deployed_params` counts the exported model's parameters.
+Deployment cost. `latency_table` times each site's module (a block's MLP; its attention for heads)
+at every width choice on the current device (merged weights, no LoRA) once; `LatencyTable.latency`
+predicts a config's forward time from it and the measured full model. `deployed_params` counts the
+exported model's parameters.
 """
 
 from __future__ import annotations
@@ -76,6 +88,7 @@ def channel_importance(model: nn.Module, sites: Iterable[WidthSite], input_ids: 
         return hook
 
     handles = [base.get_submodule(site.columns[0]).register_forward_pre_hook(capture(site.name)) for site in sites]
+    unit = {site.name: site.unit(site.columns[0]) for site in sites}  # features of the captured input per channel
     if importance == "taylor":  # the consumers' inputs need a graph even when every weight is frozen
         handles.append(base.get_input_embeddings().register_forward_hook(
             lambda module, args, output: output.detach().requires_grad_(True)))
@@ -92,14 +105,15 @@ def channel_importance(model: nn.Module, sites: Iterable[WidthSite], input_ids: 
                     names = list(captured)
                     grads = torch.autograd.grad(loss, [captured[n] for n in names])
                 for name, grad in zip(names, grads):
-                    per_sequence = (captured[name].detach().double() * grad.double()).sum(dim=1)  # [batch, channels]
+                    per_sequence = (captured[name].detach().double() * grad.double()).sum(dim=1)  # [batch, features]
+                    per_sequence = per_sequence.unflatten(-1, (-1, unit[name])).sum(-1)  # [batch, channels]
                     scores[name] += per_sequence.pow(2).sum(dim=0).cpu()
             else:
                 with torch.no_grad():
                     base(input_ids=batch)
                 for site in sites:
                     h = captured[site.name].detach().double()
-                    scores[site.name] += h.pow(2).flatten(0, -2).sum(dim=0).cpu()
+                    scores[site.name] += h.pow(2).flatten(0, -2).sum(dim=0).unflatten(0, (-1, unit[site.name])).sum(-1).cpu()
             captured.clear()
     finally:
         for handle in handles:
@@ -108,7 +122,7 @@ def channel_importance(model: nn.Module, sites: Iterable[WidthSite], input_ids: 
     if importance == "activation":
         for site in sites:
             column_norm = sum(_base_linear(base.get_submodule(c)).weight.detach().double().pow(2).sum(0).cpu()
-                              for c in site.columns).sqrt()
+                              .unflatten(0, (-1, site.unit(c))).sum(-1) for c in site.columns).sqrt()
             scores[site.name] = scores[site.name].sqrt() * column_norm
     return scores
 
@@ -117,6 +131,13 @@ def importance_order(scores: dict[str, torch.Tensor]) -> ChannelOrder:
     """Channels by descending score; ties keep the original order (a stable sort), so equal scores
     -- e.g. an all-zero calibration signal -- give the identity."""
     return {name: torch.sort(score, descending=True, stable=True).indices for name, score in scores.items()}
+
+
+def expand_order(perm: torch.Tensor, unit: int) -> torch.Tensor:
+    """A permutation of channels as one of weight rows/columns, `unit` consecutive ones per channel."""
+    if unit == 1:
+        return perm
+    return (perm[:, None] * unit + torch.arange(unit, device=perm.device)).reshape(-1)
 
 
 @torch.no_grad()
@@ -132,7 +153,7 @@ def permute_channels(model: nn.Module, sites: Iterable[WidthSite], order: Channe
         for name in site.rows:
             module = base.get_submodule(name)
             linear = _base_linear(module)
-            perm_here = perm.to(linear.weight.device)
+            perm_here = expand_order(perm, site.unit(name)).to(linear.weight.device)
             linear.weight.copy_(linear.weight[perm_here])
             if linear.bias is not None:
                 linear.bias.copy_(linear.bias[perm_here])
@@ -143,7 +164,7 @@ def permute_channels(model: nn.Module, sites: Iterable[WidthSite], order: Channe
         for name in site.columns:
             module = base.get_submodule(name)
             linear = _base_linear(module)
-            perm_here = perm.to(linear.weight.device)
+            perm_here = expand_order(perm, site.unit(name)).to(linear.weight.device)
             linear.weight.copy_(linear.weight[:, perm_here])
             for lora_A in getattr(module, "lora_A", {}).values():
                 lora_A.weight.copy_(lora_A.weight[:, perm_here])
@@ -171,10 +192,10 @@ class ElasticWidth:
     def __init__(self, model: nn.Module, sites: Iterable[WidthSite]):
         self.sites = tuple(sites)
         self.widths = {site.name: site.channels for site in self.sites}
-        self._handles = [model.get_submodule(name).register_forward_pre_hook(self._keep_leading(site))
+        self._handles = [model.get_submodule(name).register_forward_pre_hook(self._keep_leading(site, site.unit(name)))
                          for site in self.sites for name in site.columns]
 
-    def _keep_leading(self, site: WidthSite):
+    def _keep_leading(self, site: WidthSite, unit: int):
         def hook(module, args):
             width = self.widths[site.name]
             if width == site.channels:
@@ -183,7 +204,7 @@ class ElasticWidth:
                 raise ShearsError(f"{site.columns[0]} was called without a positional input: elastic width needs "
                                   "the consumer's input as its first argument")
             x = args[0]
-            return (F.pad(x[..., :width], (0, site.channels - width)), *args[1:])
+            return (F.pad(x[..., :width * unit], (0, (site.channels - width) * unit)), *args[1:])
         return hook
 
     def activate(self, widths: dict[str, int]) -> None:
@@ -202,15 +223,43 @@ class ElasticWidth:
 # --------------------------------------------------------------------------- a physically smaller model
 
 def width_spec(space: BoundSpace, config: Config) -> list[dict]:
-    """The reduced shapes of a config's subnet, as `shears.models` writes and reads them."""
+    """The reduced shapes of a config's subnet, as `shears.models` writes and reads them: per site, the
+    modules cut to one number of rows/columns (a heads site: q_proj rows and o_proj columns, then k/v rows)."""
     widths = space.site_widths(config)
-    return [{"rows": list(site.rows), "columns": list(site.columns), "width": widths[site.name]}
-            for site in space.sites]
+    return [entry for site in space.sites for entry in site_spec(site, widths[site.name])]
 
 
-def uniform_width(spec: list[dict]) -> int | None:
-    widths = {entry["width"] for entry in spec}
-    return widths.pop() if len(widths) == 1 else None
+def site_spec(site: WidthSite, width: int) -> list[dict]:
+    """One site at `width` channels as `shears.models.slice_linears` entries, one per rows/columns count."""
+    return [{"rows": [n for n in site.rows if site.unit(n) == unit],
+             "columns": [n for n in site.columns if site.unit(n) == unit], "width": width * unit}
+            for unit in dict.fromkeys(site.unit(n) for n in site.rows + site.columns)]
+
+
+def uniform_widths(space: BoundSpace, config: Config) -> dict[str, int | None]:
+    """Width group kind -> the one width every site of that kind has in `config` (None: widths differ)."""
+    widths = space.site_widths(config)
+    by_kind: dict[str, set[int]] = {}
+    for site in space.sites:
+        by_kind.setdefault(site.kind, set()).add(widths[site.name])
+    return {kind: next(iter(values)) if len(values) == 1 else None for kind, values in by_kind.items()}
+
+
+def stock_config(space: BoundSpace, config: Config) -> dict | None:
+    """The HF config fields that describe the config's smaller model with stock modules -- one MLP width
+    (intermediate_size) and one head count (num_attention_heads / num_key_value_heads, head_dim explicit) in
+    every block -- or None when a kind's widths differ between blocks (then shears_widths.json says them)."""
+    uniform = uniform_widths(space, config)
+    if any(width is None for width in uniform.values()):
+        return None
+    changes = {}
+    if "width" in uniform:
+        changes["intermediate_size"] = uniform["width"]
+    if "heads" in uniform:
+        site = next(s for s in space.sites if s.kind == "heads")
+        changes.update(num_key_value_heads=uniform["heads"], num_attention_heads=uniform["heads"] * site.query_per_kv,
+                       head_dim=site.head_dim)
+    return changes
 
 
 # --------------------------------------------------------------------------- deployment cost
@@ -222,9 +271,9 @@ def deployed_params(model: nn.Module, space: BoundSpace):
     total = sum(p.numel() for n, p in base.named_parameters() if "lora_" not in n)
     per_channel = {}
     for site in space.sites:
-        rows = sum(_base_linear(base.get_submodule(n)).in_features
-                   + (_base_linear(base.get_submodule(n)).bias is not None) for n in site.rows)
-        columns = sum(_base_linear(base.get_submodule(n)).out_features for n in site.columns)
+        rows = sum(site.unit(n) * (_base_linear(base.get_submodule(n)).in_features
+                                   + (_base_linear(base.get_submodule(n)).bias is not None)) for n in site.rows)
+        columns = sum(site.unit(n) * _base_linear(base.get_submodule(n)).out_features for n in site.columns)
         per_channel[site.name] = rows + columns
 
     def count(config: Config) -> float:
@@ -237,28 +286,29 @@ def deployed_params(model: nn.Module, space: BoundSpace):
 
 @dataclass
 class LatencyTable:
-    """Measured seconds per forward: the whole merged model at full width, and one block's MLP at each width."""
+    """Measured seconds per forward: the whole merged model at full width, and each site's module (a block's
+    MLP, or its attention for a heads site) at each width."""
     device: str
     batch_size: int
     seq_len: int
     full_model: float
-    mlp: dict[str, dict[int, float]]  # site name -> width -> seconds of that site's MLP alone
+    sites: dict[str, dict[int, float]]  # site name -> width -> seconds of that site's module alone
 
     def to_dict(self) -> dict:
         return {"device": self.device, "batch_size": self.batch_size, "seq_len": self.seq_len,
                 "full_model": self.full_model,
-                "mlp": {name: {str(w): t for w, t in table.items()} for name, table in self.mlp.items()}}
+                "sites": {name: {str(w): t for w, t in table.items()} for name, table in self.sites.items()}}
 
     @classmethod
     def from_dict(cls, data: dict) -> "LatencyTable":
         return cls(str(data["device"]), int(data["batch_size"]), int(data["seq_len"]), float(data["full_model"]),
-                   {name: {int(w): float(t) for w, t in table.items()} for name, table in data["mlp"].items()})
+                   {name: {int(w): float(t) for w, t in table.items()} for name, table in data["sites"].items()})
 
     def latency(self, space: BoundSpace, config: Config) -> float:
         """Predicted forward seconds of the config's exported model: the full model's time minus, per
-        site, what its MLP saves at the subnet's width (ranks merge away and cost nothing)."""
+        site, what its module saves at the subnet's width (ranks merge away and cost nothing)."""
         widths = space.site_widths(config)
-        return self.full_model - sum(self.mlp[s.name][s.channels] - self.mlp[s.name][widths[s.name]]
+        return self.full_model - sum(self.sites[s.name][s.channels] - self.sites[s.name][widths[s.name]]
                                      for s in space.sites)
 
 
@@ -272,24 +322,40 @@ def _median_time(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
-def _sliced_mlp(block_mlp: nn.Module, site: WidthSite, layer_prefix: str, width: int) -> nn.Module:
-    """A deep copy of a block's MLP module with the site's modules cut to `width` channels."""
+def _sliced_owner(owner: nn.Module, site: WidthSite, layer_prefix: str, width: int) -> nn.Module:
+    """A deep copy of the module holding a site's linears (a block's MLP or attention), cut to `width`."""
     import copy
 
     from .models import slice_linears
 
-    mlp = copy.deepcopy(block_mlp)
-    rel = lambda names: [n.removeprefix(layer_prefix) for n in names]  # noqa: E731 - names inside the MLP
-    slice_linears(mlp, [{"rows": rel(site.rows), "columns": rel(site.columns), "width": width}])
-    return mlp
+    module = copy.deepcopy(owner)
+    rel = lambda names: [n.removeprefix(layer_prefix) for n in names]  # noqa: E731 - names inside the owner
+    slice_linears(module, [{**entry, "rows": rel(entry["rows"]), "columns": rel(entry["columns"])}
+                           for entry in site_spec(site, width)])
+    return module
+
+
+def _site_forward(base: nn.Module, site: WidthSite, x: torch.Tensor):
+    """A call of a site's owner on hidden states `x`: the MLP takes x alone; attention also takes the
+    rotary position embeddings of positions 0..len-1 (from the model's own rotary module) and runs causal."""
+    if site.kind == "width":
+        return lambda module: module(x)
+    rotary = next((m for n, m in base.named_modules() if n.rsplit(".", 1)[-1] == "rotary_emb"), None)
+    if rotary is None:
+        raise ShearsError(f"{type(base).__name__} has no rotary_emb module to time its attention heads with: "
+                          "search heads groups with the params objective instead of latency")
+    positions = torch.arange(x.shape[1], device=x.device)[None]
+    cos_sin = rotary(x, positions)
+    return lambda module: module(hidden_states=x, position_embeddings=cos_sin, attention_mask=None)
 
 
 @torch.no_grad()
 def latency_table(model: nn.Module, space: BoundSpace, batch_size: int, seq_len: int, repeats: int = 5,
                   progress: bool = True) -> LatencyTable:
-    """Time the plain (merged, unhooked) `model` once at full width, and each site's MLP at each width
-    choice on a [batch_size, seq_len, hidden] input. Sites with the same MLP shape share one
-    measurement (the blocks of a decoder are alike), so the table costs choices x distinct shapes."""
+    """Time the plain (merged, unhooked) `model` once at full width, and each site's MLP (or attention,
+    for a heads site) at each width choice on a [batch_size, seq_len, hidden] input. Sites of the same
+    shape share one measurement (the blocks of a decoder are alike), so the table costs choices x
+    distinct shapes."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.eval()
     param = next(base.parameters())
@@ -298,18 +364,18 @@ def latency_table(model: nn.Module, space: BoundSpace, batch_size: int, seq_len:
     by_shape: dict[tuple, dict[int, float]] = {}
     table: dict[str, dict[int, float]] = {}
     work = [(site, w) for site in space.sites for w in site.choices]
-    bar = tqdm(work, desc="latency table", unit="mlp", disable=not progress)
-    for site, width in bar:
-        owner = _mlp_of(base, site)
-        shape = (type(owner).__name__, site.channels,
+    bar = tqdm(work, desc="latency table", unit="site")
+    for site, width in (bar if progress else work):
+        owner = _owner_of(base, site)
+        shape = (type(owner).__name__, site.kind, site.channels,
                  tuple(tuple(_base_linear(base.get_submodule(n)).weight.shape) for n in site.rows + site.columns))
         cached = by_shape.setdefault(shape, {})
         if width not in cached:
-            prefix = _common_prefix(site)
-            mlp = _sliced_mlp(owner, site, prefix, width)
+            module = _sliced_owner(owner, site, _common_prefix(site), width)
             x = torch.randn(batch_size, seq_len, _base_linear(base.get_submodule(site.rows[0])).in_features,
                             device=param.device, dtype=param.dtype)
-            cached[width] = _median_time(lambda: mlp(x), repeats)
+            call = _site_forward(base, site, x)
+            cached[width] = _median_time(lambda: call(module), repeats)
         table.setdefault(site.name, {})[width] = cached[width]
     return LatencyTable(param.device.type, batch_size, seq_len, full, table)
 
@@ -327,7 +393,7 @@ def _common_prefix(site: WidthSite) -> str:
     return ".".join(prefix) + "."
 
 
-def _mlp_of(base: nn.Module, site: WidthSite) -> nn.Module:
+def _owner_of(base: nn.Module, site: WidthSite) -> nn.Module:
     return base.get_submodule(_common_prefix(site).rstrip("."))
 
 
@@ -346,7 +412,7 @@ def cached_latency_table(path, model_loader, space: BoundSpace, batch_size: int,
         try:
             data = json.loads(path.read_text())
             table = LatencyTable.from_dict(data)
-            if {k: data.get(k) for k in wanted} == wanted and set(table.mlp) == {s.name for s in space.sites}:
+            if {k: data.get(k) for k in wanted} == wanted and set(table.sites) == {s.name for s in space.sites}:
                 return table
         except (ValueError, KeyError, TypeError):
             pass  # a torn or foreign file: measure again

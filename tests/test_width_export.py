@@ -115,7 +115,7 @@ def test_latency_table_is_measured_once_and_predicts_by_width(width_run, tmp_pat
     run.dir = RunDir(tmp_path)  # cache the table here, not in the shared fixture run
     latency = latency_function(run)
     table = json.loads(run.dir.latency.read_text())
-    assert set(table["mlp"]) == {"mlp.0", "mlp.1"} and set(table["mlp"]["mlp.0"]) == {"64", "48", "32"}
+    assert set(table["sites"]) == {"mlp.0", "mlp.1"} and set(table["sites"]["mlp.0"]) == {"64", "48", "32"}
     assert latency(run.supernet.maximal()) == pytest.approx(table["full_model"])
     saved = run.dir.latency.read_text()
     latency_function(run)  # a second use reads the cache
@@ -152,7 +152,7 @@ def test_front_readme_loads_each_kind_of_smaller_model(width_run, tmp_path, monk
     assert manifest["elastic_width"] and not manifest["adapter_reproduces_supernet"]
     models = [s["model"] for s in manifest["subnets"]]
     assert [m["loader"] for m in models] == [STOCK_LOADER, SHEARS_LOADER]
-    assert [m["widths"] for m in models] == ["32x2", "48x1 32x1"]
+    assert [m["widths"] for m in models] == ["mlp 32x2", "mlp 48x1 32x1"]
     readme = (out / "README.md").read_text()
     assert "PeftModel" not in readme.replace("`PeftModel` does not apply", "")
     blocks = python_blocks(readme)
@@ -223,3 +223,4 @@ def test_real_model_export_is_the_subnet_up_to_fp32_rounding(tmp_path):
     assert max_diff(real_logits(exported.double(), ids), subnet64) <= 1e-4
     assert max_diff(exported32, subnet64) <= 2 * max_diff(subnet32, subnet64)
     assert max_diff(exported32, subnet32) <= 1e-3  # a wrong rank, scale or channel is >= 1e-2 here
+
