@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_model, make_tiny_tokenizer, one_line_error
@@ -224,3 +225,65 @@ def test_real_model_export_is_the_subnet_up_to_fp32_rounding(tmp_path):
     assert max_diff(exported32, subnet64) <= 2 * max_diff(subnet32, subnet64)
     assert max_diff(exported32, subnet32) <= 1e-3  # a wrong rank, scale or channel is >= 1e-2 here
 
+
+# --------------------------------------------------------------------------- In-Squeeze (training.rank_schedule)
+
+
+def test_squeezing_a_width_supernet_keeps_its_channel_order_and_subnets():
+    """Between In-Squeeze stages the super-network is rebuilt on its unloaded base: the channel order must be
+    applied exactly once again, and a subnet whose updates fit the smaller r_max must compute the same."""
+    from shears.search_space import SearchSpace
+    from shears.train_supernet import squeeze_supernet, stage_space
+    from test_width_heads import SPACE, random_orders, tiny
+
+    space = SearchSpace.from_dict(SPACE)
+    wide = stage_space(space, 16)  # the first stage of rank_schedule [16, 8]
+    base = tiny()
+    original = base.model.layers[0].self_attn.q_proj.weight.clone()
+    bound = wide.bind(base)
+    order = random_orders(bound.sites, seed=4)
+    net = SuperNet.from_base(base, bound, channel_order=order)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in net.layers.values():  # updates of rank 8: the squeeze to r_max 8 is then exact
+            layer.lora_A["default"].weight.copy_(0.2 * torch.randn(layer.lora_A["default"].weight.shape, generator=gen))
+            layer.lora_A["default"].weight[8:] = 0
+            layer.lora_B["default"].weight.copy_(0.2 * torch.randn(layer.lora_B["default"].weight.shape, generator=gen))
+    net.model.eval()
+    widths = {"attn.0": 1, "attn.1": 2, "mlp.0": 32, "mlp.1": 64}
+    net.activate({**net.maximal(), **widths})
+    before = logits(net.model)
+    squeezed = squeeze_supernet(net, stage_space(space, 8))
+    squeezed.model.eval()
+    squeezed.activate({**squeezed.maximal(), **widths})
+    torch.testing.assert_close(logits(squeezed.model), before, atol=1e-5, rtol=1e-5)
+    q = squeezed.model.get_base_model().model.layers[0].self_attn.q_proj.get_base_layer().weight
+    from shears.width import expand_order
+
+    assert torch.equal(q, original[expand_order(order["attn.0"], 8)])  # permuted once, not twice
+
+
+def test_rank_schedule_trains_width_and_heads_in_every_stage(tmp_path):
+    """In-Squeeze stages scale the rank choices only: widths and head counts are sampled unchanged, the
+    channel order is computed once, and the exported smaller model still equals the final subnet."""
+    from test_width_heads import SPACE, tiny
+
+    model_dir = tmp_path / "tiny-llama"
+    tiny(max_position_embeddings=512).save_pretrained(model_dir)
+    make_tiny_tokenizer().save_pretrained(model_dir)
+    recipe = load_recipe(tiny_recipe(model_dir, tmp_path, rank_schedule=[16, 8]),
+                         {"search_space": SPACE, "width.nsamples": 4, "width.seqlen": 32})
+    run = tmp_path / "run"
+    train_supernet(recipe, run)
+    trained = json.loads((run / "train_summary.json").read_text())["trained_configs"]
+    assert [t["step"] for t in trained] == [0, 1, 2, 3]
+    for entry, qkv in zip(trained, ({16, 8}, {16, 8}, {8, 4}, {8, 4})):
+        assert entry["config"]["qkv.0"] in qkv  # ranks doubled in stage 0
+        assert entry["config"]["attn.0"] in {4, 2, 1} and entry["config"]["mlp.1"] in {64, 32}
+    order = load_file(run / "channel_order.safetensors")
+    assert all(torch.equal(order[k], v) for k, v in load_file(run / "supernet" / "channel_order.safetensors").items())
+    randomise_adapter(run, seed=3)
+    config = {**load_run(run).supernet.minimal(), "attn.0": 2, "attn.1": 2, "mlp.0": 32, "mlp.1": 32}
+    expected = subnet_logits(TinyRun(run, model_dir), config)
+    folder = export_subnets(run, {"small": config}, tmp_path / "export")[0].folder / "merged"
+    assert (logits(AutoModelForCausalLM.from_pretrained(folder).eval()) - expected).abs().max() <= 1e-5
