@@ -133,7 +133,10 @@ class SearchConfig:
     # only the best `keep` share of each rung is scored further. Empty: every candidate on the full set.
     rungs: list[int] = field(default_factory=list)
     keep: float = 0.34
-    warm_start: list[str] = field(default_factory=list)  # earlier history.jsonl files (or search folders)
+    # Scores the search starts from: true imports training's scores of the maximal/heuristic/minimal subnets
+    # (RUN/warm_start.jsonl, when they were measured as this search measures); a list of earlier
+    # history.jsonl files (or search folders) imports their matching scores too; false imports none.
+    warm_start: Union[bool, list[str]] = True
     latency_batch_size: int = 1  # the forward the latency objective times: batch x length tokens
     latency_seq_len: int = 256
 

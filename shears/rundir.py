@@ -10,6 +10,7 @@ and nowhere else:
     RUN/checkpoints/         Trainer checkpoints, stage-<i>/ per In-Squeeze stage (train_supernet)
     RUN/supernet/            the trained super-network             (train_supernet via elastic)
     RUN/train_summary.json   validation losses and trained configs (train_supernet)
+    RUN/warm_start.jsonl     the search's scores of the maximal/heuristic/minimal subnets (train_supernet)
     RUN/trace/rank<k>.jsonl  the configs each process trained      (train_supernet)
     RUN/latency.json         per-site latency table of the latency objective (search via width)
     RUN/search/              history.jsonl, front.json/.csv/.png, study.db (search)
@@ -124,6 +125,12 @@ class RunDir:
         return self.root / "train_summary.json"
 
     @property
+    def warm_start(self) -> Path:
+        """History records (shears.scores) of the anchors, scored at the end of training as the search
+        scores them; the search imports them."""
+        return self.root / "warm_start.jsonl"
+
+    @property
     def trace(self) -> Path:
         return self.root / "trace"
 
@@ -156,8 +163,8 @@ class RunDir:
     def training_outputs(self) -> list[Path]:
         """What training writes (besides recipe.yaml and the reusable sparse_base) and everything that
         is derived from it: starting training over makes all of these stale."""
-        return [self.supernet, self.channel_order, self.checkpoints, self.train_summary, self.trace,
-                self.search.folder, self.export.folder]
+        return [self.supernet, self.channel_order, self.checkpoints, self.train_summary, self.warm_start,
+                self.trace, self.search.folder, self.export.folder]
 
     def holds_training(self) -> bool:
         return self.supernet.exists() or self.checkpoints.exists()

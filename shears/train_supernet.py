@@ -7,7 +7,8 @@ space has width groups, order each block's MLP channels by importance on calibra
 training data (recipe section `width`; kept in RUN/channel_order.safetensors), (3) wrap it in a
 SuperNet, (3) train with HF Trainer, activating one sampled subnet per optimizer step, (4) save
 RUN/supernet (a stock-PEFT adapter at r_max plus the search space) and report the validation loss of
-the maximal, heuristic and minimal subnets.
+the maximal, heuristic and minimal subnets; when the search will optimise loss, also score those
+three exactly as the search does (RUN/warm_start.jsonl), so that the search starts from them.
 
 Which subnet trains at step t is a pure function of (seed, t). It is drawn once per optimizer step,
 so every gradient-accumulation micro-batch and every activation recomputation under gradient
@@ -52,6 +53,7 @@ from .precision import precision_name, resolve_bf16
 from .recipe import Recipe, Strategy, load_recipe, parse_overrides, save_recipe
 from .run import recipe_splits
 from .rundir import RunDir
+from .scores import run_scoring, score_record, write_history
 from .search_space import WIDTH_KINDS, BoundSpace, SearchSpace, canonical, load_search_space
 from .sparsity import prune_to_folder
 from .squeeze import squeeze_lora_layer
@@ -460,9 +462,9 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
     if trainer is None:  # every stage was already finished: a trainer only to evaluate
         trainer = Trainer(model=supernet.model, args=training_arguments(recipe, stage, bf16), eval_dataset=val_set,
                           data_collator=Collator(tokenizer))
-    summary = {name: _val_loss(trainer, supernet, config)
-               for name, config in (("maximal", supernet.maximal()), ("heuristic", supernet.heuristic()),
-                                    ("minimal", supernet.minimal()))}
+    anchors = {"maximal": supernet.maximal(), "heuristic": supernet.heuristic(), "minimal": supernet.minimal()}
+    summary = {name: _val_loss(trainer, supernet, config) for name, config in anchors.items()}
+    scores = score_anchors_for_search(recipe, trainer, supernet, tokenizer, val_records, anchors)
     out = run_dir.supernet
     if is_main_process():
         supernet.activate(supernet.maximal())
@@ -471,7 +473,11 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
             "base": base_source, "steps": len({step for step, _ in trained}), "precision": precision_name(bf16),
             "validation": summary,
             "trained_configs": [{"step": s, "config": json.loads(c)} for s, c in trained]})
-        _print_summary(run_dir, summary)
+        if scores:
+            write_history(run_dir.warm_start, scores)
+        else:  # a resumed run whose search objectives changed: an older file would describe other weights
+            run_dir.warm_start.unlink(missing_ok=True)
+        _print_summary(run_dir, summary, scores)
     _write_trace(run_dir, trained)
     return out
 
@@ -482,6 +488,32 @@ def _val_loss(trainer: Trainer, supernet: SuperNet, config: dict) -> dict:
     return {"loss": loss, "adapter_params": supernet.adapter_params(config)}
 
 
+def score_anchors_for_search(recipe: Recipe, trainer: Trainer, supernet: SuperNet, tokenizer, val_records: list[dict],
+                             anchors: dict[str, dict]) -> list[dict]:
+    """The `anchors` (maximal, heuristic, minimal) scored exactly as `python -m shears.search` with the
+    recipe's defaults scores them -- its Scoring (shears.scores): the first search.eval_limit validation
+    records, the answer-span loss, its precision, its fingerprint -- as history records, which the search
+    imports instead of measuring them again. Only when the recipe's search objectives include loss
+    (accuracy would mean generating): three evaluations, beside the Trainer's own val loss above, which
+    is measured on other records (training.val_limit) by another loop, and so cannot stand in."""
+    if "loss" not in recipe.search.objectives:
+        return []
+    # Trainer's accelerate wrapped the model's forward in its mixed-precision autocast; the search runs
+    # the bare model, in the precision evaluation.bf16 says, and so must these scores.
+    trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    scoring = run_scoring(recipe, supernet, val_records, recipe.search.eval_limit)
+    records = []
+    for label, config in anchors.items():
+        supernet.activate(config)
+        start = time.perf_counter()
+        loss = scoring.evaluate(supernet, tokenizer, "loss", progress=is_main_process())["loss"]
+        records.append(score_record(config, {"loss": float(loss)}, time.perf_counter() - start, "train_supernet",
+                                    len(records), label=label, scorer=scoring.fingerprint,
+                                    precision=scoring.precision, n_examples=len(scoring.records),
+                                    source="train_supernet"))
+    return records
+
+
 def _write_trace(run_dir: RunDir, trained: list[tuple[int, str]]) -> None:
     """Each process writes the configs it trained (under DDP the files must be identical), atomically."""
     rank = int(os.environ.get("RANK", "0"))
@@ -489,12 +521,16 @@ def _write_trace(run_dir: RunDir, trained: list[tuple[int, str]]) -> None:
                                                  for step, config in trained))
 
 
-def _print_summary(run_dir: RunDir, summary: dict) -> None:
+def _print_summary(run_dir: RunDir, summary: dict, scores: list[dict]) -> None:
     print("\nvalidation loss of the super-network's reference subnets:")
     for name, row in summary.items():
         print(f"  {name:<9}  loss {row['loss']:.4f}   adapter params {row['adapter_params']:,}")
+    if scores:
+        print(f"scored for the search (loss on {scores[0]['n_examples']} records, {scores[0]['precision']}, "
+              f"scorer {scores[0]['scorer']}): " + ", ".join(f"{r['label']} {r['objectives']['loss']:.4f}" for r in scores))
     print(f"\nwrote {run_dir.supernet} (stock-PEFT adapter at r_max + search_space.json), "
           f"{run_dir.recipe}, {run_dir.train_summary}, {run_dir.trace}"
+          + (f", {run_dir.warm_start}" if scores else "")
           + (f", {run_dir.sparse_base}" if run_dir.sparse_base.exists() else ""))
 
 

@@ -7,14 +7,13 @@ the same --storage share one study and one budget (give each its own --seed).
 from __future__ import annotations
 
 import argparse
-import json
 import typing
 
 from .. import flags
 from ..errors import ShearsError, cli_errors
-from ..precision import precision_name, resolve_bf16
 from ..recipe import SearchBackend
 from ..rundir import RunDir
+from ..scores import run_scoring
 from .objectives import QUALITY, SIZES, check_objective_names, parse_objectives, size_function, supernet_objective
 from .optuna_backend import SAMPLERS, STUDY_NAME, OptunaBackend
 from .problem import SearchProblem
@@ -40,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "on, e.g. 16,64 (default: the recipe's search.rungs)")
     p.add_argument("--keep", type=float, help="share of each rung scored further (default: search.keep)")
     p.add_argument("--warm-start", action="append", metavar="HISTORY",
-                   help="an earlier history.jsonl or search folder whose matching scores seed this search")
+                   help="an earlier history.jsonl or search folder whose matching scores seed this search "
+                        "(besides training's scores of the anchor subnets, RUN/warm_start.jsonl)")
+    p.add_argument("--no-warm-start", action="store_true",
+                   help="import no earlier scores, not even training's (default: the recipe's search.warm_start)")
     p.add_argument("--sampler", choices=SAMPLERS, help="optuna sampler (pymoo runs NSGA-II)")
     p.add_argument("--objectives", help=f"comma list: one of {'/'.join(QUALITY)} and one of {'/'.join(SIZES)}")
     p.add_argument("--eval-limit", type=int, help="validation records scored per subnet (default: all)")
@@ -56,37 +58,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def problem_from_run(run, objective_names, eval_limit: int | None, batch_size: int | None) -> SearchProblem:
-    """The search problem of a loaded run: its super-network's space, scored on its validation split."""
+    """The search problem of a loaded run: its super-network's space, scored on its validation split
+    (the first `eval_limit` records) the way shears.scores.run_scoring defines -- as training scored
+    the warm-start subnets it wrote to RUN/warm_start.jsonl."""
     supernet, space = run.supernet, run.supernet.space
     names = [n.strip() for n in objective_names.split(",")] if isinstance(objective_names, str) else list(objective_names)
     sizes = {name: size_function(supernet, name, run) for name in names if name in SIZES}
     objectives = parse_objectives(names, lambda name, config: sizes[name](config), space.minimal(), space.maximal())
-    evaluation = run.recipe.evaluation
-    records = run.validation_records[:eval_limit] if eval_limit is not None else run.validation_records
-    bf16 = resolve_bf16(run.recipe.evaluation_bf16(), next(supernet.model.parameters()).device, key="evaluation.bf16")
-    fn = supernet_objective(supernet, run.tokenizer, records, evaluation.task, objectives, sizes,
-                            batch_size=batch_size or evaluation.batch_size,
-                            max_new_tokens=evaluation.max_new_tokens, cutoff_len=run.recipe.data.cutoff_len, bf16=bf16)
-    scorer = scorer_fingerprint(supernet, records, evaluation.task, evaluation.max_new_tokens,
-                                run.recipe.data.cutoff_len, precision_name(bf16))
-    return SearchProblem.from_space(space, objectives, fn, examples=len(records), scorer=scorer,
-                                    precision=precision_name(bf16),
+    scoring = run_scoring(run.recipe, supernet, run.validation_records, eval_limit, batch_size)
+    fn = supernet_objective(supernet, run.tokenizer, scoring, objectives, sizes)
+    return SearchProblem.from_space(space, objectives, fn, examples=len(scoring.records), scorer=scoring.fingerprint,
+                                    precision=scoring.precision,
                                     sizes=lambda config: {name: f(config) for name, f in sizes.items()})
 
 
-def scorer_fingerprint(supernet, records: list[dict], *settings) -> str:
-    """What a score means, as 12 hex digits: the super-network's adapter weights, the evaluation
-    records and the evaluation settings (task, ...). Equal fingerprints score a config the same."""
-    import hashlib
-
-    import torch
-    from peft import get_peft_model_state_dict
-
-    digest = hashlib.sha1(json.dumps([records, list(settings)], sort_keys=True, default=str).encode())
-    for key, tensor in sorted(get_peft_model_state_dict(supernet.model).items()):
-        digest.update(key.encode())
-        digest.update(tensor.detach().to(torch.float32).cpu().numpy().tobytes())
-    return digest.hexdigest()[:12]
+def warm_sources(args: argparse.Namespace, setting: bool | list[str], run_dir: RunDir) -> list:
+    """The histories this search imports: training's RUN/warm_start.jsonl (when it exists and the recipe's
+    search.warm_start is not false) and the --warm-start files, else the recipe's list; none with
+    --no-warm-start."""
+    if args.no_warm_start:
+        if args.warm_start:
+            raise ShearsError("--warm-start and --no-warm-start contradict each other: give one of them")
+        return []
+    training = [run_dir.warm_start] if setting is not False and run_dir.warm_start.is_file() else []
+    return training + (args.warm_start or (setting if isinstance(setting, list) else []))
 
 
 def format_front(result, objectives) -> str:
@@ -131,13 +126,16 @@ def main(argv: list[str] | None = None) -> None:
     check_objective_names(names)  # before the model loads; sizes come with it
     if budget is None or budget < 1:
         raise ShearsError(f"--budget must be a positive number of evaluations, got {budget}")
+    sources = warm_sources(args, cfg.warm_start, run_dir)
     run = load_run(run_dir, recipe=recipe)
     eval_limit = args.eval_limit if args.eval_limit is not None else cfg.eval_limit
     problem = problem_from_run(run, names, eval_limit, args.batch_size)
     rungs = Rungs.from_recipe([int(n) for n in args.rungs.split(",") if n.strip()] if args.rungs else cfg.rungs,
                               args.keep if args.keep is not None else cfg.keep, problem.examples)
     result = search(problem, run_dir.search.folder, budget, backend, progress=not args.no_progress, rungs=rungs,
-                    warm_start=args.warm_start or cfg.warm_start)
+                    warm_start=sources)
+    for source, count in result.imported.items():  # records scored another way are left out, silently
+        print(f"warm start: {count} scores imported from {source}")
     print(f"\nPareto front: {len(result.front)} of {len(result.history)} evaluated subnets "
           f"({result.evaluated} new), hypervolume {result.hypervolume:.4f}")
     print(format_front(result, problem.objectives))

@@ -7,6 +7,9 @@ file lock, so several local search processes may share it) the moment the evalua
      "seconds": 3.2, "backend": "optuna:tpe", "trial": 9, "label": null,
      "front_size": 4, "hypervolume": 0.8123, "worker": "host:pid", "time": "..."}
 
+(the record format is shears.scores.score_record's, which training's RUN/warm_start.jsonl shares;
+`read_history` is shears.scores', re-exported here for the readers of a search's files).
+
 The front is kept incrementally: a new point dominated by a front member changes nothing;
 otherwise it joins and evicts the members it dominates (dominance is transitive, so this is exactly
 the non-dominated subset of everything seen). Hypervolume is measured on the normalised objectives
@@ -19,8 +22,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import socket
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +29,9 @@ import numpy as np
 from ..atomic import write_text
 from ..errors import ShearsError
 from ..rundir import SearchFiles
+from ..scores import parse_records, read_history, score_record
 from ..search_space import canonical
 from .objectives import REFERENCE, Objective
-
-WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
 def dominates(a, b) -> bool:
@@ -64,29 +64,6 @@ def hypervolume(points, reference: float = REFERENCE) -> float:
 def fidelity(record: dict) -> float:
     """The share of the full evaluation set behind a record's quality score (1.0: the full set)."""
     return float(record.get("fidelity", 1.0))
-
-
-def _parse_lines(data: bytes) -> list[dict]:
-    """The records of complete history lines; a line torn by a kill mid-write is skipped (it was
-    never counted, and its config is evaluated again)."""
-    records = []
-    for line in data.splitlines():
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
-
-
-def read_history(path: str | os.PathLike) -> list[dict]:
-    """Every record of a history file, in file order, without checking objectives (for readers such
-    as export that only look results up). A missing file holds none."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    data = path.read_bytes()
-    return _parse_lines(data[: data.rfind(b"\n") + 1])
 
 
 def read_front(folder: str | os.PathLike) -> dict | None:
@@ -198,7 +175,7 @@ class History:
         f.seek(self._offset)
         data = f.read()
         end = data.rfind(b"\n") + 1  # a line without its newline is still being written
-        for record in _parse_lines(data[:end]):
+        for record in parse_records(data[:end]):
             self._add(record)
         self._offset += end
 
@@ -216,10 +193,7 @@ class History:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 self._read_new(f)
-                record = {"n": len(self.records), "config": dict(config), "objectives": dict(values),
-                          "seconds": round(seconds, 4), "backend": backend, "trial": trial, "label": label,
-                          **{k: v for k, v in extra.items() if v is not None},
-                          "worker": WORKER, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                record = score_record(config, values, seconds, backend, len(self.records), trial, label, **extra)
                 self._add(record)
                 record["front_size"] = len(self._front)
                 record["hypervolume"] = self.hypervolume()

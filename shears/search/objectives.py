@@ -23,6 +23,7 @@ from typing import Any, Callable
 from peft import get_peft_model_state_dict
 
 from ..errors import ShearsError
+from ..scores import Scoring
 from ..search_space import Config
 from ..squeeze import PEFT_PREFIX
 
@@ -132,30 +133,27 @@ def nonzero_counter(supernet) -> Callable[[Config], float]:
     return count
 
 
-def supernet_objective(supernet, tokenizer, records: list[dict], task: str, objectives: tuple[Objective, ...],
-                       sizes: dict[str, Callable[[Config], float]], limit: int | None = None,
-                       batch_size: int = 16, **options: Any) -> Callable[[Config], dict[str, float]]:
-    """config -> every objective's value: quality by shears.evaluate on `records`, sizes analytically.
-    `options` go to shears.evaluate.evaluate (max_new_tokens, cutoff_len, ...)."""
-    from ..evaluate import evaluate
+def supernet_objective(supernet, tokenizer, scoring: Scoring, objectives: tuple[Objective, ...],
+                       sizes: dict[str, Callable[[Config], float]]) -> Callable[[Config], dict[str, float]]:
+    """config -> every objective's value: quality by `scoring` (shears.scores: the run's evaluation
+    records, settings and precision), sizes analytically."""
 
     def run(task_name: str, n_examples: int | None) -> dict:
-        return evaluate(supernet, tokenizer, records, task_name, limit=n_examples or limit, batch_size=batch_size,
-                        progress=False, **options)
+        return scoring.evaluate(supernet, tokenizer, task_name, n_examples)
 
     quality = [o.name for o in objectives if not o.is_size]
 
     def measure(config: Config, n_examples: int | None = None) -> dict[str, float]:
-        """Every objective of `config`, quality scored on the first `n_examples` records (or `limit`)."""
+        """Every objective of `config`, quality scored on the first `n_examples` records (or all)."""
         supernet.activate(config)
         values: dict[str, Any] = {}
         if "accuracy" in quality:
-            values.update(run(task, n_examples))
+            values.update(run(scoring.task, n_examples))
         if "loss" in quality and values.get("loss") is None:
             values.update(run("loss", n_examples))
         for name in quality:
             if values.get(name) is None:
-                raise ShearsError(f"evaluation task {task!r} gives no {name}: use --objectives loss,... or a "
+                raise ShearsError(f"evaluation task {scoring.task!r} gives no {name}: use --objectives loss,... or a "
                                   "recipe whose evaluation.task is math or choice")
         out = {name: float(values[name]) for name in quality}
         out.update({o.name: sizes[o.name](config) for o in objectives if o.is_size})

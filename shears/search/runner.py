@@ -8,7 +8,7 @@ front.csv and front.png (shears.rundir.SearchFiles names them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -29,6 +29,7 @@ class SearchResult:
     hypervolume: float
     evaluated: int  # fresh evaluations run by this call
     paths: list[Path]
+    imported: dict[str, int] = field(default_factory=dict)  # warm-start source -> records imported from it
 
 
 def search(problem: SearchProblem, out_dir: str | Path, budget: int, backend: Backend,
@@ -42,8 +43,7 @@ def search(problem: SearchProblem, out_dir: str | Path, budget: int, backend: Ba
     files = SearchFiles(Path(out_dir))
     history = History(files.history, problem.objectives)
     check_scorer(history, problem)
-    for source in warm_start:
-        import_history(history, problem, source)
+    imported = {str(source): import_history(history, problem, source) for source in warm_start}
     with tqdm(total=budget, initial=min(round(history.spent, 2), budget), desc=f"search {backend.name}",
               unit="eval", disable=not progress, dynamic_ncols=True) as bar:
         evaluator = Evaluator(problem, history, backend.name, bar, rungs=rungs)
@@ -53,4 +53,4 @@ def search(problem: SearchProblem, out_dir: str | Path, budget: int, backend: Ba
     paths = [history.path, *write_front(history, files.folder)]
     if plot and len(history):
         paths.append(plot_front(history, files.front_png))
-    return SearchResult(history, history.front(), history.hypervolume(), evaluator.fresh, paths)
+    return SearchResult(history, history.front(), history.hypervolume(), evaluator.fresh, paths, imported)

@@ -1,7 +1,7 @@
 """Warm start: what earlier searches measured seeds this one.
 
 Every record carries `scorer`, a fingerprint of what its score means (the super-network's weights,
-the evaluation records, the task; see cli.scorer_fingerprint). A record of an earlier search -- in
+the evaluation records, the task; see shears.scores.Scoring). A record of an earlier search -- in
 another folder, say a search with other settings on the same run -- whose scorer is this problem's
 was measured exactly as this search would measure it (the same config on the same records gives the
 same score), so it is imported as it stands, with `source` naming the file, and the backends start
@@ -9,6 +9,11 @@ from it: pymoo's initial population, the surrogate's first fit and Optuna's stud
 seeded from the history) all read the history. Imported records count against the budget as
 resumed ones do. Records of another scorer are left out, and a history that holds such records is
 refused: its scores and this search's would not be comparable.
+
+Training writes such records too: RUN/warm_start.jsonl holds the maximal, heuristic and minimal
+subnets scored at the end of training by the search's own Scoring (shears.scores), with the
+recipe's search defaults. They hold the quality alone; the sizes are computed here, as this search
+computes them. `python -m shears.search` imports them unless told not to (--no-warm-start).
 """
 
 from __future__ import annotations
@@ -53,10 +58,15 @@ def import_history(history: History, problem: SearchProblem, source: str | Path)
         partial = fidelity(record) < 1.0
         if history.get(config, record["n_examples"] if partial else None) is not None:
             continue
-        if any(name not in record["objectives"] for name in names):
+        values = {n: record["objectives"][n] for n in names if n in record["objectives"]}
+        if len(values) < len(names) and problem.sizes is not None:
+            # Training records only the quality it measured; sizes need no model run, and computed here
+            # they are exactly this search's (a latency table, say, is this run's).
+            values.update({n: v for n, v in problem.sizes(config).items() if n in names and n not in values})
+        if len(values) < len(names):
             continue
-        extra = {k: record.get(k) for k in ("n_examples", "fidelity", "predicted")}
-        history.append(config, {n: record["objectives"][n] for n in names}, 0.0, record.get("backend") or "",
+        extra = {k: record.get(k) for k in ("n_examples", "fidelity", "predicted", "precision")}
+        history.append(config, {n: values[n] for n in names}, 0.0, record.get("backend") or "",
                        label=problem.label(config), scorer=problem.scorer, source=str(path), **extra)
         imported += 1
     return imported
