@@ -96,15 +96,12 @@ def test_the_search_imports_them_counts_them_and_builds_its_front_from_them(tiny
     again = read_history(run / "search" / "history.jsonl")
     assert len(again) == 3 and not any(r.get("source") for r in again)
 
-    # --no-warm-start, and the recipe's search.warm_start: false, import nothing
-    for flags, name in ((["--no-warm-start"], "search-4"), ([], "search-flag")):
+    # --no-warm-start, and the recipe's search.warm_start: false (here overridden), import nothing
+    for flags, name in ((["--no-warm-start"], "search-4"), (["search.warm_start=false"], "search-flag")):
         (run / "search").rename(run / name)
         out = search_cli(run, "--budget", "3", *flags)
         assert "warm start" not in out
         assert not any(r.get("source") for r in read_history(run / "search" / "history.jsonl"))
-        recipe = load_recipe(run / "recipe.yaml")
-        recipe.search.warm_start = False
-        save_recipe(recipe, run / "recipe.yaml")
 
 
 def test_no_scores_without_a_loss_objective_and_contradicting_flags_are_refused(tmp_path, capsys):
