@@ -215,9 +215,21 @@ def test_nan_loss_stops_with_one_line(tiny_model_dir, tmp_path):
         train_supernet(load_recipe(tiny_recipe(broken, tmp_path)), tmp_path / "run")
 
 
+WIDTH_HEADS_SPACE = {**TINY_SPACE, "groups": [*TINY_SPACE["groups"], {
+    "name": "mlp", "kind": "width", "modules": ["gate_proj", "up_proj"], "consumers": ["down_proj"],
+    "choices": [1.0, 0.5]}, {
+    "name": "attn", "kind": "heads", "modules": ["q_proj", "k_proj", "v_proj"], "consumers": ["o_proj"],
+    "choices": [1.0, 0.5]}]}
+
+
 @pytest.mark.slow
 def test_two_process_ddp_trains_the_same_configs(tiny_model_dir, tmp_path):
+    """Ranks with elastic width and heads: both processes train the same subnet -- its rank, width and head
+    keys -- at every step, and the run keeps its channel order."""
     recipe = tiny_recipe(tiny_model_dir, tmp_path)
+    data = yaml.safe_load(recipe.read_text())
+    recipe.write_text(yaml.safe_dump({**data, "search_space": WIDTH_HEADS_SPACE,
+                                      "width": {"nsamples": 4, "seqlen": 32}}))
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(
@@ -228,6 +240,8 @@ def test_two_process_ddp_trains_the_same_configs(tiny_model_dir, tmp_path):
     rank0 = (run / "trace" / "rank0.jsonl").read_text().splitlines()
     rank1 = (run / "trace" / "rank1.jsonl").read_text().splitlines()
     assert len(rank0) == 4 and rank0 == rank1
+    assert {"mlp.0", "attn.1", "qv.0", "up"} <= set(json.loads(json.loads(rank0[0])["config"]))  # canonical(config)
+    assert (run / "supernet" / "channel_order.safetensors").is_file()
 
 
 # ---- In-Squeeze: rank annealing over training stages
