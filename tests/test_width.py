@@ -157,11 +157,20 @@ def test_taylor_score_equals_the_gradient_of_a_channel_gate():
     model = make_tiny_model()
     bound = load_search_space("llama-width").bind(model)
     scores = channel_importance(model, bound.sites, CALIBRATION, "taylor", batch_size=4, progress=False)
-    expected = {site.name: torch.zeros(site.channels, dtype=torch.float64) for site in bound.sites}
-    for sequence in CALIBRATION:
-        gates = {site.name: torch.ones(site.channels, requires_grad=True) for site in bound.sites}
+    expected = gate_gradient_scores(model, bound.sites, CALIBRATION)
+    for name in expected:
+        torch.testing.assert_close(scores[name], expected[name], rtol=1e-4, atol=1e-10)
+
+
+def gate_gradient_scores(model, sites, calibration):
+    """The reference Taylor score: one gate per channel on each site's consumer input (a channel spans
+    site.unit(consumer) input features), d(sequence loss)/d gate at 1, squared and summed over sequences."""
+    expected = {site.name: torch.zeros(site.channels, dtype=torch.float64) for site in sites}
+    for sequence in calibration:
+        gates = {site.name: torch.ones(site.channels, requires_grad=True) for site in sites}
         handles = [model.get_submodule(site.columns[0]).register_forward_pre_hook(
-            lambda m, args, g=gates[site.name]: (args[0] * g,)) for site in bound.sites]
+            lambda m, args, g=gates[site.name], u=site.unit(site.columns[0]): (args[0] * g.repeat_interleave(u),))
+            for site in sites]
         ids = sequence[None]
         loss = model(input_ids=ids, labels=ids).loss * (ids.shape[1] - 1)
         grads = torch.autograd.grad(loss, list(gates.values()))
@@ -169,8 +178,7 @@ def test_taylor_score_equals_the_gradient_of_a_channel_gate():
             handle.remove()
         for name, grad in zip(gates, grads):
             expected[name] += grad.double() ** 2
-    for name in expected:
-        torch.testing.assert_close(scores[name], expected[name], rtol=1e-4, atol=1e-10)
+    return expected
 
 
 def test_activation_score():

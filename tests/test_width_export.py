@@ -33,17 +33,22 @@ UNIFORM = {"qv.0": 4, "qv.1": 8, "up": 2, "mlp.0": 32, "mlp.1": 32}
 MIXED = {"qv.0": 8, "qv.1": 2, "up": 8, "mlp.0": 48, "mlp.1": 32}
 
 
-@pytest.fixture(scope="module")
-def width_run(tmp_path_factory) -> TinyRun:
-    root = tmp_path_factory.mktemp("width")
+def train_width_run(root: Path, model, space: dict, seed: int, steps: int = 3) -> TinyRun:
+    """A tiny super-network over `space` trained a few steps on `model`, its adapters then randomised."""
     model_dir = root / "tiny-llama"
-    make_tiny_model("llama", max_position_embeddings=512).save_pretrained(model_dir)
+    model.save_pretrained(model_dir)
     make_tiny_tokenizer().save_pretrained(model_dir)
-    recipe = load_recipe(tiny_recipe(model_dir, root), {"search_space": WIDTH_SPACE, "training.max_steps": 3,
+    recipe = load_recipe(tiny_recipe(model_dir, root), {"search_space": space, "training.max_steps": steps,
                                                         "width.nsamples": 4, "width.seqlen": 32})
     train_supernet(recipe, root / "run")
-    randomise_adapter(root / "run", seed=7)
+    randomise_adapter(root / "run", seed=seed)
     return TinyRun(root / "run", model_dir)
+
+
+@pytest.fixture(scope="module")
+def width_run(tmp_path_factory) -> TinyRun:
+    return train_width_run(tmp_path_factory.mktemp("width"), make_tiny_model("llama", max_position_embeddings=512),
+                           WIDTH_SPACE, seed=7)
 
 
 def subnet_logits(run: TinyRun, config: dict) -> torch.Tensor:

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_model, one_line_error
 from test_elastic import prune_half, randomize_adapters
+from test_width import gate_gradient_scores
 from shears.elastic import SuperNet
 from shears.search_space import SearchSpace, load_search_space
 from shears.width import channel_importance, permute_channels, width_order
@@ -142,18 +143,7 @@ def test_taylor_score_of_heads_equals_the_gradient_of_a_group_gate():
     bound = SearchSpace.from_dict(SPACE).bind(model)
     heads = [s for s in bound.sites if s.kind == "heads"]
     scores = channel_importance(model, heads, CALIBRATION, "taylor", batch_size=4, progress=False)
-    expected = {site.name: torch.zeros(4, dtype=torch.float64) for site in heads}
-    for sequence in CALIBRATION:
-        gates = {site.name: torch.ones(4, requires_grad=True) for site in heads}
-        handles = [model.get_submodule(site.columns[0]).register_forward_pre_hook(
-            lambda m, args, g=gates[site.name]: (args[0] * g.repeat_interleave(8),)) for site in heads]
-        ids = sequence[None]
-        loss = model(input_ids=ids, labels=ids).loss * (ids.shape[1] - 1)
-        grads = torch.autograd.grad(loss, list(gates.values()))
-        for handle in handles:
-            handle.remove()
-        for name, grad in zip(gates, grads):
-            expected[name] += grad.double() ** 2
+    expected = gate_gradient_scores(model, heads, CALIBRATION)  # gates on whole groups: 8 o_proj inputs each
     for name in expected:
         torch.testing.assert_close(scores[name], expected[name], rtol=1e-4, atol=1e-10)
     activation = channel_importance(model, heads, CALIBRATION, "activation", progress=False)
@@ -281,45 +271,16 @@ def test_save_load_and_unload_restore_the_head_order(tmp_path):
 
 @pytest.fixture(scope="module")
 def heads_run(tmp_path_factory):
-    from conftest import make_tiny_tokenizer
-    from shears.recipe import load_recipe
-    from shears.train_supernet import train_supernet
-    from test_export import TinyRun, randomise_adapter
-    from test_train_supernet import tiny_recipe
+    from test_width_export import train_width_run
 
-    root = tmp_path_factory.mktemp("heads")
-    model_dir = root / "tiny-llama"
-    tiny(max_position_embeddings=512).save_pretrained(model_dir)
-    make_tiny_tokenizer().save_pretrained(model_dir)
-    recipe = load_recipe(tiny_recipe(model_dir, root), {"search_space": SPACE, "training.max_steps": 2,
-                                                        "width.nsamples": 4, "width.seqlen": 32})
-    train_supernet(recipe, root / "run")
-    randomise_adapter(root / "run", seed=5)
-    return TinyRun(root / "run", model_dir)
+    return train_width_run(tmp_path_factory.mktemp("heads"), tiny(max_position_embeddings=512), SPACE, seed=5)
 
 
-def test_uniform_heads_export_a_stock_model_with_fewer_heads(heads_run, tmp_path):
-    from shears.export import export_subnets
-    from shears.models import WIDTH_FILE
-    from shears.search.objectives import size_function
-
-    from shears.run import load_run
-
-    loaded = load_run(heads_run.path)
-    config = {**loaded.supernet.maximal(), "attn.0": 2, "attn.1": 2, "mlp.0": 32, "mlp.1": 32}
-    loaded.supernet.activate(config)
-    expected = logits(loaded.supernet.model)
-    folder = export_subnets(loaded, {"uniform": config}, tmp_path)[0].folder / "merged"
-    assert not (folder / WIDTH_FILE).exists()
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()  # no shears code
-    assert (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.head_dim) == (4, 2, 4)
-    assert model.config.intermediate_size == 32
-    assert model.model.layers[1].self_attn.q_proj.weight.shape == (16, 32)
-    assert (logits(model) - expected).abs().max() <= 1e-5
-    assert size_function(loaded.supernet, "params")(config) == sum(p.numel() for p in model.parameters())
-
-
-def test_per_block_heads_export_load_through_shears(heads_run, tmp_path):
+@pytest.mark.parametrize("widths, stock", [({"attn.0": 2, "attn.1": 2, "mlp.0": 32, "mlp.1": 32}, True),
+                                           ({"attn.0": 4, "attn.1": 1, "mlp.0": 32, "mlp.1": 32}, False)])
+def test_heads_export_a_smaller_model_equal_to_the_subnet(heads_run, tmp_path, widths, stock):
+    """One head count everywhere: a stock config with fewer heads (head_dim explicit), loaded without shears;
+    per-block counts: shears_widths.json, loaded by shears. Both compute the subnet, with its params count."""
     import json
 
     from shears.export import export_subnets
@@ -328,16 +289,23 @@ def test_per_block_heads_export_load_through_shears(heads_run, tmp_path):
     from shears.search.objectives import size_function
 
     loaded = load_run(heads_run.path)
-    config = {**loaded.supernet.minimal(), "attn.0": 4, "attn.1": 1, "mlp.0": 32, "mlp.1": 32}
+    config = {**loaded.supernet.minimal(), **widths}
     loaded.supernet.activate(config)
     expected = logits(loaded.supernet.model)
-    folder = export_subnets(loaded, {"mixed": config}, tmp_path)[0].folder / "merged"
-    spec = json.loads((folder / WIDTH_FILE).read_text())["sites"]
-    assert {tuple(s["rows"]): s["width"] for s in spec}[("model.layers.1.self_attn.k_proj",
-                                                           "model.layers.1.self_attn.v_proj")] == 4
-    model = load_model(folder)
-    assert model.model.layers[0].self_attn.o_proj.weight.shape == (32, 32)
-    assert model.model.layers[1].self_attn.o_proj.weight.shape == (32, 8)
+    folder = export_subnets(loaded, {"subnet": config}, tmp_path)[0].folder / "merged"
+    if stock:
+        assert not (folder / WIDTH_FILE).exists()
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()  # no shears code
+        assert (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.head_dim) == (4, 2, 4)
+        assert model.config.intermediate_size == 32
+        assert model.model.layers[1].self_attn.q_proj.weight.shape == (16, 32)
+    else:
+        spec = json.loads((folder / WIDTH_FILE).read_text())["sites"]
+        kv_rows = ("model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj")
+        assert {tuple(s["rows"]): s["width"] for s in spec}[kv_rows] == 4
+        model = load_model(folder)
+        assert model.model.layers[0].self_attn.o_proj.weight.shape == (32, 32)
+        assert model.model.layers[1].self_attn.o_proj.weight.shape == (32, 8)
     assert (logits(model) - expected).abs().max() <= 1e-5
     assert size_function(loaded.supernet, "params")(config) == sum(p.numel() for p in model.parameters())
 
