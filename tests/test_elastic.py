@@ -357,3 +357,30 @@ def test_from_base_refuses_a_peft_model_and_a_foreign_binding():
     bound_elsewhere = load_search_space("llama").bind(make_tiny_model("llama", num_hidden_layers=3))
     with pytest.raises(ShearsError, match="another model"):
         SuperNet.from_base(make_tiny_model("llama"), bound_elsewhere)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_under_autocast_a_small_update_is_added_in_fp32_not_rounded_away(sparse):
+    """The base output arrives in bf16, on bf16's grid; an update below half its spacing added in bf16
+    rounds back to the base output, so early training would not see its own steps."""
+    net = make_net("llama", sparse=sparse)
+    net.activate(net.maximal())
+    layer = next(m for m in net.model.modules() if isinstance(m, ElasticLoraLinear))
+    with torch.no_grad():
+        layer.lora_B["default"].weight.fill_(1e-6)  # a tiny B, as after a first optimizer step
+    layer.lora_dropout["default"] = torch.nn.Dropout(0.0)  # deterministic, and SparsePEFT's unmerged path
+    layer.train()
+    x = torch.randn(2, 5, layer.in_features)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        base = layer.base_layer(x)
+        if sparse:
+            update = F.linear(x, layer.get_delta_weight("default"))
+        else:
+            A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            update = F.linear(F.linear(x, A), B) * layer.scaling["default"]
+    assert base.dtype == torch.bfloat16 and out.dtype == torch.float32
+    assert ((base + update) == base).float().mean() > 0.5  # a bf16 sum: most of the update lost
+    torch.testing.assert_close(out, base.float() + update.float(), rtol=1e-6, atol=1e-9)
+    with torch.no_grad():
+        assert layer(x).dtype == torch.float32  # outside autocast: the base layer's dtype, as in PEFT
