@@ -502,7 +502,7 @@ def score_anchors_for_search(recipe: Recipe, trainer: Trainer, supernet: SuperNe
     # the bare model, in the precision evaluation.bf16 says, and so must these scores.
     trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     scoring = run_scoring(recipe, supernet, val_records, recipe.search.eval_limit)
-    records = []
+    records = []  # every process scores (a sharded model runs a forward only on all of them); the main one writes
     for label, config in anchors.items():
         supernet.activate(config)
         start = time.perf_counter()

@@ -60,8 +60,8 @@ def import_history(history: History, problem: SearchProblem, source: str | Path)
             continue
         values = {n: record["objectives"][n] for n in names if n in record["objectives"]}
         if len(values) < len(names) and problem.sizes is not None:
-            # Training records only the quality it measured; sizes need no model run, and computed here
-            # they are exactly this search's (a latency table, say, is this run's).
+            # Training records only the quality it measured (and an earlier search may have had another
+            # size objective); sizes need no model run, and computed here they are exactly this search's.
             values.update({n: v for n, v in problem.sizes(config).items() if n in names and n not in values})
         if len(values) < len(names):
             continue
