@@ -488,11 +488,13 @@ def test_training_precision_is_autocast_over_fp32_adapters_and_recorded(tiny_mod
     seen = []
     original = ts.SuperNet.from_base
 
-    def from_base(*args, **kwargs):  # observe the first q_proj's output dtype during training steps
+    def from_base(*args, **kwargs):  # observe the first q_proj's matmul output dtype during training steps
         net = original(*args, **kwargs)
         layer = next(iter(net.layers.values()))
-        layer.register_forward_hook(lambda mod, a, out: seen.append(
-            (out.dtype, mod.lora_A["default"].weight.dtype) if torch.is_grad_enabled() else None))
+        # the base layer's output: the elastic layer itself returns fp32 under autocast (its update is added
+        # in fp32, see elastic._autocast_output)
+        layer.base_layer.register_forward_hook(lambda mod, a, out: seen.append(
+            (out.dtype, layer.lora_A["default"].weight.dtype) if torch.is_grad_enabled() else None))
         return net
 
     monkeypatch.setattr(ts.SuperNet, "from_base", from_base)
