@@ -232,8 +232,8 @@ def test_two_process_ddp_trains_the_same_configs(tiny_model_dir, tmp_path):
                                       "width": {"nsamples": 4, "seqlen": 32}}))
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    result = subprocess.run(  # --standalone: a free rendezvous port, so concurrent test runs do not collide
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "shears.train_supernet", "--recipe", str(recipe), "--output", str(run)],
         env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
