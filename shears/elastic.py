@@ -18,8 +18,8 @@ in matmul runs; with active dropout a second one runs on the dropped-out input. 
 general not low-rank, so a sparse-adapter subnet is exported faithfully by merging, not as factors.
 
 `SuperNet` ties the PEFT model to its `BoundSpace`: activate / sample / save / load. A space with
-width groups also makes the base's MLP width elastic (shears.width.ElasticWidth: a subnet keeps the
-leading channels); `from_base(..., channel_order)` permutes the base's channels by importance first,
+width or heads groups also makes the base's MLP width or attention heads elastic (shears.width.ElasticWidth:
+a subnet keeps the leading channels or key/value groups); `from_base(..., channel_order)` permutes the base's channels by importance first,
 `unload()` restores them, and the order is saved with the adapter (channel_order.safetensors).
 """
 

