@@ -69,7 +69,7 @@ from .models import WIDTH_FILE, load_model, model_id, save_sliced_model, slice_l
 from .atomic import atomic_folder, refuse_existing, write_text
 from .recipe import ExportConfig
 from .run import Run, load_run, load_run_recipe, subnet_config
-from .rundir import SHEARS_RECORD, ExportFiles, RunDir
+from .rundir import SHEARS_RECORD, SPARSE_BASE, ExportFiles, RunDir
 from .search.history import read_front as read_search_front, recorded_objectives
 from .search_space import ANCHORS, Config, canonical
 from .sparsity import SPARSITY_JSON, sparsity_report
@@ -394,7 +394,7 @@ def _remove_stale(files: ExportFiles, names: set[str]) -> None:
 def front_readme(manifest: dict) -> str:
     base = manifest["base_model"]
     # a pruned base is RUN/sparse_base: the model these adapters were trained on, shipped with the run
-    load_from = "sparse_base" if base["pruned"] else base["model_id"]
+    load_from = SPARSE_BASE if base["pruned"] else base["model_id"]
     names = manifest["objectives"] or sorted({k for s in manifest["subnets"] for k in s["objectives"]})
     names = [n for n in names if n != "adapter_params"]  # already its own column
     lines = [f"# Pareto-front subnets of {manifest['run']}", "",
@@ -407,7 +407,7 @@ def front_readme(manifest: dict) -> str:
         lines.append(f"| {s['folder']} | {s['exported_adapter_params']:,} | {values} | {s['ranks']} |")
     lines += ["", "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
               f"base = AutoModelForCausalLM.from_pretrained({load_from!r})"
-              + (f"  # the pruned base of {base['model_id']}: RUN/sparse_base" if base["pruned"] else ""),
+              + (f"  # the pruned base of {base['model_id']}: RUN/{SPARSE_BASE}" if base["pruned"] else ""),
               f"model = PeftModel.from_pretrained(base, \"{manifest['subnets'][0]['folder']}\")", "```", ""]
     if manifest["sparse_adapter"]:
         lines += ["**This run trained a sparse (SparsePEFT) adapter.** Its update is masked by the base's zeros, "

@@ -31,6 +31,7 @@ from pathlib import Path
 # The provenance record shears writes into a folder it makes; its "format" field says which kind
 # (shears-supernet/1 in RUN/supernet, shears-export/1 in an exported subnet folder).
 SHEARS_RECORD = "shears.json"
+SPARSE_BASE = "sparse_base"  # RUN/sparse_base; also named in the export README, which ships beside it
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ class RunDir:
 
     @property
     def sparse_base(self) -> Path:
-        return self.root / "sparse_base"
+        return self.root / SPARSE_BASE
 
     @property
     def channel_order(self) -> Path:
