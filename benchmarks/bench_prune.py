@@ -8,6 +8,13 @@ the calibration forward (`wanda-bf16`, as training.bf16=auto runs it on a CPU wi
 the statistics still accumulate in fp32) saves: its time against fp32 Wanda, and per matrix the
 share of mask entries on which the two agree.
 
+`--diagnose` explains that agreement. Sequential Wanda is chaotic at the threshold: a weight whose
+score sits next to its row's cut flips for a tiny change of its input norm, and every flip changes
+what the later blocks see. So it also prints (1) the *local* agreement: bf16 and fp32 statistics
+computed on the same fp32 inputs, block by block, which is what bf16 itself changes; (2) the noise
+floor: fp64 sequential Wanda against fp32, i.e. how far fp32's own rounding already moves the masks;
+(3) what matters to a user: the held-out loss of the model pruned with each set of masks.
+
 Peak RSS is a per-process high-water mark (`resource.getrusage(...).ru_maxrss`; tracemalloc does not
 see torch's allocations), so every (method, repetition) runs in a fresh subprocess of this script.
 Repetitions alternate the order (W M, M W, ...) so that load from other processes on the shared CPU
@@ -15,6 +22,7 @@ hits both methods alike; medians are reported.
 
     python benchmarks/bench_prune.py                       # 16 x 512-token samples, 1 repetition
     python benchmarks/bench_prune.py --nsamples 128 --reps 3 --data /path/to/train.json
+    python benchmarks/bench_prune.py --diagnose            # + why bf16 and fp32 masks differ
 """
 
 from __future__ import annotations
@@ -53,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="torch threads; 1 by default: on a shared, oversubscribed CPU two spinning OpenMP "
                              "threads run ~4x slower than one (0 = torch's default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--diagnose", action="store_true",
+                        help="also: local bf16 agreement, the fp64 noise floor, held-out loss per mask set (~6 min)")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--masks-dir", help=argparse.SUPPRESS)  # where a Wanda worker leaves its masks
     return parser.parse_args(argv)
@@ -148,6 +158,111 @@ def mask_agreement(masks_dir: str) -> None:
           f"{sum(a >= 0.995 for a in agree.values())}/{len(agree)}")
 
 
+# --------------------------------------------------------------------------- why the masks differ
+
+def agreement_line(name: str, masks: dict, reference: dict) -> str:
+    agree = {k: float((masks[k] == keep).float().mean()) for k, keep in reference.items()}
+    worst = min(agree, key=agree.get)
+    return (f"  {name:<44} min {agree[worst]:.4%} ({worst}), median {statistics.median(agree.values()):.4%}, "
+            f">= 99.5%: {sum(a >= 0.995 for a in agree.values())}/{len(agree)}")
+
+
+class SquaredNorms:
+    """Forward hook: per input column, the sum over tokens of x^2 in fp32 (Wanda's statistic)."""
+
+    def __init__(self):
+        self.sum_sq = None
+
+    def __call__(self, module, args, output):
+        x = args[0].detach().reshape(-1, module.in_features).float().pow(2).sum(dim=0)
+        self.sum_sq = x if self.sum_sq is None else self.sum_sq + x
+
+
+def local_masks(model, ids, sparsity: float) -> tuple[dict, dict]:
+    """Per block, masks from fp32 and from bf16 statistics of the *same* fp32 inputs; the model is pruned
+    with the fp32 masks and propagated in fp32, so no difference carries from one block to the next."""
+    import torch
+
+    from shears.models import decoder_layers
+    from shears.precision import autocast, bf16_weights
+    from shears.sparsity import capture_block_inputs, keep_mask, run_block, target_linears
+
+    targets, (_, blocks) = target_linears(model), decoder_layers(model)
+    fp32, bf16 = {}, {}
+    model.eval()
+    with torch.no_grad():
+        hidden, received = capture_block_inputs(model, blocks, ids.split(1))
+        for index, block in enumerate(blocks):
+            stats = {}
+            for half in (False, True):
+                hooks = {name: SquaredNorms() for name in targets[index]}
+                handles = [linear.register_forward_hook(hooks[name]) for name, linear in targets[index].items()]
+                with autocast(half, "cpu"), bf16_weights(block, enabled=half, frozen_only=False):
+                    run_block(block, hidden, received[index], keep_outputs=False)
+                for handle in handles:
+                    handle.remove()
+                stats[half] = {name: hook.sum_sq for name, hook in hooks.items()}
+            for name, linear in targets[index].items():
+                weight = linear.weight.detach().float().abs()
+                fp32[name] = keep_mask(weight * stats[False][name].sqrt().unsqueeze(0), sparsity, None)
+                bf16[name] = keep_mask(weight * stats[True][name].sqrt().unsqueeze(0), sparsity, None)
+                linear.weight.data.masked_fill_(~fp32[name], 0)
+            hidden = run_block(block, hidden, received[index])
+    return fp32, bf16
+
+
+def held_out_loss(model, masks: dict, ids) -> float:
+    """Mean next-token loss (fp32) of `model` with `masks` applied, on held-out windows."""
+    import torch
+
+    with torch.no_grad():
+        saved = {}
+        modules = dict(model.named_modules())
+        for name, keep in masks.items():
+            weight = modules[name].weight
+            saved[name] = weight.detach().clone()
+            weight.data.masked_fill_(~keep.to(weight.device), 0)
+        try:
+            losses = [float(model(input_ids=window.unsqueeze(0), labels=window.unsqueeze(0)).loss) for window in ids]
+        finally:
+            for name, weight in saved.items():
+                modules[name].weight.data.copy_(weight)
+    return sum(losses) / len(losses)
+
+
+def diagnose(args: argparse.Namespace, masks_dir: str) -> None:
+    import copy
+
+    import torch
+    from safetensors.torch import load_file
+
+    from shears.data import calibration_input_ids, load_records
+    from shears.models import load_model, load_tokenizer
+    from shears.sparsity import wanda_prune
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    records = load_records(args.data)
+    ids = calibration_input_ids(tokenizer, records, args.nsamples, args.seqlen, args.seed)
+    held_out = calibration_input_ids(tokenizer, records, 8, args.seqlen, args.seed + 1)
+    masks = {name: load_file(str(Path(masks_dir) / f"{name}.safetensors")) for name in ("wanda", "wanda-bf16")}
+    local_fp32, local_bf16 = local_masks(copy.deepcopy(model), ids, args.sparsity)
+    masks["wanda-fp64"] = wanda_prune(copy.deepcopy(model).double(), ids, sparsity=args.sparsity,
+                                      batch_size=args.batch_size)
+    print("\nwhy the masks differ (--diagnose; per matrix, share of mask entries that agree):")
+    print(agreement_line("bf16 vs fp32, sequential (as above)", masks["wanda-bf16"], masks["wanda"]))
+    print(agreement_line("bf16 vs fp32, local (same fp32 inputs)", local_bf16, local_fp32))
+    print(agreement_line("fp32 vs fp64, sequential (fp32's noise floor)", masks["wanda"], masks["wanda-fp64"]))
+    print(agreement_line("bf16 vs fp64, sequential", masks["wanda-bf16"], masks["wanda-fp64"]))
+    print(f"held-out loss (fp32 forward, 8 x {args.seqlen} other windows of {args.data}, seed {args.seed + 1}):")
+    losses = {name: held_out_loss(model, m, held_out) for name, m in masks.items()}
+    dense = held_out_loss(model, {}, held_out)
+    print(f"  dense {dense:.4f}; " + "; ".join(f"{name} masks {loss:.4f}" for name, loss in losses.items()))
+    print(f"  bf16 masks vs fp32 masks: {losses['wanda-bf16'] / losses['wanda'] - 1:+.3%}; "
+          f"fp32 masks vs fp64 masks: {losses['wanda'] / losses['wanda-fp64'] - 1:+.3%}")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
@@ -168,6 +283,8 @@ def main(argv=None) -> None:
                   f"peak RSS {result['rss_peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
     print_table(runs, args)
     mask_agreement(masks_dir)
+    if args.diagnose:
+        diagnose(args, masks_dir)
 
 
 if __name__ == "__main__":
