@@ -26,6 +26,10 @@ from .errors import ShearsError
 
 REPLACE_HINT = "pass --force to replace it, or choose another output"
 HOST = socket.gethostname()
+# mkstemp/mkdtemp create 0600/0700 (a temporary must not be readable by others); the output they become
+# gets what open()/mkdir() would have given it, so a run folder is shared the way the user's umask says.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def _prefix(target: Path, kind: str) -> str:
@@ -78,6 +82,7 @@ def atomic_folder(out: str | os.PathLike, force: bool = False, hint: str = REPLA
     tmp = Path(tempfile.mkdtemp(prefix=_prefix(out, "tmp"), dir=out.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_UMASK)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=_prefix(out, "old"), dir=out.parent))
             os.replace(out, old / out.name)
@@ -97,6 +102,7 @@ def atomic_file(path: str | os.PathLike, force: bool = True, hint: str = REPLACE
     os.close(handle)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -275,3 +275,22 @@ def test_a_recipe_with_a_wrong_type_is_one_line_and_keeps_the_run(trained, tmp_p
     one_line_exit(main, ["--recipe", str(run / "recipe.yaml"), "--output", str(run), "training.learning_rate=fast"],
                   capsys, "learning_rate")
     assert snapshot(run) == before
+
+
+def test_atomic_outputs_get_the_permissions_plain_writes_get(tmp_path):
+    """mkstemp/mkdtemp make 0600/0700 temporaries; what they become must be as readable as a file or folder
+    written without shears.atomic (a run folder shared with a group was unreadable)."""
+    import os
+
+    from shears.atomic import atomic_folder, write_text
+
+    plain_file, plain_dir = tmp_path / "plain.txt", tmp_path / "plain"
+    plain_file.write_text("x")
+    plain_dir.mkdir()
+    written = write_text(tmp_path / "out.json", "{}")
+    with atomic_folder(tmp_path / "folder") as tmp:
+        (tmp / "inside.txt").write_text("x")
+    mode = lambda p: os.stat(p).st_mode & 0o777  # noqa: E731
+    assert mode(written) == mode(plain_file)
+    assert mode(tmp_path / "folder") == mode(plain_dir)
+    assert mode(tmp_path / "folder" / "inside.txt") == mode(plain_file)
