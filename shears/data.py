@@ -347,6 +347,15 @@ class TokenizedDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         return self.examples[index]
 
+    def drop_unlabelled(self) -> int:
+        """Remove the examples with no label token left (a prompt that fills cutoff_len); how many went.
+
+        Such an example teaches nothing, and a batch made only of them has no loss at all (0 / 0 = NaN):
+        length grouping puts exactly the longest prompts together."""
+        kept = [x for x in self.examples if any(label != IGNORE_INDEX for label in x["labels"])]
+        dropped, self.examples = len(self.examples) - len(kept), kept
+        return dropped
+
 
 # --------------------------------------------------------------------------- splits and calibration
 

@@ -427,6 +427,13 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
 
     space = resolve_search_space(recipe)
     train_set = TokenizedDataset(tokenizer, train_records, d.cutoff_len, d.train_on_inputs)
+    unlabelled = train_set.drop_unlabelled()
+    if not len(train_set):
+        raise ShearsError(f"none of the {unlabelled} training records keeps a response token within "
+                          f"data.cutoff_len={d.cutoff_len}: raise data.cutoff_len")
+    if unlabelled and is_main_process():
+        print(f"{unlabelled} of {len(train_records)} training records have no response token within "
+              f"data.cutoff_len={d.cutoff_len} and are left out (raise data.cutoff_len to train on them)")
     val_set = TokenizedDataset(tokenizer, val_records[: recipe.training.val_limit], d.cutoff_len, d.train_on_inputs)
     t = recipe.training
     order = TrainingOrder(len(train_set), t.seed,
@@ -471,6 +478,7 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
         supernet.save(out, force=True)  # check_run_dir already refused to clobber a finished run
         write_json(run_dir.train_summary, {
             "base": base_source, "steps": len({step for step, _ in trained}), "precision": precision_name(bf16),
+            "train_records": len(train_set), "train_records_without_response_token": unlabelled,
             "validation": summary,
             "trained_configs": [{"step": s, "config": json.loads(c)} for s, c in trained]})
         if scores:

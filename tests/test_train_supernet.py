@@ -547,3 +547,30 @@ def test_length_grouping_keeps_every_cycle_a_permutation_and_pads_less():
         return sum(max(lengths[i] for i in s) * len(s) - sum(lengths[i] for i in s) for s in steps)
 
     assert padded(grouped) < 0.5 * padded(plain)
+
+
+def test_records_without_a_response_token_are_left_out_not_a_nan_batch(tiny_model_dir, tmp_path, capsys):
+    """A prompt that fills cutoff_len leaves no label token; length grouping batches the longest prompts
+    together, and a batch of only those had no loss at all (NaN, seen on ARC-e at cutoff 128). Such
+    records are left out of training, counted and recorded; if none is left, one line says what to raise."""
+    from shears.data import split_validation
+
+    long = [{"instruction": "Explain " + "why the sky is blue and the grass is green " * 8, "input": "",
+             "output": "Because."} for _ in range(8)]
+    short = [{"instruction": f"Add {i} and {i}.", "input": "", "output": str(2 * i)} for i in range(8)]
+    records = [r for pair in zip(long, short) for r in pair]
+    data = tmp_path / "mixed.json"
+    data.write_text(json.dumps(records))
+    overrides = {"data.train": str(data), "data.val_size": 2, "data.cutoff_len": 200, "training.group_by_length": True,
+                 "training.per_device_train_batch_size": 2, "training.max_steps": 6, "training.save_steps": 100}
+    recipe = load_recipe(tiny_recipe(tiny_model_dir, tmp_path), overrides)
+    train_supernet(recipe, tmp_path / "run")
+    expected = sum(r in long for r in split_validation(records, 2, recipe.data.val_seed)[0])
+    assert expected > 0
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["train_records_without_response_token"] == expected
+    assert summary["train_records"] == 14 - expected
+    assert f"{expected} of 14 training records have no response token within data.cutoff_len=200" in capsys.readouterr().out
+    with pytest.raises(ShearsError, match="raise data.cutoff_len"):
+        data.write_text(json.dumps(long))
+        train_supernet(load_recipe(tiny_recipe(tiny_model_dir, tmp_path), overrides), tmp_path / "run2")
