@@ -4,7 +4,9 @@
 
 Two super-networks are trained with the same budget (steps x batch of the same LLM-Adapters
 commonsense training records, seed, lr, schedule; dense base, no pruning, so speed comes from width
-alone): `rank` on search_spaces/llama.yaml (Shears' rank groups) and `width` on
+alone), in the content answer format (the response is the option's text, as paper_medium.py: in the
+label format "the correct answer is answerN" the loss is mostly template tokens that any subnet learns,
+so a loss within 5% would say nothing about the answers): `rank` on search_spaces/llama.yaml (Shears' rank groups) and `width` on
 search_spaces/llama-width.yaml (the same rank groups + each block's MLP width in {100, 75, 50}%,
 channels ordered by first-order importance before training). The width super-network is searched
 over (validation loss, latency predicted from the run's measured per-site latency table); every
@@ -61,7 +63,8 @@ def recipe_for(space: str, args, run_dir: Path):
     return load_recipe(RECIPE, {
         "search_space": space, "output_dir": str(run_dir), "sparsity.sparsity": 0.0,
         "data.train": ["{data_dir}/commonsense/arc-easy_train.json", "{data_dir}/commonsense/openbookqa_train.json"],
-        "data.cutoff_len": 128, "data.val_size": args.val, "training.val_limit": args.val,
+        "data.answer_format": "content", "data.cutoff_len": 128, "data.val_size": args.val,
+        "training.val_limit": args.val,
         "training.max_steps": args.steps, "training.per_device_train_batch_size": 8,
         "training.gradient_accumulation_steps": 1, "training.learning_rate": 1e-3, "training.save_steps": 40,
         "search.latency_batch_size": args.batch, "search.latency_seq_len": args.seq_len})
