@@ -167,17 +167,6 @@ def agreement_line(name: str, masks: dict, reference: dict) -> str:
             f">= 99.5%: {sum(a >= 0.995 for a in agree.values())}/{len(agree)}")
 
 
-class SquaredNorms:
-    """Forward hook: per input column, the sum over tokens of x^2 in fp32 (Wanda's statistic)."""
-
-    def __init__(self):
-        self.sum_sq = None
-
-    def __call__(self, module, args, output):
-        x = args[0].detach().reshape(-1, module.in_features).float().pow(2).sum(dim=0)
-        self.sum_sq = x if self.sum_sq is None else self.sum_sq + x
-
-
 def local_masks(model, ids, sparsity: float) -> tuple[dict, dict]:
     """Per block, masks from fp32 and from bf16 statistics of the *same* fp32 inputs; the model is pruned
     with the fp32 masks and propagated in fp32, so no difference carries from one block to the next."""
@@ -185,7 +174,7 @@ def local_masks(model, ids, sparsity: float) -> tuple[dict, dict]:
 
     from shears.models import decoder_layers
     from shears.precision import autocast, bf16_weights
-    from shears.sparsity import capture_block_inputs, keep_mask, run_block, target_linears
+    from shears.sparsity import InputSquaredNorms, capture_block_inputs, keep_mask, run_block, target_linears
 
     targets, (_, blocks) = target_linears(model), decoder_layers(model)
     fp32, bf16 = {}, {}
@@ -195,7 +184,7 @@ def local_masks(model, ids, sparsity: float) -> tuple[dict, dict]:
         for index, block in enumerate(blocks):
             stats = {}
             for half in (False, True):
-                hooks = {name: SquaredNorms() for name in targets[index]}
+                hooks = {name: InputSquaredNorms(linear) for name, linear in targets[index].items()}
                 handles = [linear.register_forward_hook(hooks[name]) for name, linear in targets[index].items()]
                 with autocast(half, "cpu"), bf16_weights(block, enabled=half, frozen_only=False):
                     run_block(block, hidden, received[index], keep_outputs=False)

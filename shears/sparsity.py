@@ -239,7 +239,7 @@ def run_block(block: nn.Module, hidden: list[torch.Tensor], inputs: list[BlockIn
 
 # --------------------------------------------------------------------------- pruning
 
-class _InputSquaredNorms:
+class InputSquaredNorms:
     """Forward hook on an nn.Linear: per input column j, sum over every calibration token of X_j^2,
     in fp32. (The Wanda reference keeps the mean instead; a per-layer constant factor does not
     change any row's ranking.)"""
@@ -313,7 +313,7 @@ def wanda_prune(model: nn.Module, calibration_input_ids: torch.Tensor | None = N
                 hidden, received = capture_block_inputs(model, blocks, ids.split(max(1, batch_size)), offload_device)
             for index, block in enumerate(tqdm(blocks, desc="wanda pruning", unit="block")):
                 linears = targets[index]
-                norms = {name: _InputSquaredNorms(linear) for name, linear in linears.items()}
+                norms = {name: InputSquaredNorms(linear) for name, linear in linears.items()}
                 handles = [linear.register_forward_hook(norms[name]) for name, linear in linears.items()]
                 try:
                     with in_bf16(block):
