@@ -558,14 +558,15 @@ def linear_problem():
     return problem, values
 
 
-def test_surrogate_learns_a_linear_quality_and_finds_the_exhaustive_front(tmp_path):
+@pytest.mark.parametrize("enumerate_limit", [4096, 0], ids=["space-predicted-whole", "nsga2-on-the-predictor"])
+def test_surrogate_learns_a_linear_quality_and_finds_the_exhaustive_front(tmp_path, enumerate_limit):
     from shears.search import SurrogateBackend
 
     problem, values = linear_problem()
     exhaustive = [{"config": dict(zip(SPACE.keys, c)), "objectives": values(dict(zip(SPACE.keys, c)))}
                   for c in itertools.product(*(SPACE.choices[k] for k in SPACE.keys))]
     truth = brute_force_front(exhaustive, problem.objectives)
-    backend = SurrogateBackend(seed=0, initial=8, population_size=16, generations=8)
+    backend = SurrogateBackend(seed=0, initial=8, population_size=16, generations=8, enumerate_limit=enumerate_limit)
     result = search(problem, tmp_path / "s", 30, backend, progress=False, plot=False)
     history = read_history(tmp_path / "s" / "history.jsonl")
     assert len(history) == 30 == len({canonical(r["config"]) for r in history})
@@ -575,6 +576,28 @@ def test_surrogate_learns_a_linear_quality_and_finds_the_exhaustive_front(tmp_pa
     assert backend.kendall_tau() > 0.9  # held-out: each prediction was made before its point was fitted
     found = {canonical(r["config"]) for r in result.front}
     assert len(found & set(truth)) >= 0.8 * len(truth)
+
+
+def test_surrogate_on_a_small_space_proposes_the_best_predicted_gain_over_every_unseen_config(tmp_path):
+    from shears.search import SurrogateBackend
+    from shears.search.history import hypervolume
+
+    problem, _ = linear_problem()
+    backend = SurrogateBackend(seed=0, initial=8)
+    history = search(problem, tmp_path / "s", 9, backend, progress=False, plot=False).history
+    proposal, predicted = backend.propose(problem, history, np.random.default_rng(0), quality=0)
+
+    models = backend.fit(problem, history, 0)  # the same fit the proposal was made with
+    front = [history.normalised(r) for r in history.front()]
+    unseen = [c for c in (dict(zip(SPACE.keys, ranks)) for ranks in itertools.product(*(SPACE.choices[k] for k in SPACE.keys)))
+              if c not in history]
+    assert len(unseen) == SPACE_SIZE - 9 and proposal in unseen
+
+    def gain(config):  # one candidate at a time, by the plain hypervolume of the front plus its predicted point
+        return hypervolume([*front, tuple(backend.predict(problem, models, [config])[0])]) - hypervolume(front)
+
+    assert gain(proposal) == pytest.approx(max(gain(c) for c in unseen)) and gain(proposal) > 0
+    assert predicted == pytest.approx(backend.predict(problem, models, [proposal])[0, 0])
 
 
 def test_surrogate_with_rungs_and_the_cli_parts_fit_together(tmp_path):

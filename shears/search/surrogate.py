@@ -6,7 +6,9 @@ Each round:
      (the hat-matrix shortcut, so choosing it costs one fit per candidate penalty);
   2. run NSGA-II on the predictor (quality predicted, sizes exact when the problem gives `sizes`, else
      predicted the same way) from the evaluated configs plus random ones: thousands of predictions,
-     no model run;
+     no model run. A space of at most `enumerate_limit` subnets is instead predicted whole, which
+     finds the predictor's best proposal exactly and costs milliseconds where NSGA-II costs seconds
+     (on a small space most of its offspring are duplicates it must redraw);
   3. evaluate the proposal whose predicted point adds most hypervolume to the front of the scores
      measured so far; when none is predicted to add any, a random unseen config (the predictor's
      blind spots get data too);
@@ -21,6 +23,7 @@ than random search.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -94,6 +97,7 @@ class SurrogateBackend:
     initial: int | None = None  # evaluations before the first fit (default: a quarter of the budget, 6-20)
     population_size: int = 64  # of the NSGA-II run on the predictor
     generations: int = 40
+    enumerate_limit: int = 4096  # spaces up to this size are predicted whole instead of by NSGA-II
     predictions: list[tuple[float, float]] = field(default_factory=list)  # (predicted, measured) of this run
 
     name = "surrogate:ridge"
@@ -169,6 +173,31 @@ class SurrogateBackend:
     def propose(self, problem: SearchProblem, history: History, rng: np.random.Generator, quality: int):
         """(config, its predicted normalised quality): the unseen proposal of largest predicted
         hypervolume improvement, else a random unseen config."""
+        models = self.fit(problem, history, quality)
+        if problem.size <= self.enumerate_limit:
+            rows = itertools.product(*(range(len(problem.choices[key])) for key in problem.keys))
+        else:
+            rows = self.evolve(problem, history, rng, models)
+        seen, candidates = history.configs() | history.screened(), []
+        for row in rows:
+            config = problem.decode(row)
+            key = canonical(config)
+            if key not in seen:
+                seen.add(key)
+                candidates.append(config)
+        front = [history.normalised(r) for r in history.front()]
+        base = hypervolume(front)
+        if candidates:
+            points = self.predict(problem, models, candidates)
+            gains = [hypervolume([*front, tuple(p)]) - base for p in points]
+            best = int(np.argmax(gains))
+            if gains[best] > 0:
+                return candidates[best], points[best, quality]
+        config = self.random_unseen(problem, history, rng)
+        return config, self.predict(problem, models, [config])[0, quality]
+
+    def evolve(self, problem: SearchProblem, history: History, rng: np.random.Generator, models: dict) -> np.ndarray:
+        """The final NSGA-II population on the predictor, started from the evaluated configs plus random ones."""
         from pymoo.algorithms.moo.nsga2 import NSGA2
         from pymoo.core.problem import Problem
         from pymoo.operators.crossover.sbx import SBX
@@ -176,7 +205,6 @@ class SurrogateBackend:
         from pymoo.operators.repair.rounding import RoundingRepair
         from pymoo.optimize import minimize
 
-        models = self.fit(problem, history, quality)
         upper = np.array([len(problem.choices[key]) - 1 for key in problem.keys], dtype=float)
         backend = self
 
@@ -194,20 +222,4 @@ class SurrogateBackend:
         result = minimize(Predicted(n_var=len(upper), n_obj=len(problem.objectives), xl=np.zeros_like(upper),
                                     xu=upper, vtype=int),
                           algorithm, ("n_gen", self.generations), seed=int(rng.integers(2**31)), verbose=False)
-        rows = result.pop.get("X") if result.pop is not None else np.empty((0, len(upper)))
-        seen, candidates = history.configs() | history.screened(), []
-        for row in rows:
-            config = problem.decode(row)
-            if canonical(config) not in seen:
-                seen = seen | {canonical(config)}
-                candidates.append(config)
-        front = [history.normalised(r) for r in history.front()]
-        base = hypervolume(front)
-        if candidates:
-            points = self.predict(problem, models, candidates)
-            gains = [hypervolume([*front, tuple(p)]) - base for p in points]
-            best = int(np.argmax(gains))
-            if gains[best] > 0:
-                return candidates[best], points[best, quality]
-        config = self.random_unseen(problem, history, rng)
-        return config, self.predict(problem, models, [config])[0, quality]
+        return result.pop.get("X") if result.pop is not None else np.empty((0, len(upper)))
