@@ -68,12 +68,14 @@ SPACE = {"target_modules": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"
                     {"name": "down", "modules": ["down_proj"], "choices": [32, 24, 16]}]}
 # The real super-network: smollm2-135m (dense base: pruning changes nothing a search comparison needs),
 # the shipped Shears space over all 30 layers, NLS-trained on ARC-Easy + OpenBookQA training questions
-# (short records: 2 shared CPU cores) long enough that subnets differ (150 steps x 8, as the issue's
-# other benchmarks); 768 validation records = the 256 searched + the 512 the fronts are re-scored on.
+# long enough that subnets differ (150 steps x 8, as the issue's other benchmarks); 768 validation
+# records = the 256 searched + the 512 the fronts are re-scored on. The content answer format (the
+# response is the option's text, as paper_medium.py and bench_width.py) halves each record (49 tokens
+# on average instead of 103) and makes the loss the loss of the answer, not of template words.
 REAL_RECIPE = {
     "model": "smollm2-135m", "search_space": "llama",
     "data": {"train": ["{data_dir}/commonsense/arc-easy_train.json", "{data_dir}/commonsense/openbookqa_train.json"],
-             "train_limit": None, "val_size": 768, "val_seed": 0, "cutoff_len": 128},
+             "train_limit": None, "val_size": 768, "val_seed": 0, "cutoff_len": 128, "answer_format": "content"},
     "training": {"max_steps": 150, "per_device_train_batch_size": 8, "learning_rate": 3.0e-4, "warmup_steps": 8,
                  "logging_steps": 10, "save_steps": 50, "val_limit": 64},
     "evaluation": {"task": "loss", "batch_size": 32}, "search": {"objectives": ["loss", "adapter_params"]}}
@@ -87,9 +89,10 @@ class RecordLosses:
     records is their token-weighted mean, exactly what shears.evaluate reports for them. With `path`
     the rows are appended to a JSON-lines file and read back, so a killed benchmark resumes."""
 
-    def __init__(self, supernet, tokenizer, records, cutoff_len: int, bf16: bool = False, path: Path | None = None):
+    def __init__(self, supernet, tokenizer, records, cutoff_len: int, bf16: bool = False, path: Path | None = None,
+                 batch_size: int = 8):
         self.supernet, self.tokenizer, self.records = supernet, tokenizer, records
-        self.cutoff_len, self.bf16, self.path = cutoff_len, bf16, path
+        self.cutoff_len, self.bf16, self.path, self.batch_size = cutoff_len, bf16, path, batch_size
         self.rows: dict[str, list[tuple[float, int]]] = {}
         self.computed = 0  # records scored by this process
         self.seconds = 0.0
@@ -108,7 +111,7 @@ class RecordLosses:
         if len(have) < n:
             start = time.perf_counter()
             self.supernet.activate(config)
-            out = evaluate(self.supernet, self.tokenizer, self.records[len(have):n], "loss", batch_size=32,
+            out = evaluate(self.supernet, self.tokenizer, self.records[len(have):n], "loss", batch_size=self.batch_size,
                            cutoff_len=self.cutoff_len, progress=False, bf16=self.bf16)
             new = [((p["loss"] or 0.0) * p["tokens"], p["tokens"]) for p in out["predictions"]]
             if self.path is not None:
@@ -265,11 +268,13 @@ def real(args) -> None:
     rescore_set = records[args.search_records: args.search_records + args.rescore_records]
     cache = Path(args.cache or run_dir / "bench_search_cache")
     cache.mkdir(parents=True, exist_ok=True)
-    searched = RecordLosses(run.supernet, run.tokenizer, search_set, cutoff, args.bf16, cache / "search.jsonl")
-    rescored = RecordLosses(run.supernet, run.tokenizer, rescore_set, cutoff, args.bf16, cache / "rescore.jsonl")
+    searched = RecordLosses(run.supernet, run.tokenizer, search_set, cutoff, args.bf16, cache / "search.jsonl",
+                            args.eval_batch)
+    rescored = RecordLosses(run.supernet, run.tokenizer, rescore_set, cutoff, args.bf16, cache / "rescore.jsonl",
+                            args.eval_batch)
     # what one full-set evaluation costs, measured on a config nobody searches (a fresh random one)
     probe = space.sample(np.random.default_rng(12345))
-    probe_losses = RecordLosses(run.supernet, run.tokenizer, search_set, cutoff, args.bf16)
+    probe_losses = RecordLosses(run.supernet, run.tokenizer, search_set, cutoff, args.bf16, batch_size=args.eval_batch)
     probe_losses.loss(probe)
     full_eval_s = probe_losses.seconds
     print(f"one full-set evaluation ({len(search_set)} records, cutoff {cutoff}, "
@@ -332,6 +337,10 @@ def main() -> None:
     parser.add_argument("--rescore-records", type=int, default=512)
     parser.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=list(REAL_BUDGETS))
     parser.add_argument("--bf16", action="store_true", help="real: score under bf16 autocast")
+    # Small loss batches: on a CPU a batch of 8 length-sorted records runs at the same tokens/s as one of
+    # 32, pads far less, and needs the logits of fewer positions (measured on smollm2: 64 records in
+    # 4.4-5.4 s at batch 8, 6.9-8.7 s at 32). The cache is only valid for the batch size that filled it.
+    parser.add_argument("--eval-batch", type=int, default=8, help="real: records per loss batch")
     parser.add_argument("--cache", help="real: folder of the per-record loss cache (default RUN/bench_search_cache)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
