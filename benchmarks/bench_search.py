@@ -51,7 +51,7 @@ from shears.models import resolve_model_path  # noqa: E402
 from shears.recipe import load_recipe  # noqa: E402
 from shears.run import load_run  # noqa: E402
 from shears.search import OptunaBackend, PymooBackend, Rungs, SearchProblem, SurrogateBackend, search  # noqa: E402
-from shears.search.history import fidelity, hypervolume_2d  # noqa: E402
+from shears.search.history import dominates, fidelity, hypervolume_2d  # noqa: E402
 from shears.search.objectives import Objective  # noqa: E402
 from shears.search_space import canonical  # noqa: E402
 from shears.train_supernet import train_supernet  # noqa: E402
@@ -147,7 +147,14 @@ def make_arm(name: str, seed: int, folder: Path, rungs: Rungs):
     return OptunaBackend(sampler, storage=f"journal:{folder / 'study.log'}", seed=seed), screened
 
 
-def fronts_by_budget(records: list[dict], budgets) -> list[list[dict]]:
+def returned_front(records: list[dict]) -> list[dict]:
+    """The front a search returns from `records`: those no other record dominates on the search set's
+    (loss, adapter params), both minimised."""
+    points = [(r["objectives"]["loss"], r["objectives"]["adapter_params"]) for r in records]
+    return [r for r, p in zip(records, points) if not any(dominates(q, p) for q in points)]
+
+
+def evaluated_by_budget(records: list[dict], budgets) -> list[list[dict]]:
     """The full-fidelity records evaluated before each budget (in full-set equivalents) was spent."""
     out, spent, prefix = [], 0.0, []
     marks = []
@@ -226,8 +233,8 @@ def toy(args) -> None:
         rungs = Rungs(tuple(int(f * 16) for f in args.rungs), args.keep)
         histories, seconds = run_arms(lambda: loss_problem(space, losses), args.arms, args.seeds, budgets[-1],
                                       root / "search", rungs, "toy searches")
-    rows = {name: np.mean([[hypervolume_2d([norm(table[canonical(r["config"])]) for r in front]) / true_hv
-                            for front in fronts_by_budget(records, budgets)] for records in runs], axis=0)
+    rows = {name: np.mean([[hypervolume_2d([norm(table[canonical(r["config"])]) for r in done]) / true_hv
+                            for done in evaluated_by_budget(records, budgets)] for records in runs], axis=0)
             for name, runs in histories.items()}
     losses_all = [v["loss"] for v in table.values()]
     print(f"\nspace: {len(table)} subnets (Shears groups q,k,v / up / down x 2 layers, ranks 32/24/16) of a tiny "
@@ -291,7 +298,9 @@ def real(args) -> None:
                   for r in front]
         return hypervolume_2d(points)
 
-    results = {name: np.array([[rescored_hv(front) for front in fronts_by_budget(records, budgets)]
+    # only the returned front is re-scored: the hypervolume of every evaluated config re-scored would
+    # credit a search with points its own scores had discarded
+    results = {name: np.array([[rescored_hv(returned_front(done)) for done in evaluated_by_budget(records, budgets)]
                                for records in tqdm(runs, desc=f"re-score {name}", unit="seed", leave=False)])
                for name, runs in histories.items()}
     losses = [v for rows in searched.rows.values() if len(rows) == len(search_set)
