@@ -1,6 +1,7 @@
 """Elastic base width (LoNAS/EFTNAS) vs rank-only NLS on smollm2-135m: do subnets get faster, and at what loss?
 
     python benchmarks/bench_width.py [--steps 120] [--budget 16] [--out runs/bench_width] [--threads 1]
+    python benchmarks/bench_width.py --curve --steps 120 [--out runs/bench_width]   (the gap at each checkpoint)
 
 Two super-networks are trained with the same budget (steps x batch of the same LLM-Adapters
 commonsense training records, seed, lr, schedule; dense base, no pruning, so speed comes from width
@@ -26,6 +27,7 @@ import fcntl
 import json
 import math
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -86,6 +88,47 @@ def val_loss(run, config: dict) -> float:
                     cutoff_len=run.recipe.data.cutoff_len)["loss"]
 
 
+def run_at_step(run_dir: Path, step: int, scratch: Path) -> Path:
+    """A run folder whose super-network is RUN's checkpoint at `step`: links to RUN's files, only the
+    adapter weights taken from checkpoints/checkpoint-STEP (the search space and channel order are RUN's)."""
+    out = scratch / f"{run_dir.name}-{step}"
+    out.mkdir()
+    for item in run_dir.iterdir():
+        if item.name != "supernet":
+            (out / item.name).symlink_to(item.resolve())
+    (out / "supernet").mkdir()
+    for item in (run_dir / "supernet").iterdir():
+        source = run_dir / "checkpoints" / f"checkpoint-{step}" / item.name if item.name == "adapter_model.safetensors" \
+            else item
+        (out / "supernet" / item.name).symlink_to(source.resolve())
+    return out
+
+
+def training_curve(out: Path, args) -> None:
+    """The gap to the rank-only maximal subnet at every checkpoint both arms saved, and at the end."""
+    steps = sorted({int(p.name.split("-")[1]) for p in (out / "rank" / "checkpoints").glob("checkpoint-*")}
+                   & {int(p.name.split("-")[1]) for p in (out / "width" / "checkpoints").glob("checkpoint-*")}
+                   - {args.steps})
+    print(f"\nvalidation loss on the same {args.val} records, uniform MLP widths at full ranks, by training step "
+          f"(a checkpoint before the end has not decayed its learning rate):")
+    with tempfile.TemporaryDirectory() as tmp:
+        for step in [*steps, args.steps]:
+            at = {arm: out / arm if step == args.steps else run_at_step(out / arm, step, Path(tmp))
+                  for arm in ("rank", "width")}
+            rank_run = load_run(at["rank"])
+            rank_max = val_loss(rank_run, rank_run.supernet.maximal())
+            del rank_run
+            width_run = load_run(at["width"])
+            space = width_run.supernet.space
+            row = [f"step {step:>4}: rank-only maximal {rank_max:.4f}"]
+            for share in (1.0, 0.75, 0.5):
+                loss = val_loss(width_run, {**space.maximal(), **{k: round(share * space.sites[0].channels)
+                                                                  for k in space.width_keys}})
+                row.append(f"width {share:.0%} {loss:.4f} ({loss / rank_max - 1:+.1%})")
+            del width_run
+            print("; ".join(row), flush=True)
+
+
 def forward_seconds(models: dict, ids: torch.Tensor, reps: int) -> dict[str, list[float]]:
     """Interleaved: every round times each model once, so load from other processes hits all alike."""
     times = {name: [] for name in models}
@@ -122,10 +165,15 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.add_argument("--out", default="runs/bench_width")
+    p.add_argument("--curve", action="store_true",
+                   help="only print the trained arms' gap at each saved checkpoint (does more training close it?)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if args.curve:
+        training_curve(out, args)
+        return
 
     seconds = {arm: train(space, args, out / arm) for arm, space in (("rank", "llama"), ("width", "llama-width"))}
     rank_run, width_run = load_run(out / "rank"), load_run(out / "width")
