@@ -88,6 +88,11 @@ def val_loss(run, config: dict) -> float:
                     cutoff_len=run.recipe.data.cutoff_len)["loss"]
 
 
+def uniform_width(space, share: float) -> dict:
+    """The maximal subnet with every block's MLP cut to `share` of its channels."""
+    return {**space.maximal(), **{k: round(share * space.sites[0].channels) for k in space.width_keys}}
+
+
 def run_at_step(run_dir: Path, step: int, scratch: Path) -> Path:
     """A run folder whose super-network is RUN's checkpoint at `step`: links to RUN's files, only the
     adapter weights taken from checkpoints/checkpoint-STEP (the search space and channel order are RUN's)."""
@@ -122,8 +127,7 @@ def training_curve(out: Path, args) -> None:
             space = width_run.supernet.space
             row = [f"step {step:>4}: rank-only maximal {rank_max:.4f}"]
             for share in (1.0, 0.75, 0.5):
-                loss = val_loss(width_run, {**space.maximal(), **{k: round(share * space.sites[0].channels)
-                                                                  for k in space.width_keys}})
+                loss = val_loss(width_run, uniform_width(space, share))
                 row.append(f"width {share:.0%} {loss:.4f} ({loss / rank_max - 1:+.1%})")
             del width_run
             print("; ".join(row), flush=True)
@@ -190,8 +194,7 @@ def main() -> None:
     with tqdm(total=2, desc="uniform-width subnets", unit="eval") as bar:
         evaluator = Evaluator(problem, history, "bench:uniform", bar)
         for share in (0.75, 0.5):
-            evaluator.evaluate({**space.maximal(), **{k: round(share * space.sites[0].channels)
-                                                      for k in space.width_keys}})
+            evaluator.evaluate(uniform_width(space, share))
     backend = OptunaBackend(sampler="tpe", storage=f"sqlite:///{(out / 'width' / 'search' / 'study.db').resolve()}",
                             seed=0)
     result = search(problem, search_dir, args.budget, backend, plot=False)
