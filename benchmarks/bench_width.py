@@ -2,6 +2,8 @@
 
     python benchmarks/bench_width.py [--steps 120] [--budget 16] [--out runs/bench_width] [--threads 1]
     python benchmarks/bench_width.py --curve --steps 120 [--out runs/bench_width]   (the gap at each checkpoint)
+    python benchmarks/bench_width.py --train-only rank & python benchmarks/bench_width.py --train-only width
+                                    (both arms trained side by side, one thread each; then the plain command)
 
 Two super-networks are trained with the same budget (steps x batch of the same LLM-Adapters
 commonsense training records, seed, lr, schedule; dense base, no pruning, so speed comes from width
@@ -169,6 +171,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.add_argument("--out", default="runs/bench_width")
+    p.add_argument("--train-only", choices=("rank", "width"),
+                   help="train one arm and stop: two processes, one thread each, train both arms side by side")
     p.add_argument("--curve", action="store_true",
                    help="only print the trained arms' gap at each saved checkpoint (does more training close it?)")
     args = p.parse_args()
@@ -179,7 +183,11 @@ def main() -> None:
         training_curve(out, args)
         return
 
-    seconds = {arm: train(space, args, out / arm) for arm, space in (("rank", "llama"), ("width", "llama-width"))}
+    spaces = {"rank": "llama", "width": "llama-width"}
+    if args.train_only:
+        train(spaces[args.train_only], args, out / args.train_only)
+        return
+    seconds = {arm: train(space, args, out / arm) for arm, space in spaces.items()}
     rank_run, width_run = load_run(out / "rank"), load_run(out / "width")
     rank_max = val_loss(rank_run, rank_run.supernet.maximal())
     del rank_run
