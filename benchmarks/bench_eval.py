@@ -4,6 +4,11 @@ Peers ("before"), run at batch size 1 in float32 as evaluation ran until issue 1
   choice  one full row per question (prompt + candidate; candidates differing only in their last token
           share it), no cache (`score_continuations(share_prompt=False)`);
   math    `model.generate` greedy with a KV cache and stop_strings=["###"], one prompt at a time.
+  loss    (the search objective; same batches and precision as the arm) the output layer applied to every
+          position from the batch's earliest response token on (`logits_to_keep`), as until issue 13's
+          second pass; the arm gives it only the response positions (`shears.evaluate.scored_positions`).
+          Scored on a super-network (Shears space, frozen base, non-zero adapters) as a search scores it,
+          on ARC-Easy + OBQA training records in the content answer format (--loss-limit).
 Arms ("after"): `shears.evaluate.evaluate` at --batch-size, float32 and bf16 autocast: each prompt run once
 with the template header cached once per evaluation, length-sorted batches, and math generation that
 drops finished rows. The arms are interleaved per chunk of records so that load from other processes
@@ -26,18 +31,20 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # a script run from a checkout: import this shears, installed or not
 
-from shears.data import format_prompt, load_records  # noqa: E402
+from shears.data import IGNORE_INDEX, format_prompt, load_records, to_answer_format, tokenize_example  # noqa: E402
+from shears.elastic import SuperNet  # noqa: E402
 from shears.evaluate import (  # noqa: E402
     STOP_STRING,
     _choice_request,
     _pad_id,
     evaluate,
+    evaluation_mode,
     score_continuations,
     score_math,
     truncate_completion,
 )
 from shears.models import load_model, load_tokenizer  # noqa: E402
-from shears.precision import native_bf16  # noqa: E402
+from shears.precision import autocast, bf16_weights, float32_logits, native_bf16  # noqa: E402
 
 
 # --------------------------------------------------------------------------- the peers (before issue 11)
@@ -63,6 +70,69 @@ def math_peer(model, tokenizer, records, max_new_tokens) -> list[str]:
                                  tokenizer=tokenizer)
             completions.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     return completions
+
+
+def loss_peer(net, tokenizer, records, cutoff_len: int, batch_size: int, bf16: bool) -> float:
+    """Token-weighted response loss with every position from the batch's earliest response token on
+    projected to the vocabulary (the arm's batches, order and precision)."""
+    model = net.model
+    examples = [tokenize_example(tokenizer, r, cutoff_len) for r in records]
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    total, tokens = 0.0, 0
+    with evaluation_mode(model), autocast(bf16, "cpu"), float32_logits(model), bf16_weights(model, enabled=bf16):
+        for start in range(0, len(order), batch_size):
+            batch = [examples[i] for i in order[start:start + batch_size]]
+            longest = max(len(e["input_ids"]) for e in batch)
+            ids = torch.full((len(batch), longest), _pad_id(tokenizer))
+            mask = torch.zeros((len(batch), longest), dtype=torch.long)
+            labels = torch.full((len(batch), longest), IGNORE_INDEX)
+            for b, e in enumerate(batch):
+                ids[b, :len(e["input_ids"])], mask[b, :len(e["input_ids"])] = torch.tensor(e["input_ids"]), 1
+                labels[b, :len(e["labels"])] = torch.tensor(e["labels"])
+            wanted = labels[:, 1:] != IGNORE_INDEX
+            first = int(wanted.any(0).nonzero()[0])
+            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=longest - first).logits
+            keep = wanted[:, first:]  # as before: only the wanted rows of the logits are normalised
+            logp = logits[:, :longest - 1 - first][keep].float().log_softmax(-1)
+            picked = logp.gather(-1, labels[:, first + 1:][keep][:, None])[:, 0]
+            total -= float(picked.sum())
+            tokens += picked.numel()
+    return total / tokens
+
+
+def bench_loss(model, tokenizer, data_dir: Path, limit: int, chunk: int, batch_size: int, arms: list[bool]) -> None:
+    records = to_answer_format(load_records([data_dir / "commonsense" / "arc-easy_train.json",
+                                             data_dir / "commonsense" / "openbookqa_train.json"]), "content")
+    records = records[::max(1, len(records) // limit)][:limit]  # both files, not only ARC-Easy's first
+    for p in model.parameters():
+        p.requires_grad_(False)
+    net = SuperNet.from_base(model, "llama")
+    generator = torch.Generator().manual_seed(0)
+    for name, p in net.model.named_parameters():
+        if "lora_B" in name:  # a trained adapter is non-zero: B starts at 0
+            p.data = torch.randn(p.shape, generator=generator) * 0.02
+    times = {(who, bf16): 0.0 for who in ("peer", "arm") for bf16 in arms}
+    sums = {key: [] for key in times}
+    for start in range(0, len(records), chunk):
+        part = records[start:start + chunk]
+        for bf16 in arms:
+            loss, t = timed(lambda: loss_peer(net, tokenizer, part, 128, batch_size, bf16))
+            sums[("peer", bf16)].append(loss)
+            times[("peer", bf16)] += t
+            res, t = timed(lambda: evaluate(net, tokenizer, part, "loss", batch_size=batch_size, cutoff_len=128,
+                                            bf16=bf16, progress=False))
+            sums[("arm", bf16)].append(res["loss"])
+            times[("arm", bf16)] += t
+    n = len(records)
+    net.unload()
+    print(f"loss (content format, ARC-Easy + OBQA train, cutoff 128) n={n}, super-network at its maximal subnet, "
+          f"batch {batch_size}, chunks of {chunk}:")
+    for bf16 in arms:
+        peer, arm = times[("peer", bf16)], times[("arm", bf16)]
+        gap = max(abs(a - b) for a, b in zip(sums[("peer", bf16)], sums[("arm", bf16)]))
+        print(f"  {'bf16' if bf16 else 'fp32'}: peer (output layer from the earliest response position) "
+              f"{n / peer:.2f} ex/s, arm (response positions only) {n / arm:.2f} ex/s  speed-up x{peer / arm:.2f}  "
+              f"max |loss difference| per chunk {gap:.1e}")
 
 
 # --------------------------------------------------------------------------- padding accounting
@@ -151,10 +221,11 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--choice-limit", type=int, default=64)
     p.add_argument("--math-limit", type=int, default=32)
+    p.add_argument("--loss-limit", type=int, default=128)
     p.add_argument("--chunk", type=int, default=16, help="records per interleaved round of peer and arms")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--tasks", default="arc-easy,boolq,gsm8k")
+    p.add_argument("--tasks", default="arc-easy,boolq,gsm8k,loss", help="comma-separated; loss last (it freezes the model)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     args = p.parse_args()
     if args.threads:
@@ -166,7 +237,9 @@ def main() -> None:
     print(f"{args.model} ({params:.1f}M params, float32 weights, {torch.get_num_threads()} CPU threads, "
           f"native bf16: {native_bf16('cpu')}, torch {torch.__version__}) on {args.data_dir}")
     for task in args.tasks.split(","):
-        if task == "gsm8k":
+        if task == "loss":
+            bench_loss(model, tokenizer, args.data_dir, args.loss_limit, args.chunk, args.batch_size, arms)
+        elif task == "gsm8k":
             bench_math(model, tokenizer, args.data_dir / "math" / "gsm8k_test.json", args.math_limit, args.chunk,
                        args.batch_size, args.max_new_tokens, arms)
         else:

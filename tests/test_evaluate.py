@@ -401,6 +401,53 @@ def test_loss_equals_hand_computed_mean_response_token_loss(cutoff_len):
         assert (pred["loss"] is None) if n == 0 else pred["loss"] == pytest.approx(s / n, rel=1e-5)
 
 
+class CountingHead(torch.nn.Linear):
+    """An output layer that records the [batch, positions] of every input (not a plain Linear, so
+    float32_logits leaves it in place and its own forward runs)."""
+
+    seen: list
+
+    def forward(self, hidden):
+        self.seen.append(tuple(hidden.shape[:2]))
+        return super().forward(hidden)
+
+
+def test_the_output_layer_sees_only_the_scored_positions():
+    """The vocabulary projection is the costly part of a loss evaluation: it is given exactly one
+    position per scored response token (padding and prompt positions never reach it), on a SuperNet
+    as a search scores it, and the loss still equals the reference."""
+    model = tiny_model()
+    records = MATH_RECORDS + CHOICE_RECORDS[:2]
+    reference = reference_losses(model, records, 1024)
+    head = CountingHead(model.lm_head.in_features, model.lm_head.out_features, bias=False)
+    head.weight, head.seen = model.lm_head.weight, []
+    model.set_output_embeddings(head)
+    net = SuperNet.from_base(model, SearchSpace.from_dict(SPACE))
+    result = evaluate(net, TOKENIZER, records, "loss", batch_size=3, progress=False)
+    assert len(head.seen) == -(-len(records) // 3) and all(rows == 1 for rows, _ in head.seen)  # each batch gathered
+    assert sum(n for _, n in head.seen) == result["tokens"] == sum(n for _, n in reference)
+    assert result["loss"] == pytest.approx(sum(s for s, _ in reference) / result["tokens"], rel=1e-5)
+
+
+class HeadHidden(torch.nn.Module):
+    """A model that offers no get_output_embeddings: its logits come back whole."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, **kwargs):
+        return self.inner(**kwargs)
+
+
+def test_a_model_without_a_reachable_output_layer_is_scored_from_its_full_logits():
+    model = tiny_model()
+    records = MATH_RECORDS + CHOICE_RECORDS[:2]
+    reference = reference_losses(model, records, 1024)
+    result = evaluate(HeadHidden(model), TOKENIZER, records, "loss", batch_size=3, progress=False)
+    assert result["loss"] == pytest.approx(sum(s for s, _ in reference) / sum(n for _, n in reference), rel=1e-5)
+
+
 # ----------------------------------------------------------------------------- batching
 
 
