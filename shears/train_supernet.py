@@ -45,9 +45,10 @@ from transformers import Trainer, TrainingArguments, get_scheduler, set_seed
 
 from . import flags
 from .atomic import write_json, write_text
-from .data import Collator, TokenizedDataset, calibration_input_ids
+from .data import IGNORE_INDEX, Collator, TokenizedDataset, calibration_input_ids
 from .elastic import SuperNet
 from .errors import ShearsError, cli_errors
+from .evaluate import scored_positions
 from .models import load_model, load_tokenizer
 from .precision import precision_name, resolve_bf16
 from .recipe import Recipe, Strategy, load_recipe, parse_overrides, save_recipe
@@ -160,7 +161,8 @@ class NLSTrainer(Trainer):
 
     def __init__(self, *args, supernet: SuperNet, sampler: SubnetSampler, order: TrainingOrder,
                  step_offset: int = 0, total_steps: int | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, compute_loss_func=self.response_loss, **kwargs)
+        self._gathered: list[bool] = []  # set by compute_loss: did the output layer get only the labelled positions?
         self.supernet, self.sampler, self.order = supernet, sampler, order
         self.step_offset = step_offset  # steps of earlier In-Squeeze stages
         self.total_steps = total_steps if total_steps is not None else step_offset + self.args.max_steps
@@ -187,6 +189,28 @@ class NLSTrainer(Trainer):
                 optimizer, [lambda step, f=f: f(step + offset) for f in whole.lr_lambdas])
             self._created_lr_scheduler = True  # as Trainer marks its own: a second train() makes a fresh one
         return super().create_scheduler(num_training_steps, optimizer)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Trainer's compute_loss, with the output layer given only the positions whose next token is a
+        label: the response tokens, not the prompt (train_on_inputs: false) or the padding. The
+        49k-vocabulary projection, its float32 log-softmax and their backward over every position were
+        waste on all of those; `response_loss` then reads the labelled positions' logits."""
+        labels = inputs.get("labels")
+        if labels is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        rows, columns = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+        with scored_positions(self.accelerator.unwrap_model(model), rows, columns) as gathered:
+            self._gathered = gathered  # filled during the forward, read by response_loss
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def response_loss(self, outputs, labels, num_items_in_batch=None):
+        """The causal-LM loss as transformers computes it (token i+1 is predicted at position i; a sum over
+        labelled tokens divided by `num_items_in_batch`, the accumulated batch's count, else their mean),
+        from the logits of the labelled positions alone when compute_loss could gather them."""
+        wanted = labels[:, 1:] != IGNORE_INDEX
+        logits = outputs.logits[0] if self._gathered else outputs.logits[:, :-1][wanted]
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][wanted], reduction="sum")
+        return loss / (num_items_in_batch if num_items_in_batch is not None else wanted.sum())
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Forward/backward of every subnet of the step on `inputs`: gradients add up (a sandwich step
@@ -366,6 +390,7 @@ def training_arguments(recipe: Recipe, stage: Stage, bf16: bool) -> TrainingArgu
         ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
         ddp_find_unused_parameters=False,
         disable_tqdm=False,
+        prediction_loss_only=True,  # the validation loss is all the evaluation reads: keep no logits
     )
 
 

@@ -462,6 +462,49 @@ def test_a_sandwich_step_sums_the_gradients_of_its_three_subnets(tiny_model_dir,
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
+def test_the_training_loss_projects_only_labelled_positions_and_equals_transformers_loss(tiny_model_dir, tmp_path):
+    """NLSTrainer gives the output layer only the positions whose next token is a label (no prompt, no
+    padding); its loss and gradients equal transformers' own causal-LM loss on the full logits, both as a
+    mean and as a sum over an accumulated batch's token count (num_items_in_batch)."""
+    from transformers import TrainingArguments
+
+    from shears.data import IGNORE_INDEX, Collator, TokenizedDataset, load_records
+    from shears.elastic import SuperNet
+    from shears.models import load_model, load_tokenizer
+    from shears.search_space import SearchSpace
+    from shears.train_supernet import NLSTrainer, TrainingOrder
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    data = TokenizedDataset(tokenizer, load_records("builtin:arithmetic?n=6&seed=1"), 320)
+    net = SuperNet.from_base(load_model(tiny_model_dir), SearchSpace.from_dict(TINY_SPACE))
+    for layer in net.layers.values():
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
+    batch = Collator(tokenizer)([data[i] for i in range(3)])
+    labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert labelled < batch["attention_mask"].sum() - 3  # prompts are masked: the check can fail
+    trainer = NLSTrainer(model=net.model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True),
+                         train_dataset=data, data_collator=Collator(tokenizer), supernet=net,
+                         sampler=SubnetSampler(net.space, "uniform", seed=0), order=TrainingOrder(len(data), 0, 3))
+    params = [p for p in net.model.parameters() if p.requires_grad]
+    head = net.model.get_output_embeddings()
+    for items in (None, 2 * labelled):  # a mean; a sum over a 2-micro-batch accumulated count
+        extra = {} if items is None else {"num_items_in_batch": torch.tensor(items)}
+        net.model.zero_grad()
+        want = net.model(**batch, **extra).loss
+        want.backward()
+        expected = [p.grad.clone() for p in params]
+        net.model.zero_grad()
+        seen = []
+        handle = head.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape[:2])))
+        got = trainer.compute_loss(net.model, dict(batch), num_items_in_batch=extra.get("num_items_in_batch"))
+        handle.remove()
+        got.backward()
+        assert seen == [(1, labelled)]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for g, e in zip((p.grad for p in params), expected):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
 # ---- precision and padding
 
 def test_bf16_true_without_native_bf16_is_one_line_error_naming_auto(tiny_model_dir, tmp_path, monkeypatch, capsys):
