@@ -156,7 +156,7 @@ def returned_front(records: list[dict]) -> list[dict]:
 
 def evaluated_by_budget(records: list[dict], budgets) -> list[list[dict]]:
     """The full-fidelity records evaluated before each budget (in full-set equivalents) was spent."""
-    out, spent, prefix = [], 0.0, []
+    out, spent = [], 0.0
     marks = []
     for record in records:
         spent += fidelity(record)
