@@ -4,6 +4,7 @@
     python benchmarks/bench_width.py --curve --steps 120 [--out runs/bench_width]   (the gap at each checkpoint)
     python benchmarks/bench_width.py --train-only rank & python benchmarks/bench_width.py --train-only width
                                     (both arms trained side by side, one thread each; then the plain command)
+    python benchmarks/bench_width.py --static-width 864 ...   (adds the `static` arm: see below)
 
 Two super-networks are trained with the same budget (steps x batch of the same LLM-Adapters
 commonsense training records, seed, lr, schedule; dense base, no pruning, so speed comes from width
@@ -17,6 +18,12 @@ front point is exported as a physically smaller model, its logits checked agains
 subnet, and its forward time measured against the unpruned base model, interleaved in this process
 on the same batch. The target: a subnet >= 1.3x faster than the base within 5% of the rank-only
 maximal subnet's validation loss.
+
+`--static-width C` adds a third arm, `static`: the same budget spent on one subnet only, every block's MLP
+at C channels and LoRA rank 32 (a plain LoRA on the importance-ordered, statically narrowed model, as
+structured pruning with LoRA recovery would train it). No subnet of the width super-network at that
+shape has had more training of its own, so its loss says whether the target is reachable at this
+budget at all; it is exported and timed with the others.
 
 Timings take /tmp/shears-timing.lock (training and evaluation do not), so no other timing benchmark
 runs at the same time. Each stage is skipped when its output exists, so a crash costs one stage.
@@ -38,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from shears.evaluate import evaluate  # noqa: E402
 from shears.export import export_subnets  # noqa: E402
@@ -82,6 +90,15 @@ def train(space: str, args, run_dir: Path) -> float:
     seconds = time.perf_counter() - start
     (run_dir / "bench_train.json").write_text(json.dumps({"seconds": seconds}))
     return seconds
+
+
+def static_space(channels: int) -> dict:
+    """search_spaces/llama-width.yaml with one choice per group: every rank r_max, every block's MLP at
+    `channels`. Its only subnet is a plain LoRA on the narrowed model."""
+    space = yaml.safe_load((REPO / "search_spaces" / "llama-width.yaml").read_text())
+    for group in space["groups"]:
+        group["choices"] = [channels] if group.get("kind") == "width" else [space["r_max"]]
+    return space
 
 
 def val_loss(run, config: dict) -> float:
@@ -171,8 +188,10 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.add_argument("--out", default="runs/bench_width")
-    p.add_argument("--train-only", choices=("rank", "width"),
-                   help="train one arm and stop: two processes, one thread each, train both arms side by side")
+    p.add_argument("--train-only", choices=("rank", "width", "static"),
+                   help="train one arm and stop: one process per arm, one thread each, train the arms side by side")
+    p.add_argument("--static-width", type=int,
+                   help="also train and time the `static` arm: every MLP at this many channels, rank 32 only")
     p.add_argument("--curve", action="store_true",
                    help="only print the trained arms' gap at each saved checkpoint (does more training close it?)")
     args = p.parse_args()
@@ -184,13 +203,25 @@ def main() -> None:
         return
 
     spaces = {"rank": "llama", "width": "llama-width"}
+    if args.static_width:
+        spaces["static"] = static_space(args.static_width)
     if args.train_only:
+        if args.train_only not in spaces:
+            raise SystemExit("--train-only static needs --static-width")
         train(spaces[args.train_only], args, out / args.train_only)
         return
     seconds = {arm: train(space, args, out / arm) for arm, space in spaces.items()}
     rank_run, width_run = load_run(out / "rank"), load_run(out / "width")
     rank_max = val_loss(rank_run, rank_run.supernet.maximal())
     del rank_run
+    static = None
+    if args.static_width:
+        static_run = load_run(out / "static")
+        config = static_run.supernet.maximal()
+        folder = export_subnets(static_run, {"static": config}, out / "static" / "export", force=True)[0]
+        static = {"loss": val_loss(static_run, config), "model": load_model(folder.folder / "merged").eval(),
+                  "widths": widths_summary(static_run.supernet.space, config)}
+        del static_run
 
     with timing_lock():  # the latency table is measured on first use
         problem = problem_from_run(width_run, "loss,latency", eval_limit=None, batch_size=16)
@@ -231,14 +262,16 @@ def main() -> None:
         params[name] = sum(p.numel() for p in model.parameters())
     del width_run
     base = load_model(RECIPE_MODEL).eval()
+    timed = {"base": base, **exported, **({"static": static["model"]} if static else {})}
     with timing_lock():
-        times = forward_seconds({"base": base, **exported}, ids, args.reps)
+        times = forward_seconds(timed, ids, args.reps)
     base_t = median(times["base"])
 
     print(f"\nsmollm2-135m, LLM-Adapters ARC-e + OBQA train, {args.steps} steps x 8 records each arm, dense base; "
           f"val loss on {args.val} held-out training records; torch threads {torch.get_num_threads()}")
     print(f"training wall time: rank-only {seconds['rank']:.0f} s, width {seconds['width']:.0f} s "
-          f"(ratio {seconds['width'] / seconds['rank']:.2f})")
+          f"(ratio {seconds['width'] / seconds['rank']:.2f})"
+          + (f", static {seconds['static']:.0f} s" if static else ""))
     print(f"rank-only maximal subnet: val loss {rank_max:.4f}")
     print(f"search: {len(result.history)} evaluations, {len(front)} front points over (val loss, predicted latency)")
     print(f"forward of {args.batch} x {args.seq_len} tokens, median of {args.reps} interleaved rounds; "
@@ -258,6 +291,12 @@ def main() -> None:
         print(f"{name:<9} {widths_summary(space, configs[name]):<28} {loss:>8.4f} {rel:>+10.1%} "
               f"{row['objectives']['latency'] * 1e3:>8.1f} {t * 1e3:>8.1f} {speed:>7.2f}x {params[name]:>12,} "
               f"{diffs['fp32'][name]:>9.1e}   (spread {spread:.0%})")
+    if static:
+        t = median(times["static"])
+        rel = static["loss"] / rank_max - 1
+        print(f"{'static':<9} {static['widths']:<28} {static['loss']:>8.4f} {rel:>+10.1%} {'':>8} {t * 1e3:>8.1f} "
+              f"{base_t / t:>7.2f}x {sum(q.numel() for q in static['model'].parameters()):>12,}   (the `static` arm: "
+              f"this one subnet trained for all {args.steps} steps)")
     print(f"\ntarget: a subnet >= {TARGET_SPEEDUP}x faster than the base within {LOSS_SLACK:.0%} of the rank-only "
           f"maximal loss -> {'met by ' + ', '.join(hits) if hits else 'NOT met'}")
     worst = {key: max(values.values()) if values else math.nan for key, values in diffs.items()}
