@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO))
 
 from shears.evaluate import evaluate  # noqa: E402
 from shears.models import resolve_model_path  # noqa: E402
+from shears.precision import default_device  # noqa: E402
 from shears.recipe import load_recipe  # noqa: E402
 from shears.run import load_run  # noqa: E402
 from shears.search import OptunaBackend, PymooBackend, Rungs, SearchProblem, SurrogateBackend, search  # noqa: E402
@@ -266,7 +267,7 @@ def real(args) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(recipe))
         train_supernet(load_recipe(path), run_dir, resume=(run_dir / "recipe.yaml").is_file())
-    run = load_run(run_dir)
+    run = load_run(run_dir, device=default_device())  # a GPU when there is one (training picks it by itself)
     space, cutoff = run.supernet.space, run.recipe.data.cutoff_len
     records = run.validation_records
     if len(records) < args.search_records + args.rescore_records:

@@ -242,6 +242,28 @@ def test_cli_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert exit_info.value.code == 2 and "recipe.yaml" in capsys.readouterr().err
 
 
+def test_cli_scores_on_the_default_device(tmp_path, monkeypatch):
+    """The search scores its subnets on a GPU when there is one (shears.precision.default_device), not on
+    the CPU where load_run leaves a model by default."""
+    from test_export import train_tiny_run
+
+    import shears.run
+    from shears.precision import default_device
+    from shears.search import main
+
+    run = train_tiny_run(tmp_path, "llama").path
+    asked = {}
+
+    def spy(*args, **kwargs):
+        asked.update(kwargs)
+        raise KeyboardInterrupt  # enough: the model's device is decided here
+
+    monkeypatch.setattr(shears.run, "load_run", spy)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--run", str(run), "--budget", "3", "--no-progress"])
+    assert asked["device"] == default_device()
+
+
 # ----------------------------------------------------------------------------- several processes
 
 

@@ -11,6 +11,7 @@ import typing
 
 from .. import flags
 from ..errors import ShearsError, cli_errors
+from ..precision import default_device
 from ..recipe import SearchBackend
 from ..rundir import RunDir
 from ..scores import run_scoring
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     if budget is None or budget < 1:
         raise ShearsError(f"--budget must be a positive number of evaluations, got {budget}")
     sources = warm_sources(args, cfg.warm_start, run_dir)
-    run = load_run(run_dir, recipe=recipe)
+    run = load_run(run_dir, recipe=recipe, device=default_device())  # a GPU when there is one, as evaluate's CLI
     eval_limit = args.eval_limit if args.eval_limit is not None else cfg.eval_limit
     problem = problem_from_run(run, names, eval_limit, args.batch_size)
     rungs = Rungs.from_recipe([int(n) for n in args.rungs.split(",") if n.strip()] if args.rungs else cfg.rungs,
