@@ -18,6 +18,9 @@ Alpaca template of `shears.data.format_prompt`:
           response with each label swapped in.
   loss    mean response-token cross-entropy (and perplexity), the cheap proxy a search may use.
 
+The output layer (a 49k-262k vocabulary: the largest matmul of a small model) is given only the
+positions whose logits are read (`scored_positions`, which training's loss uses too).
+
 `evaluate(...)` takes a model, a PeftModel or a SuperNet (duck-typed: `.model` and `.activate`);
 for a SuperNet it measures whatever config is active, so a search never reloads anything.
 """
