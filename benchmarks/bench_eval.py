@@ -4,9 +4,10 @@ Peers ("before"), run at batch size 1 in float32 as evaluation ran until issue 1
   choice  one full row per question (prompt + candidate; candidates differing only in their last token
           share it), no cache (`score_continuations(share_prompt=False)`);
   math    `model.generate` greedy with a KV cache and stop_strings=["###"], one prompt at a time.
-  loss    (the search objective; same batches and precision as the arm) the output layer applied to every
-          position from the batch's earliest response token on (`logits_to_keep`), as until issue 13's
-          second pass; the arm gives it only the response positions (`shears.evaluate.scored_positions`).
+  loss    (the search objective; same batches and precision as the arm) the float32 output layer applied to
+          every position from the batch's earliest response token on (`logits_to_keep`), on that strided
+          slice, as until issue 13's second pass; the arm gives it only the response positions
+          (`shears.evaluate.scored_positions`), contiguous.
           Scored on a super-network (Shears space, frozen base, non-zero adapters) as a search scores it,
           on ARC-Easy + OBQA training records in the content answer format (--loss-limit).
 Arms ("after"): `shears.evaluate.evaluate` at --batch-size, float32 and bf16 autocast: each prompt run once
@@ -44,7 +45,7 @@ from shears.evaluate import (  # noqa: E402
     truncate_completion,
 )
 from shears.models import load_model, load_tokenizer  # noqa: E402
-from shears.precision import autocast, bf16_weights, float32_logits, native_bf16  # noqa: E402
+from shears.precision import autocast, bf16_weights, native_bf16  # noqa: E402
 
 
 # --------------------------------------------------------------------------- the peers (before issue 11)
@@ -72,14 +73,29 @@ def math_peer(model, tokenizer, records, max_new_tokens) -> list[str]:
     return completions
 
 
+class StridedFloat32Head(torch.nn.Module):
+    """shears.precision's float32 output head as it was before issue 13's second pass: it multiplied the
+    strided `logits_to_keep` slice as it came (through bmm, with a weight that needs no grad)."""
+
+    def __init__(self, head: torch.nn.Linear):
+        super().__init__()
+        self.head = head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return torch.nn.functional.linear(hidden.float(), self.head.weight.float())
+
+
 def loss_peer(net, tokenizer, records, cutoff_len: int, batch_size: int, bf16: bool) -> float:
     """Token-weighted response loss with every position from the batch's earliest response token on
-    projected to the vocabulary (the arm's batches, order and precision)."""
+    projected to the vocabulary by the earlier float32 head (the arm's batches, order and precision)."""
     model = net.model
     examples = [tokenize_example(tokenizer, r, cutoff_len) for r in records]
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
     total, tokens = 0.0, 0
-    with evaluation_mode(model), autocast(bf16, "cpu"), float32_logits(model), bf16_weights(model, enabled=bf16):
+    head = model.get_output_embeddings()
+    model.set_output_embeddings(StridedFloat32Head(head))
+    with evaluation_mode(model), autocast(bf16, "cpu"), bf16_weights(model, enabled=bf16):
         for start in range(0, len(order), batch_size):
             batch = [examples[i] for i in order[start:start + batch_size]]
             longest = max(len(e["input_ids"]) for e in batch)
@@ -97,6 +113,7 @@ def loss_peer(net, tokenizer, records, cutoff_len: int, batch_size: int, bf16: b
             picked = logp.gather(-1, labels[:, first + 1:][keep][:, None])[:, 0]
             total -= float(picked.sum())
             tokens += picked.numel()
+    model.set_output_embeddings(head)
     return total / tokens
 
 
@@ -130,7 +147,7 @@ def bench_loss(model, tokenizer, data_dir: Path, limit: int, chunk: int, batch_s
     for bf16 in arms:
         peer, arm = times[("peer", bf16)], times[("arm", bf16)]
         gap = max(abs(a - b) for a, b in zip(sums[("peer", bf16)], sums[("arm", bf16)]))
-        print(f"  {'bf16' if bf16 else 'fp32'}: peer (output layer from the earliest response position) "
+        print(f"  {'bf16' if bf16 else 'fp32'}: peer (output layer from the earliest response position, strided) "
               f"{n / peer:.2f} ex/s, arm (response positions only) {n / arm:.2f} ex/s  speed-up x{peer / arm:.2f}  "
               f"max |loss difference| per chunk {gap:.1e}")
 
