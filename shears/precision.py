@@ -93,7 +93,7 @@ class _Float32Head(torch.nn.Module):
         bias = None if self.head.bias is None else self.head.bias.float()
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             # contiguous: a `logits_to_keep` slice is a strided view, and torch multiplies a strided 3-D input by a
-            # weight that needs no grad through bmm, at half the speed of one mm (measured: 0.26 s vs 0.13 s)
+            # weight that needs no grad through bmm, at about half the speed of one mm
             return torch.nn.functional.linear(hidden.float().contiguous(), self.head.weight.float(), bias)
 
 
