@@ -268,14 +268,15 @@ def scored_positions(model, rows: torch.Tensor, columns: torch.Tensor):
     picks the positions from the full logits itself."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     gathered: list[bool] = []
-    if head is None:
+    if head is None or rows.numel() == 0:
         yield gathered
         return
+    shape = (int(rows.max()) + 1, int(columns.max()) + 1)  # what the hidden states must at least span
 
     def pick(module, args, kwargs):
         hidden = args[0] if args else None
-        if gathered or not torch.is_tensor(hidden) or hidden.dim() != 3 or hidden.shape[0] <= int(rows.max()) \
-                or hidden.shape[1] <= int(columns.max()):
+        if gathered or not torch.is_tensor(hidden) or hidden.dim() != 3 or hidden.shape[0] < shape[0] \
+                or hidden.shape[1] < shape[1]:
             return None
         gathered.append(True)
         return (hidden[rows, columns][None], *args[1:]), kwargs
