@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from . import flags
 from .atomic import write_json
 from .errors import ShearsError, cli_errors
-from .precision import autocast, bf16_weights, float32_logits, precision_name, resolve_bf16
+from .precision import autocast, bf16_weights, float32_logits, output_head, precision_name, resolve_bf16
 from .recipe import Task
 
 TASKS = typing.get_args(Task)  # the recipe's Literal: one definition
@@ -266,7 +266,7 @@ def scored_positions(model, rows: torch.Tensor, columns: torch.Tensor):
     logits afterwards (softcapping, scaling) is element-wise. A model whose output layer is not called
     on [batch, positions, hidden] (or not through that module) leaves the hook idle: the caller then
     picks the positions from the full logits itself."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = output_head(model)
     gathered: list[bool] = []
     if head is None or rows.numel() == 0:
         yield gathered

@@ -97,7 +97,7 @@ class _Float32Head(torch.nn.Module):
             return torch.nn.functional.linear(hidden.float().contiguous(), self.head.weight.float(), bias)
 
 
-def _output_head(model):
+def output_head(model):
     """The model's output projection (an HF model's or a PeftModel's), or None."""
     return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
 
@@ -108,7 +108,7 @@ def float32_logits(model):
 
     `model` is an HF causal LM or a PeftModel around one. An output layer that is not a plain Linear
     (a LoRA-wrapped lm_head) is left alone: replacing it would drop its adapter."""
-    head = _output_head(model)
+    head = output_head(model)
     if type(head) is not torch.nn.Linear:
         yield model
         return
@@ -128,7 +128,7 @@ def bf16_weights(model, enabled: bool = True, frozen_only: bool = True):
     weight is re-cast on every call: for one-token decode steps that cast costs more than the matmul.
     Casting once gives the same numbers — autocast's cast and `.to(bfloat16)` round alike. The output
     projection is skipped: `float32_logits` reads it in float32 (and a tied embedding shares its tensor)."""
-    head = _output_head(model)
+    head = output_head(model)
     head = getattr(head, "head", head)  # inside float32_logits the Linear is wrapped
     saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
     if enabled:
