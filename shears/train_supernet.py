@@ -260,11 +260,12 @@ def resolve_search_space(recipe: Recipe) -> SearchSpace:
 
 def prepare_base(recipe: Recipe, run_dir: RunDir, train_records: list[dict], bf16: bool = False):
     """The frozen base: the recipe's model, pruned into RUN/sparse_base first when sparsity > 0
-    (its Wanda calibration forward in the training precision, `bf16`)."""
+    (its Wanda calibration forward in the training precision, `bf16`). Both load, and the pruning
+    writes, the recipe's dtype: a bf16 base is never upcast."""
     source = recipe.model
     if recipe.sparsity.sparsity > 0:
         source = str(prune_to_folder(recipe.model, run_dir.sparse_base, recipe.sparsity,
-                                     calibration_records=train_records, bf16=bf16))
+                                     calibration_records=train_records, dtype=recipe.dtype, bf16=bf16))
     return load_model(source, dtype=recipe.dtype), load_tokenizer(source), source
 
 
