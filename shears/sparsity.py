@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_folder
 from .errors import ShearsError
+from .memory import SCORE_CHUNK
 from .recipe import PruneMethod, SparsityConfig
 from .models import decoder_layers, linear_names
 from .precision import autocast, bf16_weights, precision_name
@@ -132,16 +133,13 @@ def _check_divisible(targets: list[dict[str, nn.Linear]], nm: tuple[int, int] | 
                                   f"{linear.in_features}: use another pattern or --exclude it")
 
 
-# Rows scored at once: the fp32 scores, their sort and its int64 indices cost ~20 bytes per entry, so a
-# whole 11008 x 4096 matrix would add ~1 GB beside the weights; 2**22 entries add ~80 MB.
-SCORE_CHUNK = 2 ** 22
-
-
 def _prune_linear(linear: nn.Linear, column_scale: torch.Tensor | None, sparsity: float, nm,
                   return_mask: bool = False) -> torch.Tensor | None:
     """Zero the pruned weights of `linear`, scoring S = |W| * column_scale (|W| without one) a few rows
     at a time; every comparison group lies within a row, so chunks of rows give the whole matrix's mask.
-    Returns the keep mask (on CPU) only when asked: afterwards the zeros are the mask."""
+    Returns the keep mask (on CPU) only when asked: afterwards the zeros are the mask. (The scores, their
+    sort and its int64 indices cost ~22 bytes an entry: a whole 11008 x 4096 matrix would add ~1 GB
+    beside the weights, SCORE_CHUNK entries ~90 MB.)"""
     weight = linear.weight.data
     rows = max(1, SCORE_CHUNK // max(weight.shape[1], 1))
     kept = []

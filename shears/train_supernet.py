@@ -49,6 +49,7 @@ from .data import IGNORE_INDEX, Collator, TokenizedDataset, calibration_input_id
 from .elastic import SuperNet
 from .errors import ShearsError, cli_errors
 from .evaluate import scored_positions
+from .memory import make_plan, parse_memory, refuse_unless_fits
 from .models import load_model, load_tokenizer
 from .precision import precision_name, resolve_bf16
 from .recipe import Recipe, Strategy, load_recipe, parse_overrides, save_recipe
@@ -580,6 +581,10 @@ def build_parser() -> argparse.ArgumentParser:
     flags.add_dtype(parser, "default: the recipe's dtype")
     flags.add_bf16(parser, "training and Wanda calibration; default: the recipe's training.bf16")
     flags.add_seed(parser, "training: subnet sampling, data order, initialisation (default: training.seed)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print what each stage will need in memory and exit (reads config.json only)")
+    parser.add_argument("--device-memory", type=parse_memory, metavar="SIZE",
+                        help="memory of the device training runs on, e.g. 24GiB (default: detected)")
     return parser
 
 
@@ -594,7 +599,34 @@ def main(argv: list[str] | None = None) -> None:
     recipe = load_recipe(args.recipe, overrides)
     if args.output:
         recipe.output_dir = args.output
+    if args.plan:
+        print_plan(recipe, args.device_memory)
+        return
+    check_memory(recipe, args.device_memory)
     train_supernet(recipe, recipe.output_dir, resume=args.resume, force=args.force)
+
+
+def print_plan(recipe: Recipe, device_memory: int | None) -> None:
+    """--plan: every stage's estimate, and the setting that makes a stage fit where one does not."""
+    plan = make_plan(recipe, device_memory)
+    print(plan.format())
+    for need in plan.needs:
+        if not plan.fits(need):
+            try:
+                refuse_unless_fits(recipe, plan, (need.stage,))
+            except ShearsError as err:
+                print(f"will not fit: {err}")
+
+
+def check_memory(recipe: Recipe, device_memory: int | None) -> None:
+    """Refuse, before anything is loaded or written, a run whose pruning or training cannot fit its device.
+    A model whose config cannot be read here is left to load_model, which says why."""
+    try:
+        plan = make_plan(recipe, device_memory)
+    except ShearsError:
+        return
+    pruned = RunDir(recipe.output_dir).sparse_base.exists()  # a finished pruning is reused, not redone
+    refuse_unless_fits(recipe, plan, ("train",) if pruned else ("prune", "train"))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from torch import nn
 
 from shears.elastic import ElasticLoraLinear
 from shears.recipe import load_recipe
+from shears.search_space import SearchSpace
 from test_train_supernet import tiny_recipe
 
 
@@ -86,3 +87,159 @@ def test_no_stage_upcasts_a_bf16_base(tmp_path):
     assert folder_dtypes(tmp_path / "merged" / "heuristic" / "merged") == {"BF16"}
     loaded = load_run(run)  # what the export and the search load the base as
     assert {p.dtype for n, p in loaded.supernet.model.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+
+
+# --------------------------------------------------------------------------- no whole-model mask
+
+def test_a_sparse_adapter_reads_its_mask_from_the_weights_when_it_uses_it():
+    from shears.elastic import SuperNet, lora_delta
+    from test_train_supernet import TINY_SPACE
+
+    model = make_tiny_model("llama")
+    net = SuperNet.from_base(model, SearchSpace.from_dict(TINY_SPACE), sparse_adapter=True)
+    assert not [b for b in net.model.buffers() if b.dtype == torch.bool]  # no mask is stored
+    layer = net.layers["model.layers.0.self_attn.q_proj"]
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+        weight = layer.get_base_layer().weight
+        weight[:, ::3] = 0  # zeros that appear after wrapping: the update must follow them
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    expected = (B @ A) * layer.scaling["default"] * (weight != 0)
+    torch.testing.assert_close(layer.get_delta_weight("default"), expected)
+    assert torch.equal(lora_delta(A, B, layer.scaling["default"], weight != 0) == 0, expected == 0)
+
+
+def test_wanda_returns_masks_only_when_asked_and_prunes_alike():
+    from shears.sparsity import wanda_prune
+    from test_sparsity import calibration, tiny
+
+    ids = calibration()
+    asked, unasked = tiny("llama"), tiny("llama")
+    masks = wanda_prune(asked, ids, sparsity=0.5)
+    assert wanda_prune(unasked, ids, sparsity=0.5, return_masks=False) is None
+    assert all(torch.equal(a, b) for a, b in zip(asked.state_dict().values(), unasked.state_dict().values()))
+    for name, keep in masks.items():  # the zeros are the mask
+        assert torch.equal(unasked.get_submodule(name).weight != 0, keep), name
+
+
+# --------------------------------------------------------------------------- merging a shard at a time
+
+def test_merged_export_written_in_shards_loads_as_the_one_file_merge(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from shears.export import subnet_factors, write_merged
+    from shears.run import load_run
+    from shears.train_supernet import train_supernet
+
+    model_dir = tmp_path / "tiny-tied"
+    make_tiny_model("llama", max_position_embeddings=512, tie_word_embeddings=True).save_pretrained(model_dir)
+    make_tiny_tokenizer().save_pretrained(model_dir)
+    recipe = load_recipe(tiny_recipe(model_dir, tmp_path), {"training.max_steps": 1})
+    train_supernet(recipe, tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    net = run.supernet
+    config = net.heuristic()
+    for layer in net.layers.values():
+        with torch.no_grad():
+            layer.lora_B["default"].weight.normal_()  # an update that shows in every merged matrix
+    base_before = {k: v.clone() for k, v in net.model.get_base_model().state_dict().items()}
+    factors = subnet_factors(net, config)
+    scale = net.space.space.lora_alpha / net.space.r_max
+    one = write_merged(tmp_path / "one", net, factors, scale, run.tokenizer)
+    sharded = write_merged(tmp_path / "sharded", net, factors, scale, run.tokenizer, shard_bytes=4096)
+    assert [p.name for p in (tmp_path / "one").glob("*.safetensors")] == ["model.safetensors"]
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 2
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file() and one == sharded
+    for key, value in net.model.get_base_model().state_dict().items():  # the base serves the next subnet
+        assert torch.equal(value, base_before[key]), key
+
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded").state_dict()
+    base = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    assert a.keys() == b.keys() == base.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+        module = key.removesuffix(".weight")
+        if module in factors:  # W + scale * B A, in float64, rounded once
+            A, B = factors[module]
+            expected = (base[key].double() + scale * (B.double() @ A.double())).to(base[key].dtype)
+            assert torch.equal(a[key], expected), key
+        else:
+            assert torch.equal(a[key], base[key]), key
+    assert a["lm_head.weight"].data_ptr() == a["model.embed_tokens.weight"].data_ptr()  # still tied
+
+
+# --------------------------------------------------------------------------- the plan
+
+def test_memory_sizes_parse_with_their_units():
+    from shears.errors import ShearsError
+    from shears.memory import parse_memory
+
+    assert parse_memory("24GiB") == 24 * 2 ** 30 and parse_memory("24 GB") == 24 * 10 ** 9
+    assert parse_memory("512mib") == 512 * 2 ** 20 and parse_memory("1.5TB") == 1.5e12
+    one_line_error(lambda: parse_memory("24"), "24GiB")
+    with pytest.raises(ShearsError):
+        parse_memory("lots")
+
+
+def test_the_plan_counts_the_model_and_its_adapter_without_loading_them(tiny_model_dir, tmp_path):
+    from shears.elastic import SuperNet
+    from shears.memory import count_model
+    from test_train_supernet import TINY_SPACE
+
+    recipe = load_recipe(tiny_recipe(tiny_model_dir, tmp_path))
+    count = count_model(recipe)
+    model = make_tiny_model("llama", max_position_embeddings=512)
+    assert count.params == sum(p.numel() for p in model.parameters())
+    assert count.layers == 2 and count.hidden == 32 and count.vocab == 128 and count.stored_dtype == "float32"
+    net = SuperNet.from_base(model, SearchSpace.from_dict(TINY_SPACE))
+    lora = [p for n, p in net.model.named_parameters() if "lora_" in n]
+    assert count.adapter_params == sum(p.numel() for p in lora)  # at r_max: the trained parameters
+    assert count.largest_adapted == max(net.layers[n].get_base_layer().weight.numel() for n in net.layers)
+
+
+def plan_totals(recipe, stage: str, **changes) -> float:
+    from shears.memory import _with, count_model, estimate
+
+    changed = _with(recipe, changes)
+    return next(n for n in estimate(changed, count_model(changed)) if n.stage == stage).total
+
+
+def test_plan_prints_every_stage_and_writes_nothing(tiny_model_dir, tmp_path, capsys):
+    from shears.memory import STAGES
+    from shears.train_supernet import main
+
+    recipe = tiny_recipe(tiny_model_dir, tmp_path)
+    main(["--recipe", str(recipe), "--plan", "sparsity.sparsity=0.5", "--device-memory", "24GiB"])
+    out = capsys.readouterr().out
+    for stage in STAGES:
+        assert f"  {stage} " in out, stage
+    assert "24.0 GiB" in out and "given" in out
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_that_cannot_fit_is_refused_naming_the_setting_and_nothing_is_written(tiny_model_dir, tmp_path,
+                                                                                           capsys):
+    from shears.train_supernet import main
+
+    path = tiny_recipe(tiny_model_dir, tmp_path)
+    big = {"training.per_device_train_batch_size": 64, "data.cutoff_len": 512}
+    recipe = load_recipe(path, big)
+    fp32 = plan_totals(recipe, "train")
+    bf16 = plan_totals(recipe, "train", dtype="bfloat16")
+    checkpointed = plan_totals(recipe, "train", **{"training.gradient_checkpointing": True})
+    assert bf16 < fp32 and checkpointed < fp32
+    overrides = [f"{k}={v}" for k, v in big.items()]
+
+    def refused(memory: float, *parts):
+        with pytest.raises(SystemExit):
+            main(["--recipe", str(path), *overrides, "--device-memory", f"{int(memory)}B"])
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and all(part in lines[0] for part in parts), lines
+        assert not (tmp_path / "run").exists()
+
+    refused((fp32 + max(bf16, checkpointed)) / 2, "train needs", "float32", "dtype: bfloat16")
+    both = plan_totals(recipe, "train", dtype="bfloat16", **{"training.gradient_checkpointing": True})
+    assert both < min(bf16, checkpointed)
+    refused((both + min(bf16, checkpointed)) / 2, "dtype: bfloat16", "gradient_checkpointing: true")
+    refused(1e6, "more memory or a smaller model")

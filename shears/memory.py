@@ -1,0 +1,390 @@
+"""What each stage of a run needs in memory, from the recipe and the model's config.json alone.
+
+    python -m shears.train_supernet --recipe recipes/llama-7b-math-shears.yaml --plan [--device-memory 24GiB]
+
+No weights are read: the model is built on the meta device (transformers' `from_config` under
+`torch.device("meta")`) to count its parameters, and the recipe's search space is bound to it for the
+adapter's. Each stage's need is the sum of the terms below (bytes; w = bytes per weight in the recipe's
+dtype, a = the same for activations, which live in the weights' dtype; B x S = batch x tokens):
+
+    prune     weights + Wanda's captured hidden states (nsamples x seqlen x hidden x a) + one block's
+              forward on one calibration batch + the scores of SCORE_CHUNK entries of one matrix
+              (+ bf16 copies of the linears when float32 weights calibrate in bf16)
+    train     weights + adapter (r_max LoRA in float32: weight, gradient and AdamW's two moments,
+              + its bf16 copy under autocast) + activations: under gradient checkpointing every
+              block's input (layers x B x S x hidden x a) and one block's internals, without it every
+              block's internals (+ the bf16 copy of every linear when float32 weights train in bf16
+              autocast, which autograd keeps for the backward) + the output layer on B x S positions
+    search    weights + adapter (float32) + the evaluation batch: the KV cache of a generation
+              (2 x layers x batch x (cutoff_len + max_new_tokens) x kv heads x head_dim) or a scored
+              forward + the float32 copy of the output layer that float32 logits read
+              (+ bf16 copies of the frozen linears when float32 weights evaluate in bf16)
+    export    the adapter; the base is memory-mapped and never read when it is stored in the dtype it
+              loads in (transformers >= 5 maps safetensors it does not convert), else the weights
+    export --merge  weights (every tensor is read) + one shard of merged matrices (MERGED_SHARD_BYTES)
+              + one matrix's float64 merge
+
+plus the process itself (`RUNTIME`: Python, torch, transformers and the stage's imports, measured on
+this CPU; a CUDA context on a GPU). benchmarks/bench_memory.py measures every stage of a 1B- or
+7B-shaped model and prints these estimates beside the measurements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ShearsError
+from .recipe import Recipe
+from .search_space import SearchSpace, load_search_space
+
+# Bounds the stages keep to, defined here so that the estimate and the code agree by construction.
+SCORE_CHUNK = 2 ** 22  # Wanda scores this many entries of a matrix at a time (sparsity._prune_linear)
+SCORE_BYTES_PER_ENTRY = 22  # fp32 |W|, the score, its sort's values and int64 indices, the bool mask
+MERGED_SHARD_BYTES = 512 * 2 ** 20  # export --merge writes merged/ in shards of at most this size
+
+# The process before any weights: RSS of the stage's CLI on a tiny model (benchmarks/bench_memory.py
+# --shape tiny), Python 3.11, torch 2.13 CPU, transformers 5.25, on this project's 2-core test machine.
+RUNTIME = {"prune": 0.48e9, "train": 0.62e9, "search": 0.56e9, "export": 0.50e9, "export --merge": 0.50e9}
+CUDA_CONTEXT = 0.5e9  # what a CUDA context and the allocator's slack take on a GPU (not measured here)
+
+STAGES = ("prune", "train", "search", "export", "export --merge")
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+
+
+def parse_memory(text: str) -> int:
+    """'24GiB', '24 GB', '80gib', '512MiB' -> bytes (GB = 1e9, GiB = 2**30)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(b|[kmgt]i?b)\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise ShearsError(f"memory {text!r} is not a size: write e.g. 24GiB, 24GB or 512MiB")
+    return int(float(match[1]) * _UNITS[match[2].lower()])
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def detected_memory(device: str) -> int:
+    """Total memory of `device`: the GPU's (cuda) or this machine's RAM (cpu)."""
+    if device == "cuda":
+        return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+# --------------------------------------------------------------------------- counting without weights
+
+@dataclass(frozen=True)
+class ModelCount:
+    """What the estimate reads of a model: counted on the meta device."""
+    name: str
+    model_type: str
+    params: int  # every parameter once (a tied output layer shares the embedding)
+    linear_params: int  # nn.Linear weights other than the output layer: what bf16 copies would copy
+    largest_adapted: int  # entries of the largest matrix the adapter adapts (export --merge's float64 matrix)
+    head_params: int  # the output layer's weight
+    hidden: int
+    intermediate: int
+    layers: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    stored_dtype: str  # what config.json says the folder's weights are stored in
+    adapter_params: int  # the recipe's super-network at r_max
+
+
+def _resolve_space(recipe: Recipe) -> SearchSpace:
+    if isinstance(recipe.search_space, dict):
+        return SearchSpace.from_dict(recipe.search_space, source="recipe.search_space")
+    return load_search_space(recipe.search_space)
+
+
+def count_model(recipe: Recipe) -> ModelCount:
+    """Count the recipe's model from its config.json, built on the meta device (nothing is loaded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .models import decoder_layers, resolve_model_path
+
+    path = resolve_model_path(recipe.model)
+    try:  # the local copy (a folder, or a hub id already cached) first: no request for what is here
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except OSError:
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except OSError as err:
+            raise ShearsError(f"cannot read the config of {recipe.model!r} to plan its memory "
+                              f"({str(err).splitlines()[0]}): pass a local model folder") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    params = sum(p.numel() for p in model.parameters())
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    space = _resolve_space(recipe).bind(model)
+    adapted = [model.get_submodule(name).weight.numel() for name in space.module_names()]
+    _, blocks = decoder_layers(model)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_attention_heads", 1)
+    hidden = getattr(text, "hidden_size", 0)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    return ModelCount(
+        name=str(recipe.model), model_type=getattr(config, "model_type", type(model).__name__),
+        params=params, linear_params=sum(m.weight.numel() for m in linears),
+        largest_adapted=max(adapted, default=0), head_params=head.weight.numel() if head is not None else 0,
+        hidden=hidden, intermediate=getattr(text, "intermediate_size", 4 * hidden), layers=len(blocks),
+        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text, "head_dim", None) or hidden // max(heads, 1),
+        vocab=getattr(text, "vocab_size", 0), stored_dtype=str(stored).removeprefix("torch."),
+        adapter_params=space.adapter_params(space.maximal()))
+
+
+# --------------------------------------------------------------------------- the estimate
+
+@dataclass
+class Need:
+    """One stage's estimate: named terms in bytes, on the device the stage runs on."""
+    stage: str
+    device: str  # "cpu" | "cuda"
+    parts: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)  # how a term was counted
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    def add(self, term: str, nbytes: float, note: str = "") -> None:
+        if nbytes:
+            self.parts[term] = self.parts.get(term, 0.0) + float(nbytes)
+            if note:
+                self.notes[term] = note
+
+
+def weights_dtype(recipe: Recipe, count: ModelCount) -> str:
+    from .models import as_dtype
+
+    dtype = as_dtype(recipe.dtype)
+    return count.stored_dtype if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _bf16(setting, device: str) -> bool:
+    from .precision import native_bf16
+
+    return native_bf16(device) if setting == "auto" else bool(setting)
+
+
+def _block_token_bytes(c: ModelCount, autocast: bool, a: int) -> int:
+    """Bytes one token leaves saved in one decoder block for its backward (attention, MLP, the LoRA
+    branches' float32 inputs and dropout masks), counted for a Llama-style block: ~44 hidden + 15
+    intermediate bytes under bf16 autocast, twice that in float32."""
+    scale = 1 if autocast else 2
+    return scale * (44 * c.hidden + 15 * c.intermediate) * max(a, 2) // 2
+
+
+def estimate(recipe: Recipe, count: ModelCount, train_device: str = "cpu") -> list[Need]:
+    """Every stage's need for `recipe` on `count`; training and the search run on `train_device` (the
+    default device, as their CLIs choose), pruning and export on the CPU, as theirs do."""
+    dtype = weights_dtype(recipe, count)
+    w = _BYTES.get(dtype, 4)
+    a = w
+    weights = count.params * w
+    weights_note = f"{count.params / 1e9:.2f}B parameters in {dtype}"
+    c, s, t, e = count, recipe.sparsity, recipe.training, recipe.evaluation
+    needs = []
+
+    def runtime(need: Need) -> None:
+        if need.device == "cuda":
+            need.add("runtime", CUDA_CONTEXT, "a CUDA context on the GPU")
+        else:
+            need.add("runtime", RUNTIME[need.stage], "the process before any weights (measured)")
+
+    if s.sparsity > 0:
+        bf16 = _bf16(t.bf16, "cpu")
+        need = Need("prune", "cpu")
+        runtime(need)
+        need.add("weights", weights, weights_note)
+        if s.method == "wanda":
+            seqlen = s.seqlen
+            need.add("activations", s.nsamples * seqlen * c.hidden * a,
+                     f"Wanda's captured hidden states, {s.nsamples} x {seqlen} x {c.hidden} in {dtype}")
+            need.add("activations", s.batch_size * seqlen * _block_token_bytes(c, bf16, a), "one block's forward")
+            if bf16 and w == 4:
+                need.add("bf16 copies", c.linear_params * 2, "the linears in bf16 for the calibration forward")
+        need.add("transient", min(SCORE_CHUNK, c.largest_adapted or SCORE_CHUNK) * SCORE_BYTES_PER_ENTRY,
+                 f"scores of {SCORE_CHUNK} entries of one matrix")
+        needs.append(need)
+
+    bf16 = _bf16(t.bf16, train_device)
+    need = Need("train", train_device)
+    runtime(need)
+    need.add("weights", weights, weights_note)
+    need.add("adapter", c.adapter_params * (16 + (2 if bf16 else 0)),
+             f"{c.adapter_params / 1e6:.1f}M LoRA parameters x (weight, gradient, AdamW's 2 moments in float32"
+             + (" + a bf16 copy)" if bf16 else ")"))
+    tokens = t.per_device_train_batch_size * recipe.data.cutoff_len
+    block = tokens * _block_token_bytes(c, bf16, a)
+    if t.gradient_checkpointing:
+        need.add("activations", c.layers * tokens * c.hidden * a + block,
+                 f"gradient checkpointing: {c.layers} blocks' inputs + one block, {tokens} tokens")
+    else:
+        need.add("activations", c.layers * block, f"{c.layers} blocks x {tokens} tokens, no checkpointing")
+    need.add("activations", tokens * c.vocab * 12, "output layer: logits, log-softmax and their gradient")
+    if bf16 and w == 4:
+        share = 1 if t.gradient_checkpointing else c.layers
+        need.add("bf16 copies", c.linear_params * 2 * share // max(c.layers, 1),
+                 "autocast's bf16 copies of the frozen linears, kept for the backward")
+    needs.append(need)
+
+    eval_bf16 = _bf16(recipe.evaluation_bf16(), train_device)
+    need = Need("search", train_device)
+    runtime(need)
+    need.add("weights", weights, weights_note)
+    need.add("adapter", c.adapter_params * 4, "LoRA in float32")
+    kv = 2 if (eval_bf16 or w == 2) else 4
+    if e.task == "math":
+        length = recipe.data.cutoff_len + e.max_new_tokens
+        need.add("activations", 2 * c.layers * e.batch_size * length * c.kv_heads * c.head_dim * kv,
+                 f"KV cache: {e.batch_size} sequences x {length} tokens")
+    else:
+        need.add("activations", e.batch_size * recipe.data.cutoff_len * (_block_token_bytes(c, eval_bf16, a) // 4
+                                                                         + c.vocab * 4),
+                 "a scored forward and its float32 logits")
+    if w != 4:
+        need.add("transient", c.head_params * 4, "the output layer in float32 (float32 logits)")
+    if eval_bf16 and w == 4:
+        need.add("bf16 copies", c.linear_params * 2, "the frozen linears held in bf16 while evaluating")
+    needs.append(need)
+
+    need = Need("export", "cpu")
+    runtime(need)
+    need.add("adapter", c.adapter_params * 4 * 2, "LoRA in float32 and the subnet's slices")
+    if dtype != c.stored_dtype:
+        need.add("weights", weights, f"converted from {c.stored_dtype} as they load")
+    needs.append(need)
+
+    need = Need("export --merge", "cpu")
+    runtime(need)
+    need.add("weights", weights, weights_note)
+    need.add("adapter", c.adapter_params * 4 * 2, "LoRA in float32 and the subnet's slices")
+    need.add("transient", min(MERGED_SHARD_BYTES, weights), "one shard of merged matrices")
+    need.add("transient", c.largest_adapted * 11, "one matrix merged in float64")
+    needs.append(need)
+    return needs
+
+
+# --------------------------------------------------------------------------- the plan
+
+@dataclass
+class Plan:
+    count: ModelCount
+    dtype: str
+    needs: list[Need]
+    memory: dict[str, int]  # device -> bytes it has
+    detected: dict[str, bool]  # device -> whether `memory` was detected (False: given)
+    train_device: str  # where training and the search run
+
+    def need(self, stage: str) -> Need | None:
+        return next((n for n in self.needs if n.stage == stage), None)
+
+    def fits(self, need: Need) -> bool:
+        return need.total <= self.memory[need.device]
+
+    def format(self) -> str:
+        c = self.count
+        lines = [f"memory plan for {c.name} ({c.model_type}, {c.params / 1e9:.2f}B parameters, {self.dtype} "
+                 f"weights {gb(c.params * _BYTES.get(self.dtype, 4))}; adapter {c.adapter_params / 1e6:.1f}M at r_max)"]
+        for device, total in self.memory.items():
+            how = "detected" if self.detected[device] else "given"
+            lines.append(f"  {device}: {total / 2 ** 30:.1f} GiB ({gb(total)}, {how})")
+        header = f"  {'stage':<15} {'device':<6} {'needs':>9}  {'fits':<4}  terms"
+        lines += [header, "  " + "-" * (len(header) + 40)]
+        for need in self.needs:
+            terms = ", ".join(f"{term} {v / 1e9:.2f}" for term, v in need.parts.items())
+            lines.append(f"  {need.stage:<15} {need.device:<6} {gb(need.total):>9}  "
+                         f"{'yes' if self.fits(need) else 'NO':<4}  {terms}")
+        notes = {f"{term}: {note}" for need in self.needs for term, note in need.notes.items()}
+        lines += ["  (GB = 1e9 bytes; terms in GB)"] + [f"    {n}" for n in sorted(notes)]
+        return "\n".join(lines)
+
+
+def make_plan(recipe: Recipe, device_memory: int | None = None, count: ModelCount | None = None) -> Plan:
+    """The plan for `recipe` on this machine: training and the search on the GPU when there is one, else
+    the CPU; `device_memory` replaces the detected memory of that device."""
+    train_device = "cuda" if torch.cuda.is_available() else "cpu"
+    count = count or count_model(recipe)
+    memory = {"cpu": detected_memory("cpu")}
+    detected = {"cpu": True}
+    if train_device == "cuda":
+        memory["cuda"], detected["cuda"] = detected_memory("cuda"), True
+    if device_memory is not None:
+        memory[train_device], detected[train_device] = int(device_memory), False
+    return Plan(count, weights_dtype(recipe, count), estimate(recipe, count, train_device), memory, detected,
+                train_device)
+
+
+# The settings that lower a stage's need, in the order they are suggested: (key, value or a function of
+# the recipe giving it, None when it does not apply).
+def _fixes(recipe: Recipe) -> list[tuple[str, object]]:
+    t, s = recipe.training, recipe.sparsity
+    fixes: list[tuple[str, object]] = []
+    if recipe.dtype in ("float32", "fp32", "auto"):
+        fixes.append(("dtype", "bfloat16"))
+    if not t.gradient_checkpointing:
+        fixes.append(("training.gradient_checkpointing", True))
+    batch, accumulation = t.per_device_train_batch_size, t.gradient_accumulation_steps
+    while batch > 1:  # the same effective batch: fewer sequences per step, more accumulation
+        batch, accumulation = batch // 2, accumulation * 2
+        fixes.append(("training.per_device_train_batch_size", batch))
+        fixes.append(("training.gradient_accumulation_steps", accumulation))
+    nsamples = s.nsamples
+    while s.sparsity > 0 and s.method == "wanda" and nsamples > 16:
+        nsamples //= 2
+        fixes.append(("sparsity.nsamples", nsamples))
+    return fixes
+
+
+def _with(recipe: Recipe, changes: dict[str, object]) -> Recipe:
+    """A copy of `recipe` with dotted keys changed."""
+    recipe = dataclasses.replace(recipe, training=dataclasses.replace(recipe.training),
+                                 sparsity=dataclasses.replace(recipe.sparsity))
+    for key, value in changes.items():
+        section, _, name = key.rpartition(".")
+        setattr(getattr(recipe, section) if section else recipe, name, value)
+    return recipe
+
+
+def _described(changes: dict[str, object]) -> str:
+    def value(v):
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
+    kept = {k: v for k, v in changes.items() if k != "training.gradient_accumulation_steps"}
+    text = ", ".join(f"{k}: {value(v)}" for k, v in kept.items())
+    if "training.gradient_accumulation_steps" in changes:
+        text += f" (gradient_accumulation_steps: {changes['training.gradient_accumulation_steps']}, the same effective batch)"
+    return text
+
+
+def refuse_unless_fits(recipe: Recipe, plan: Plan, stages: tuple[str, ...] = ("prune", "train")) -> None:
+    """A one-line ShearsError when one of `stages` needs more than its device has, naming the recipe
+    setting(s) -- dtype, gradient checkpointing, batch size, calibration samples -- that would make it fit."""
+    for stage in stages:
+        need = plan.need(stage)
+        if need is None or plan.fits(need):
+            continue
+        available = plan.memory[need.device]
+        where = f"the {need.device} has {available / 2 ** 30:.1f} GiB"
+        changes: dict[str, object] = {}
+        for key, value in _fixes(recipe):
+            changes[key] = value
+            if key == "training.per_device_train_batch_size":
+                continue  # its accumulation comes next
+            after = next(n for n in estimate(_with(recipe, changes), plan.count, plan.train_device) if n.stage == stage)
+            if after.total <= available:
+                raise ShearsError(f"{stage} needs ~{gb(need.total)} in {plan.dtype} but {where}: set "
+                                  f"{_described(changes)} (then ~{gb(after.total)}); "
+                                  "python -m shears.train_supernet --plan shows every stage")
+        raise ShearsError(f"{stage} needs ~{gb(need.total)} in {plan.dtype} but {where}, more than any setting "
+                          "saves: use a device with more memory or a smaller model (--plan shows every term)")
