@@ -4,6 +4,7 @@
     flock /work/locks/heavy.lock nice -n 10 python benchmarks/bench_memory.py --shape llama-7b \
         --out benchmarks/results/memory/llama-7b.txt                    # 13.8 GB, ~16 GB of RAM, ~40 min
     python benchmarks/bench_memory.py --shape path/to/config.json      # any HF config
+    python benchmarks/bench_memory.py --activations     # the training step's bytes per token, measured
 
 The model is built in bf16 on the meta device from the shape's config (SmolLM2's 49k tokenizer, the
 embedded smollm2-135m, sets the vocabulary), materialised with cheap random weights and saved as an HF
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import shutil
 import subprocess
@@ -99,7 +99,9 @@ def stages(work: Path, recipe: Path) -> list[Stage]:
 
 def available(stage: Stage) -> str | None:
     """Why the stage cannot run here (None: it can)."""
-    if importlib.util.find_spec(stage.module) is None:
+    spec = importlib.util.find_spec(stage.module)
+    # this checkout's module only: an installed (editable) shears elsewhere may have stages this one lacks
+    if spec is None or spec.origin is None or not Path(spec.origin).resolve().is_relative_to(REPO):
         return f"{stage.module} does not exist in this shears"
     if stage.needs_flag:
         help_text = subprocess.run([sys.executable, "-m", stage.module, "--help"], capture_output=True, text=True,
@@ -145,6 +147,7 @@ def build_model(shape: str, folder: Path) -> None:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model = model.to_empty(device="cpu")
+    model.tie_weights()  # to_empty gives every parameter its own storage: a tied output layer shares it again
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -172,6 +175,71 @@ def write_recipe(model: Path, work: Path) -> Path:
     path = work / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+# --------------------------------------------------------------------------- training activations per token
+
+STEP_TOKENS = (4, 256)  # batch x sequence length of the measured training step
+STEP_SHAPES = ((1024, 4096), (2048, 4096), (1024, 8192))  # (hidden, intermediate)
+STEP_DEPTHS = (2, 6)
+
+
+def step_growth(hidden: int, intermediate: int, layers: int, checkpointing: bool) -> int:
+    """RSS growth (bytes) of one forward + backward of a random bf16 Llama of this shape under the llama
+    space's LoRA and bf16 autocast, beyond what the process held before it (run in a fresh process)."""
+    import gc
+    import resource
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from shears.elastic import SuperNet
+    from shears.search_space import load_search_space
+
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=16, num_key_value_heads=16, vocab_size=512)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    net = SuperNet.from_base(model, load_search_space("llama"))
+    net.model.train()
+    ids = torch.randint(0, 512, STEP_TOKENS)
+
+    def step(batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net.model(input_ids=batch, labels=batch)
+        out.loss.backward()
+
+    step(ids[:1, :8])  # kernels and allocator warmed up on a tiny step
+    gc.collect()
+    before = max(int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE"),
+                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    step(ids)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+
+
+def measure_activations() -> None:
+    """Bytes per token per block of a training step, from the growth at two depths (the slope), beside
+    shears.memory's constants."""
+    from shears.memory import BLOCK_BYTES_PER_TOKEN, CHECKPOINTED_BYTES_PER_TOKEN
+
+    tokens = STEP_TOKENS[0] * STEP_TOKENS[1]
+    print(f"training step of {STEP_TOKENS[0]} x {STEP_TOKENS[1]} tokens, bf16 weights, bf16 autocast, llama space LoRA; "
+          f"RSS growth at {STEP_DEPTHS[0]} and {STEP_DEPTHS[1]} blocks")
+    print(f"{'hidden':>6} {'interm.':>7} {'checkpointing':>13} {'measured B/token/block':>23} {'shears.memory':>13}")
+    for hidden, intermediate in STEP_SHAPES:
+        for checkpointing in (False, True):
+            growth = []
+            for layers in STEP_DEPTHS:
+                out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--step", str(hidden),
+                                      str(intermediate), str(layers), str(int(checkpointing))],
+                                     capture_output=True, text=True, cwd=REPO, env=child_env(), check=True)
+                growth.append(int(out.stdout.split()[-1]))
+            slope = (growth[1] - growth[0]) / (STEP_DEPTHS[1] - STEP_DEPTHS[0]) / tokens
+            model = (CHECKPOINTED_BYTES_PER_TOKEN * hidden if checkpointing
+                     else BLOCK_BYTES_PER_TOKEN[0] * hidden + BLOCK_BYTES_PER_TOKEN[1] * intermediate)
+            print(f"{hidden:>6} {intermediate:>7} {str(checkpointing):>13} {slope:>23,.0f} {model:>13,}")
 
 
 # --------------------------------------------------------------------------- the report
@@ -270,5 +338,9 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--build":
         build_model(sys.argv[2], Path(sys.argv[3]))
+    elif len(sys.argv) == 6 and sys.argv[1] == "--step":
+        print(step_growth(*map(int, sys.argv[2:5]), checkpointing=sys.argv[5] == "1"))
+    elif sys.argv[1:] == ["--activations"]:
+        measure_activations()
     else:
         main()

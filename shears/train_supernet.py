@@ -56,7 +56,7 @@ from .recipe import Recipe, Strategy, load_recipe, parse_overrides, save_recipe
 from .run import recipe_splits
 from .rundir import RunDir
 from .scores import run_scoring, score_record, write_history
-from .search_space import WIDTH_KINDS, BoundSpace, SearchSpace, canonical, load_search_space
+from .search_space import WIDTH_KINDS, BoundSpace, SearchSpace, canonical, recipe_search_space
 from .sparsity import prune_to_folder
 from .squeeze import squeeze_lora_layer
 from .width import ChannelOrder, width_order
@@ -254,9 +254,7 @@ class NLSTrainer(Trainer):
 # --------------------------------------------------------------------------- the run
 
 def resolve_search_space(recipe: Recipe) -> SearchSpace:
-    if isinstance(recipe.search_space, dict):
-        return SearchSpace.from_dict(recipe.search_space, source="recipe.search_space")
-    return load_search_space(recipe.search_space)
+    return recipe_search_space(recipe.search_space)
 
 
 def prepare_base(recipe: Recipe, run_dir: RunDir, train_records: list[dict], bf16: bool = False):

@@ -3,12 +3,10 @@ that cannot fit, before writing anything."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from conftest import make_tiny_model, make_tiny_tokenizer, one_line_error
 from safetensors import safe_open
 from torch import nn
@@ -122,6 +120,18 @@ def test_wanda_returns_masks_only_when_asked_and_prunes_alike():
         assert torch.equal(unasked.get_submodule(name).weight != 0, keep), name
 
 
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.5, 0.97])
+def test_the_selection_prunes_what_a_stable_sort_prunes_ties_included(fraction):
+    from shears.sparsity import keep_mask
+
+    scores = torch.randint(0, 4, (16, 37), generator=torch.Generator().manual_seed(1)).float()  # many ties
+    keep = keep_mask(scores, fraction, None)
+    n = int(37 * fraction)
+    for row, kept in zip(scores.tolist(), keep):
+        pruned = sorted(range(37), key=lambda j: (row[j], j))[:n]  # lowest score first, then lowest index
+        assert [j for j in range(37) if not kept[j]] == sorted(pruned)
+
+
 # --------------------------------------------------------------------------- merging a shard at a time
 
 def test_merged_export_written_in_shards_loads_as_the_one_file_merge(tmp_path):
@@ -218,11 +228,13 @@ def test_plan_prints_every_stage_and_writes_nothing(tiny_model_dir, tmp_path, ca
     assert not (tmp_path / "run").exists()
 
 
-def test_a_recipe_that_cannot_fit_is_refused_naming_the_setting_and_nothing_is_written(tiny_model_dir, tmp_path,
-                                                                                           capsys):
+def test_a_recipe_that_cannot_fit_is_refused_naming_the_setting_and_nothing_is_written(tmp_path, capsys):
     from shears.train_supernet import main
 
-    path = tiny_recipe(tiny_model_dir, tmp_path)
+    deep = tmp_path / "tiny-deep"  # deep enough for gradient checkpointing to save memory
+    make_tiny_model("llama", num_hidden_layers=8, max_position_embeddings=512).save_pretrained(deep)
+    make_tiny_tokenizer().save_pretrained(deep)
+    path = tiny_recipe(deep, tmp_path)
     big = {"training.per_device_train_batch_size": 64, "data.cutoff_len": 512}
     recipe = load_recipe(path, big)
     fp32 = plan_totals(recipe, "train")
