@@ -128,10 +128,9 @@ def run_measured(argv: list[str], log: Path) -> tuple[int, float, int]:
 
 # --------------------------------------------------------------------------- the model
 
-def build_model(shape: str, folder: Path) -> None:
-    """The shape's model in bf16, built on the meta device, given random weights, saved with the tokenizer."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+def shape_config(shape: str):
+    """The HF config of a named shape or a config path, with the embedded tokenizer's vocabulary and ids."""
+    from transformers import AutoConfig, LlamaConfig
 
     from shears.models import SMOLLM2_ALIAS, load_tokenizer
 
@@ -139,11 +138,19 @@ def build_model(shape: str, folder: Path) -> None:
     ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id, max_position_embeddings=2048)
     if shape in SHAPES:
-        config = LlamaConfig(**SHAPES[shape], **ids)
-    else:
-        config = AutoConfig.from_pretrained(Path(shape).parent if Path(shape).name == "config.json" else shape)
-        for key, value in ids.items():
-            setattr(config, key, value)
+        return LlamaConfig(**SHAPES[shape], **ids), tokenizer
+    config = AutoConfig.from_pretrained(Path(shape).parent if Path(shape).name == "config.json" else shape)
+    for key, value in ids.items():
+        setattr(config, key, value)
+    return config, tokenizer
+
+
+def build_model(shape: str, folder: Path) -> None:
+    """The shape's model in bf16, built on the meta device, given random weights, saved with the tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config, tokenizer = shape_config(shape)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model = model.to_empty(device="cpu")
@@ -221,25 +228,30 @@ def step_growth(hidden: int, intermediate: int, layers: int, checkpointing: bool
 
 def measure_activations() -> None:
     """Bytes per token per block of a training step, from the growth at two depths (the slope), beside
-    shears.memory's constants."""
+    shears.memory's constants: under glibc's default malloc (a CPU run's RSS) and with every freed block
+    returned at once (MALLOC_MMAP_THRESHOLD_=65536: the tensors themselves, what a GPU holds)."""
     from shears.memory import BLOCK_BYTES_PER_TOKEN, CHECKPOINTED_BYTES_PER_TOKEN
 
     tokens = STEP_TOKENS[0] * STEP_TOKENS[1]
     print(f"training step of {STEP_TOKENS[0]} x {STEP_TOKENS[1]} tokens, bf16 weights, bf16 autocast, llama space LoRA; "
-          f"RSS growth at {STEP_DEPTHS[0]} and {STEP_DEPTHS[1]} blocks")
-    print(f"{'hidden':>6} {'interm.':>7} {'checkpointing':>13} {'measured B/token/block':>23} {'shears.memory':>13}")
-    for hidden, intermediate in STEP_SHAPES:
-        for checkpointing in (False, True):
-            growth = []
-            for layers in STEP_DEPTHS:
-                out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--step", str(hidden),
-                                      str(intermediate), str(layers), str(int(checkpointing))],
-                                     capture_output=True, text=True, cwd=REPO, env=child_env(), check=True)
-                growth.append(int(out.stdout.split()[-1]))
-            slope = (growth[1] - growth[0]) / (STEP_DEPTHS[1] - STEP_DEPTHS[0]) / tokens
-            model = (CHECKPOINTED_BYTES_PER_TOKEN * hidden if checkpointing
-                     else BLOCK_BYTES_PER_TOKEN[0] * hidden + BLOCK_BYTES_PER_TOKEN[1] * intermediate)
-            print(f"{hidden:>6} {intermediate:>7} {str(checkpointing):>13} {slope:>23,.0f} {model:>13,}")
+          f"RSS growth at {STEP_DEPTHS[0]} and {STEP_DEPTHS[1]} blocks; bytes per token per block")
+    print(f"{'hidden':>6} {'interm.':>7} {'checkpointing':>13} {'malloc':>8} {'measured':>9} {'shears.memory':>13}")
+    for malloc, device, env in (("default", "cpu", {}), ("mmap", "cuda", {"MALLOC_MMAP_THRESHOLD_": "65536"})):
+        for hidden, intermediate in STEP_SHAPES:
+            for checkpointing in (False, True):
+                growth = []
+                for layers in STEP_DEPTHS:
+                    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--step", str(hidden),
+                                          str(intermediate), str(layers), str(int(checkpointing))],
+                                         capture_output=True, text=True, cwd=REPO, env={**child_env(), **env},
+                                         check=True)
+                    growth.append(int(out.stdout.split()[-1]))
+                slope = (growth[1] - growth[0]) / (STEP_DEPTHS[1] - STEP_DEPTHS[0]) / tokens
+                per_hidden, per_intermediate = BLOCK_BYTES_PER_TOKEN[device]
+                model = (CHECKPOINTED_BYTES_PER_TOKEN[device] * hidden if checkpointing
+                         else per_hidden * hidden + per_intermediate * intermediate)
+                print(f"{hidden:>6} {intermediate:>7} {str(checkpointing):>13} {malloc:>8} {slope:>9,.0f} "
+                      f"{model:>9,} ({device})")
 
 
 # --------------------------------------------------------------------------- the report
@@ -253,6 +265,22 @@ def estimates(recipe_path: Path, model: Path, tiny: bool = True, train_device: s
     return {n.stage: n for n in estimate(recipe, count, train_device)}, count, recipe
 
 
+def real_run_estimates(say, recipe: Path, model: Path, weights: float) -> None:
+    """The plan of the paper's recipe, unchanged but for the model, on this CPU and on a GPU."""
+    for device in ("cpu", "cuda"):
+        real, _, paper = estimates(recipe, model, tiny=False, train_device=device)
+        where = "this CPU (every stage in RAM)" if device == "cpu" else "a GPU (train and search on it, the rest in RAM)"
+        say()
+        say(f"estimate for a real run of {PAPER_RECIPE.name} on this model, on {where}: calibration "
+            f"{paper.sparsity.nsamples} x {paper.sparsity.seqlen}, training batch {paper.training.per_device_train_batch_size}"
+            f" x {paper.data.cutoff_len} (gradient checkpointing {paper.training.gradient_checkpointing}), evaluation "
+            f"batch {paper.evaluation.batch_size}, {paper.evaluation.max_new_tokens} new tokens")
+        for need in real.values():
+            terms = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in need.parts.items())
+            say(f"  {need.stage:<15} {need.device:<5} {need.total / 1e9:7.2f} GB = {need.total / weights:5.2f}x weights"
+                f"   ({terms})")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama-1b", help=f"{', '.join(SHAPES)} or a path to an HF config")
@@ -260,6 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stages", help="comma list of stages to run (default: all that exist)")
     parser.add_argument("--out", type=Path, help="also write the report to this file")
     parser.add_argument("--keep", action="store_true", help="keep the working folder")
+    parser.add_argument("--estimate-only", action="store_true",
+                        help="no model, no stages: the plan of a real run from the shape's config alone")
     args = parser.parse_args(argv)
 
     work = args.work or Path(f"/tmp/bench_memory-{Path(args.shape).stem}-{os.getpid()}")
@@ -275,6 +305,19 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(line)
 
     try:
+        if args.estimate_only:
+            import torch
+
+            config, _ = shape_config(args.shape)
+            config.dtype = torch.bfloat16  # what config.json says the weights are stored in
+            config.save_pretrained(model)
+            recipe = write_recipe(model, work)
+            _, count, _ = estimates(recipe, model)
+            say(f"bench_memory --shape {args.shape} --estimate-only: {count.params / 1e9:.2f}B parameters, bf16 "
+                f"weights {count.params * 2 / 1e9:.2f} GB ({count.layers} blocks, hidden {count.hidden}, vocab "
+                f"{count.vocab}); nothing built or run")
+            real_run_estimates(say, recipe, model, count.params * 2)
+            return
         build_rss, build_s, status = run_measured([str(Path(__file__).resolve()), "--build", args.shape, str(model)],
                                                   work / "logs" / "build.log")
         if status:
@@ -315,18 +358,7 @@ def main(argv: list[str] | None = None) -> None:
         say()
         say("terms of each estimate above (GB): " + "; ".join(
             f"{n.stage}: " + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in n.parts.items()) for n in planned.values()))
-        for device in ("cpu", "cuda"):
-            real, _, paper = estimates(recipe, model, tiny=False, train_device=device)
-            where = "this CPU (every stage in RAM)" if device == "cpu" else "a GPU (train and search on it, the rest in RAM)"
-            say()
-            say(f"estimate for a real run of {PAPER_RECIPE.name} on this model, on {where}: calibration "
-                f"{paper.sparsity.nsamples} x {paper.sparsity.seqlen}, training batch {paper.training.per_device_train_batch_size}"
-                f" x {paper.data.cutoff_len} (gradient checkpointing {paper.training.gradient_checkpointing}), evaluation "
-                f"batch {paper.evaluation.batch_size}, {paper.evaluation.max_new_tokens} new tokens")
-            for need in real.values():
-                terms = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in need.parts.items())
-                say(f"  {need.stage:<15} {need.device:<5} {need.total / 1e9:7.2f} GB = {need.total / weights:5.2f}x weights"
-                    f"   ({terms})")
+        real_run_estimates(say, recipe, model, weights)
     finally:
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -170,18 +170,21 @@ def _bf16(setting, device: str) -> bool:
     return native_bf16(device) if setting == "auto" else bool(setting)
 
 
-# Bytes one training token costs per decoder block, measured as the RSS growth of a training step at two
-# depths and three widths (bench_memory.py --activations: Llama blocks under the llama space's LoRA, bf16
-# autocast, this CPU; bf16 and float32 weights alike within 10%): every block's internals without
-# gradient checkpointing ~128 hidden + 12 intermediate; with it ~48 hidden per block kept, plus the
-# internals of the two blocks in flight while one is recomputed.
-BLOCK_BYTES_PER_TOKEN = (128, 12)  # (x hidden, x intermediate)
-CHECKPOINTED_BYTES_PER_TOKEN = 48  # x hidden, per block
+# Bytes one training token costs per decoder block, from the growth of a training step at two depths and
+# three widths (bench_memory.py --activations: Llama blocks under the llama space's LoRA, bf16 autocast).
+# The tensors themselves -- measured with glibc returning every freed block (MALLOC_MMAP_THRESHOLD_),
+# what a GPU's caching allocator holds -- are ~44 hidden + 15 intermediate per block, and ~3 hidden per
+# block under gradient checkpointing (the block's input). The RSS of a CPU run under glibc's default
+# malloc, which keeps freed blocks for reuse, is ~128 hidden + 12 intermediate, and ~48 hidden per
+# checkpointed block. Under checkpointing two blocks' internals are in flight besides.
+BLOCK_BYTES_PER_TOKEN = {"cuda": (44, 15), "cpu": (128, 12)}  # (x hidden, x intermediate)
+CHECKPOINTED_BYTES_PER_TOKEN = {"cuda": 3, "cpu": 48}  # x hidden, per block
 INFERENCE_BYTES_PER_TOKEN = (16, 12)  # one block's forward without autograd: its float32 intermediates
 
 
-def _block_token_bytes(c: ModelCount) -> int:
-    return BLOCK_BYTES_PER_TOKEN[0] * c.hidden + BLOCK_BYTES_PER_TOKEN[1] * c.intermediate
+def _block_token_bytes(c: ModelCount, device: str) -> int:
+    per_hidden, per_intermediate = BLOCK_BYTES_PER_TOKEN[device]
+    return per_hidden * c.hidden + per_intermediate * c.intermediate
 
 
 def _inference_token_bytes(c: ModelCount) -> int:
@@ -229,9 +232,10 @@ def estimate(recipe: Recipe, count: ModelCount, train_device: str = "cpu") -> li
              f"{c.adapter_params / 1e6:.1f}M LoRA parameters x (weight, gradient, AdamW's 2 moments in float32"
              + (" + a bf16 copy)" if bf16 else ")"))
     tokens = t.per_device_train_batch_size * recipe.data.cutoff_len
-    block = tokens * _block_token_bytes(c)
+    block = tokens * _block_token_bytes(c, train_device)
     if t.gradient_checkpointing:  # (never more than keeping everything: a shallow model gains nothing)
-        need.add("activations", min(c.layers * tokens * CHECKPOINTED_BYTES_PER_TOKEN * c.hidden + 2 * block,
+        kept = CHECKPOINTED_BYTES_PER_TOKEN[train_device] * c.hidden
+        need.add("activations", min(c.layers * tokens * kept + 2 * block,
                                     c.layers * block),
                  f"gradient checkpointing: what {c.layers} blocks keep + two blocks' internals, {tokens} tokens "
                  "(batch x data.cutoff_len)")

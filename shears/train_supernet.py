@@ -1,6 +1,7 @@
 """Train an elastic-LoRA super-network once (Neural Low-rank adapter Search), on HF Trainer.
 
     python -m shears.train_supernet [--recipe recipes/X.yaml] [key=value ...] [--output RUN] [--resume]
+    python -m shears.train_supernet --recipe recipes/X.yaml --plan [--device-memory 24GiB]   # memory per stage
 
 The run: (1) prune the base when the recipe asks (cached in RUN/sparse_base), (2) when the search
 space has width groups, order each block's MLP channels by importance on calibration windows of the
