@@ -44,7 +44,7 @@ from .search_space import recipe_search_space
 
 # Bounds the stages keep to, defined here so that the estimate and the code agree by construction.
 SCORE_CHUNK = 2 ** 22  # Wanda scores this many entries of a matrix at a time (sparsity._prune_linear)
-SCORE_BYTES_PER_ENTRY = 22  # fp32 |W|, the score, its sort's values and int64 indices, the bool mask
+SCORE_BYTES_PER_ENTRY = 22  # fp32 scores, the selection's copy, the ties' int64 running count, bool masks
 MERGED_SHARD_BYTES = 512 * 2 ** 20  # export --merge writes merged/ in shards of at most this size
 
 # The process before any weights: RSS of the stage's CLI on a tiny model (benchmarks/bench_memory.py
@@ -53,7 +53,7 @@ RUNTIME = {"prune": 0.48e9, "train": 0.62e9, "search": 0.56e9, "export": 0.50e9,
 CUDA_CONTEXT = 0.5e9  # what a CUDA context and the allocator's slack take on a GPU (not measured here)
 
 STAGES = ("prune", "train", "search", "export", "export --merge")
-_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
           "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 
@@ -191,94 +191,102 @@ def _inference_token_bytes(c: ModelCount) -> int:
     return INFERENCE_BYTES_PER_TOKEN[0] * c.hidden + INFERENCE_BYTES_PER_TOKEN[1] * c.intermediate
 
 
-def estimate(recipe: Recipe, count: ModelCount, train_device: str = "cpu") -> list[Need]:
-    """Every stage's need for `recipe` on `count`; training and the search run on `train_device` (the
-    default device, as their CLIs choose), pruning and export on the CPU, as theirs do."""
-    dtype = weights_dtype(recipe, count)
+def _runtime(need: Need) -> None:
+    if need.device == "cuda":
+        need.add("runtime", CUDA_CONTEXT, "a CUDA context on the GPU")
+    else:
+        need.add("runtime", RUNTIME[need.stage], "the process before any weights (measured)")
+
+
+def _weights(need: Need, recipe: Recipe, c: ModelCount) -> int:
+    """Adds the weights; returns bytes per weight."""
+    dtype = weights_dtype(recipe, c)
     w = _BYTES.get(dtype, 4)
-    a = w
-    weights = count.params * w
-    weights_note = f"{count.params / 1e9:.2f}B parameters in {dtype}"
-    c, s, t, e = count, recipe.sparsity, recipe.training, recipe.evaluation
-    needs = []
+    need.add("weights", c.params * w, f"{c.params / 1e9:.2f}B parameters in {dtype}")
+    return w
 
-    def runtime(need: Need) -> None:
-        if need.device == "cuda":
-            need.add("runtime", CUDA_CONTEXT, "a CUDA context on the GPU")
-        else:
-            need.add("runtime", RUNTIME[need.stage], "the process before any weights (measured)")
 
-    if s.sparsity > 0:
-        bf16 = _bf16(t.bf16, "cpu")
-        need = Need("prune", "cpu")
-        runtime(need)
-        need.add("weights", weights, weights_note)
-        if s.method == "wanda":
-            seqlen = s.seqlen
-            need.add("activations", s.nsamples * seqlen * c.hidden * a,
-                     f"Wanda's captured hidden states, {s.nsamples} x {seqlen} x {c.hidden} in {dtype}")
-            need.add("activations", s.batch_size * seqlen * _inference_token_bytes(c), "one block's forward")
-            if bf16 and w == 4:
-                need.add("bf16 copies", c.linear_params * 2, "the linears in bf16 for the calibration forward")
-        need.add("transient", min(SCORE_CHUNK, c.largest_adapted or SCORE_CHUNK) * SCORE_BYTES_PER_ENTRY,
-                 f"scores of {SCORE_CHUNK} entries of one matrix")
-        needs.append(need)
+def _prune_need(recipe: Recipe, c: ModelCount) -> Need:
+    s, bf16 = recipe.sparsity, _bf16(recipe.training.bf16, "cpu")
+    need = Need("prune", "cpu")  # prune_to_folder loads the model on the CPU
+    _runtime(need)
+    w = _weights(need, recipe, c)
+    if s.method == "wanda":
+        need.add("activations", s.nsamples * s.seqlen * c.hidden * w,
+                 f"Wanda's captured hidden states, {s.nsamples} x {s.seqlen} x {c.hidden}, in the weights' dtype")
+        need.add("activations", s.batch_size * s.seqlen * _inference_token_bytes(c), "one block's forward")
+        if bf16 and w == 4:
+            need.add("bf16 copies", c.linear_params * 2, "the linears in bf16 for the calibration forward")
+    need.add("transient", min(SCORE_CHUNK, c.largest_adapted or SCORE_CHUNK) * SCORE_BYTES_PER_ENTRY,
+             f"scores of {SCORE_CHUNK} entries of one matrix")
+    return need
 
-    bf16 = _bf16(t.bf16, train_device)
-    need = Need("train", train_device)
-    runtime(need)
-    need.add("weights", weights, weights_note)
+
+def _train_need(recipe: Recipe, c: ModelCount, device: str) -> Need:
+    t, bf16 = recipe.training, _bf16(recipe.training.bf16, device)
+    need = Need("train", device)
+    _runtime(need)
+    _weights(need, recipe, c)
     need.add("adapter", c.adapter_params * (16 + (2 if bf16 else 0)),
              f"{c.adapter_params / 1e6:.1f}M LoRA parameters x (weight, gradient, AdamW's 2 moments in float32"
              + (" + a bf16 copy)" if bf16 else ")"))
     tokens = t.per_device_train_batch_size * recipe.data.cutoff_len
-    block = tokens * _block_token_bytes(c, train_device)
+    block = tokens * _block_token_bytes(c, device)
     if t.gradient_checkpointing:  # (never more than keeping everything: a shallow model gains nothing)
-        kept = CHECKPOINTED_BYTES_PER_TOKEN[train_device] * c.hidden
-        need.add("activations", min(c.layers * tokens * kept + 2 * block,
-                                    c.layers * block),
+        kept = c.layers * tokens * CHECKPOINTED_BYTES_PER_TOKEN[device] * c.hidden
+        need.add("activations", min(kept + 2 * block, c.layers * block),
                  f"gradient checkpointing: what {c.layers} blocks keep + two blocks' internals, {tokens} tokens "
                  "(batch x data.cutoff_len)")
     else:
-        need.add("activations", c.layers * block, f"{c.layers} blocks' internals x {tokens} tokens "
-                 "(batch x data.cutoff_len), no checkpointing")
+        need.add("activations", c.layers * block,
+                 f"{c.layers} blocks' internals x {tokens} tokens (batch x data.cutoff_len), no checkpointing")
     need.add("activations", tokens * c.vocab * 12, "output layer: logits, log-softmax and their gradient")
-    needs.append(need)
+    return need
 
-    eval_bf16 = _bf16(recipe.evaluation_bf16(), train_device)
-    need = Need("search", train_device)
-    runtime(need)
-    need.add("weights", weights, weights_note)
+
+def _search_need(recipe: Recipe, c: ModelCount, device: str) -> Need:
+    e, bf16 = recipe.evaluation, _bf16(recipe.evaluation_bf16(), device)
+    need = Need("search", device)
+    _runtime(need)
+    w = _weights(need, recipe, c)
     need.add("adapter", c.adapter_params * 4, "LoRA in float32")
-    kv = 2 if (eval_bf16 or w == 2) else 4
     if e.task == "math":
         length = recipe.data.cutoff_len + e.max_new_tokens
-        need.add("activations", 2 * c.layers * e.batch_size * length * c.kv_heads * c.head_dim * kv,
+        need.add("activations", 2 * c.layers * e.batch_size * length * c.kv_heads * c.head_dim * (2 if bf16 else w),
                  f"KV cache: {e.batch_size} sequences x {length} tokens")
     else:
         need.add("activations", e.batch_size * recipe.data.cutoff_len * (_inference_token_bytes(c) + c.vocab * 4),
                  "a scored forward and its float32 logits")
     if w != 4:
         need.add("transient", c.head_params * 4, "the output layer in float32 (float32 logits)")
-    if eval_bf16 and w == 4:
+    if bf16 and w == 4:
         need.add("bf16 copies", c.linear_params * 2, "the frozen linears held in bf16 while evaluating")
-    needs.append(need)
+    return need
 
-    need = Need("export", "cpu")
-    runtime(need)
-    need.add("adapter", c.adapter_params * 4 * 2, "LoRA in float32 and the subnet's slices")
-    if dtype != c.stored_dtype:
-        need.add("weights", weights, f"converted from {c.stored_dtype} as they load")
-    needs.append(need)
 
-    need = Need("export --merge", "cpu")
-    runtime(need)
-    need.add("weights", weights, weights_note)
-    need.add("adapter", c.adapter_params * 4 * 2, "LoRA in float32 and the subnet's slices")
-    need.add("transient", min(MERGED_SHARD_BYTES, weights), "one shard of merged matrices")
-    need.add("transient", c.largest_adapted * 11, "one matrix merged in float64")
-    needs.append(need)
-    return needs
+def _export_needs(recipe: Recipe, c: ModelCount) -> list[Need]:
+    plain, merge = Need("export", "cpu"), Need("export --merge", "cpu")  # export runs on the CPU
+    dtype = weights_dtype(recipe, c)
+    # the base export loads: RUN/sparse_base, written in the recipe's dtype, or the model as stored
+    stored = dtype if recipe.sparsity.sparsity > 0 else c.stored_dtype
+    for need in (plain, merge):
+        _runtime(need)
+        need.add("adapter", c.adapter_params * 4 * 2, "LoRA in float32 and the subnet's slices")
+    if dtype != stored:
+        _weights(plain, recipe, c)
+        plain.notes["weights"] += f", converted from {stored} as they load"
+    weights = _weights(merge, recipe, c) * c.params
+    merge.add("transient", min(MERGED_SHARD_BYTES, weights), "one shard of merged matrices")
+    merge.add("transient", c.largest_adapted * 11, "one matrix merged in float64")
+    return [plain, merge]
+
+
+def estimate(recipe: Recipe, count: ModelCount, train_device: str = "cpu") -> list[Need]:
+    """Every stage's need for `recipe` on `count`; training and the search run on `train_device` (the
+    default device, as their CLIs choose), pruning and export on the CPU, as theirs do."""
+    needs = [_prune_need(recipe, count)] if recipe.sparsity.sparsity > 0 else []
+    return needs + [_train_need(recipe, count, train_device), _search_need(recipe, count, train_device),
+                    *_export_needs(recipe, count)]
 
 
 # --------------------------------------------------------------------------- the plan
@@ -331,31 +339,38 @@ def make_plan(recipe: Recipe, device_memory: int | None = None, count: ModelCoun
                 train_device)
 
 
-# The settings that lower a stage's need, in the order they are suggested: (key, value or a function of
-# the recipe giving it, None when it does not apply).
-def _fixes(recipe: Recipe) -> list[tuple[str, object]]:
-    t, s = recipe.training, recipe.sparsity
-    fixes: list[tuple[str, object]] = []
+def _fix_steps(recipe: Recipe, stage: str) -> list[dict[str, object]]:
+    """The recipe changes that may lower `stage`'s need, in the order they are suggested."""
+    t, s, e = recipe.training, recipe.sparsity, recipe.evaluation
+    steps: list[dict[str, object]] = []
     if recipe.dtype in ("float32", "fp32", "auto"):
-        fixes.append(("dtype", "bfloat16"))
-    if not t.gradient_checkpointing:
-        fixes.append(("training.gradient_checkpointing", True))
-    batch, accumulation = t.per_device_train_batch_size, t.gradient_accumulation_steps
-    while batch > 1:  # the same effective batch: fewer sequences per step, more accumulation
-        batch, accumulation = batch // 2, accumulation * 2
-        fixes.append(("training.per_device_train_batch_size", batch))
-        fixes.append(("training.gradient_accumulation_steps", accumulation))
-    nsamples = s.nsamples
-    while s.sparsity > 0 and s.method == "wanda" and nsamples > 16:
-        nsamples //= 2
-        fixes.append(("sparsity.nsamples", nsamples))
-    return fixes
+        steps.append({"dtype": "bfloat16"})
+    if stage == "train":
+        if not t.gradient_checkpointing:
+            steps.append({"training.gradient_checkpointing": True})
+        batch, accumulation = t.per_device_train_batch_size, t.gradient_accumulation_steps
+        while batch > 1:  # the same effective batch: fewer sequences per step, more accumulation
+            batch, accumulation = batch // 2, accumulation * 2
+            steps.append({"training.per_device_train_batch_size": batch,
+                          "training.gradient_accumulation_steps": accumulation})
+    elif stage == "prune":
+        nsamples = s.nsamples
+        while s.method == "wanda" and nsamples > 16:
+            nsamples //= 2
+            steps.append({"sparsity.nsamples": nsamples})
+    elif stage == "search":
+        batch = e.batch_size
+        while batch > 1:
+            batch //= 2
+            steps.append({"evaluation.batch_size": batch})
+    return steps
 
 
 def _with(recipe: Recipe, changes: dict[str, object]) -> Recipe:
     """A copy of `recipe` with dotted keys changed."""
     recipe = dataclasses.replace(recipe, training=dataclasses.replace(recipe.training),
-                                 sparsity=dataclasses.replace(recipe.sparsity))
+                                 sparsity=dataclasses.replace(recipe.sparsity),
+                                 evaluation=dataclasses.replace(recipe.evaluation))
     for key, value in changes.items():
         section, _, name = key.rpartition(".")
         setattr(getattr(recipe, section) if section else recipe, name, value)
@@ -375,7 +390,8 @@ def _described(changes: dict[str, object]) -> str:
 
 def refuse_unless_fits(recipe: Recipe, plan: Plan, stages: tuple[str, ...] = ("prune", "train")) -> None:
     """A one-line ShearsError when one of `stages` needs more than its device has, naming the recipe
-    setting(s) -- dtype, gradient checkpointing, batch size, calibration samples -- that would make it fit."""
+    setting(s) -- dtype, gradient checkpointing, batch size, calibration samples -- that would make it fit
+    (each suggested change lowers the need; they are tried in that order)."""
     for stage in stages:
         need = plan.need(stage)
         if need is None or plan.fits(need):
@@ -383,14 +399,16 @@ def refuse_unless_fits(recipe: Recipe, plan: Plan, stages: tuple[str, ...] = ("p
         available = plan.memory[need.device]
         where = f"the {need.device} has {available / 2 ** 30:.1f} GiB"
         changes: dict[str, object] = {}
-        for key, value in _fixes(recipe):
-            changes[key] = value
-            if key == "training.per_device_train_batch_size":
-                continue  # its accumulation comes next
-            after = next(n for n in estimate(_with(recipe, changes), plan.count, plan.train_device) if n.stage == stage)
-            if after.total <= available:
+        lowest = need.total
+        for step in _fix_steps(recipe, stage):
+            after = next(n for n in estimate(_with(recipe, {**changes, **step}), plan.count, plan.train_device)
+                         if n.stage == stage).total
+            if after >= lowest:
+                continue
+            changes, lowest = {**changes, **step}, after
+            if lowest <= available:
                 raise ShearsError(f"{stage} needs ~{gb(need.total)} in {plan.dtype} but {where}: set "
-                                  f"{_described(changes)} (then ~{gb(after.total)}); "
+                                  f"{_described(changes)} (then ~{gb(lowest)}); "
                                   "python -m shears.train_supernet --plan shows every stage")
         raise ShearsError(f"{stage} needs ~{gb(need.total)} in {plan.dtype} but {where}, more than any setting "
                           "saves: use a device with more memory or a smaller model (--plan shows every term)")
