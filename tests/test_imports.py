@@ -11,7 +11,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "shears"
 
 FLOORS = [
-    {"errors", "atomic", "rundir", "flags", "__init__"},  # imported by everything, import nothing of shears but errors
+    {"errors", "atomic", "rundir", "flags", "qformat", "__init__"},  # imported by everything, import nothing of shears but errors
     {"models", "precision"},
     {"data", "recipe", "search_space", "width"},
     {"sparsity", "prune"},  # prune.py is sparsity's CLI

@@ -1,0 +1,203 @@
+"""Q8_0 and Q4_0: llama.cpp's block formats, in torch, and how a quantized base is stored.
+
+This is the one interface between quantizing a base (`shears.quantize`), training adapters against it,
+and writing it as GGUF (`shears.export --format gguf`): the bytes produced here are the bytes llama.cpp
+reads, so a GGUF export copies them and never re-quantizes.
+
+A weight `W[rows, cols]` is cut into blocks of 32 consecutive weights along its input dimension
+(`cols`). Each block is stored as one float16 scale `d` followed by its codes (ggml's `block_q8_0` and
+`block_q4_0`; GGUF's `GGML_TYPE_Q8_0` / `GGML_TYPE_Q4_0`):
+
+    q8_0  34 bytes: d = max|x| / 127,   code q = round-half-away(x / d) in [-127, 127],   x ~ d * q
+    q4_0  18 bytes: d = x_m / -8,       code q = floor(x / d + 8.5) clipped to [0, 15],   x ~ d * (q - 8)
+                    where x_m is the block's value of largest magnitude, sign kept; byte j of the 16
+                    code bytes holds code j in its low nibble and code j + 16 in its high nibble.
+
+The reciprocal 1/d is taken in float32 from the float32 d, before d is rounded to float16; that is how
+ggml (and the `gguf` package, which tests/test_qformat.py compares against byte for byte) computes the
+codes. A zero weight gets code 0 (q4_0: nibble 8), so a pruned zero dequantizes to exactly 0.0.
+
+Storage of a quantized base (a model folder): every quantized weight `NAME` is the uint8 tensor
+`NAME.qblocks` of shape [rows, cols / 32 * bytes_per_block] in the folder's safetensors (exactly the
+GGUF tensor data, row-major), and `quantization.json` records the scheme of each and, for every weight
+kept at higher precision, why. `QuantizedTensor` is one such weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .errors import ShearsError
+
+Scheme = Literal["q8_0", "q4_0"]
+SCHEMES: tuple[str, ...] = ("q8_0", "q4_0")
+BLOCK_SIZE = 32
+BYTES_PER_BLOCK = {"q8_0": 2 + 32, "q4_0": 2 + 16}
+QUANT_FILE = "quantization.json"
+QUANT_FORMAT = "shears-quant/1"
+BLOCKS_SUFFIX = ".qblocks"  # safetensors key of a quantized weight: f"{name}{BLOCKS_SUFFIX}"
+
+
+def check_scheme(scheme: str) -> str:
+    if scheme not in SCHEMES:
+        raise ShearsError(f"unknown quantization scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
+    return scheme
+
+
+def check_quantizable(weight: torch.Tensor, name: str = "weight") -> None:
+    if weight.dim() != 2:
+        raise ShearsError(f"{name} has shape {tuple(weight.shape)}: only 2-D weights are quantized; keep it "
+                          "at full precision")
+    if weight.shape[1] % BLOCK_SIZE:
+        raise ShearsError(f"{name} has {weight.shape[1]} input columns, not a multiple of {BLOCK_SIZE}: keep it "
+                          "at full precision (leave it out of the quantized modules)")
+
+
+def _blocks(weight: torch.Tensor) -> torch.Tensor:
+    """[rows, cols] -> float32 [rows, cols / 32, 32]."""
+    rows, cols = weight.shape
+    return weight.detach().to(torch.float32).reshape(rows, cols // BLOCK_SIZE, BLOCK_SIZE)
+
+
+def _reciprocal(d: torch.Tensor) -> torch.Tensor:
+    # an all-zero block has d = 0 and codes 0 (q4_0: 8); ggml uses 1/d = 0 there
+    return torch.where(d == 0, torch.zeros_like(d), 1.0 / torch.where(d == 0, torch.ones_like(d), d))
+
+
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    # ggml's roundf; floor(|x| + 0.5) is not the same in float32 just below a half (0.49999997 + 0.5 == 1.0)
+    a = x.abs()
+    whole = torch.floor(a)
+    return torch.sign(x) * (whole + torch.floor(2 * (a - whole)))
+
+
+def _scales(blocks: torch.Tensor, scheme: str) -> torch.Tensor:
+    """float32 d per block, before its rounding to float16."""
+    if scheme == "q8_0":
+        return blocks.abs().amax(dim=-1, keepdim=True) / 127
+    index = blocks.abs().argmax(dim=-1, keepdim=True)
+    return torch.gather(blocks, -1, index) / -8
+
+
+def _codes(blocks: torch.Tensor, inverse: torch.Tensor, scheme: str) -> torch.Tensor:
+    """Signed codes: q8_0 in [-127, 127]; q4_0 in [-8, 7] (the stored nibble minus 8)."""
+    if scheme == "q8_0":
+        return _round_half_away(blocks * inverse).clamp(-127, 127).to(torch.int8)
+    return (torch.trunc(blocks * inverse + 8.5).clamp(0, 15) - 8).to(torch.int8)
+
+
+def _pack(scales16: torch.Tensor, codes: torch.Tensor, scheme: str) -> torch.Tensor:
+    """float16 [rows, n, 1] scales and int8 [rows, n, 32] codes -> uint8 [rows, n * bytes_per_block]."""
+    rows, n, _ = codes.shape
+    d = scales16.contiguous().view(torch.uint8)  # [rows, n, 2], little-endian as on every host torch runs on
+    if scheme == "q8_0":
+        qs = codes.view(torch.uint8)
+    else:
+        nibbles = (codes.to(torch.int16) + 8).to(torch.uint8)
+        qs = nibbles[..., :16] | (nibbles[..., 16:] << 4)
+    return torch.cat([d, qs], dim=-1).reshape(rows, n * BYTES_PER_BLOCK[scheme])
+
+
+def quantize(weight: torch.Tensor, scheme: str) -> torch.Tensor:
+    """The GGUF bytes of `weight` [rows, cols]: uint8 [rows, cols / 32 * bytes_per_block]."""
+    check_scheme(scheme)
+    check_quantizable(weight)
+    blocks = _blocks(weight)
+    if not torch.isfinite(blocks).all():
+        raise ShearsError("the weight holds inf or NaN: it cannot be quantized; check the base model")
+    d = _scales(blocks, scheme)
+    return _pack(d.to(torch.float16), _codes(blocks, _reciprocal(d), scheme), scheme)
+
+
+def _split(packed: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 [rows, n * bytes] -> (float16 scales [rows, n, 1], raw code bytes [rows, n, bytes - 2])."""
+    check_scheme(scheme)
+    rows, width = packed.shape
+    per = BYTES_PER_BLOCK[scheme]
+    if packed.dtype != torch.uint8 or width % per:
+        raise ShearsError(f"not {scheme} blocks: expected uint8 rows of a multiple of {per} bytes, got "
+                          f"{packed.dtype} {tuple(packed.shape)}")
+    raw = packed.reshape(rows, width // per, per)
+    return raw[..., :2].contiguous().view(torch.float16), raw[..., 2:]
+
+
+def scales(packed: torch.Tensor, scheme: str) -> torch.Tensor:
+    """float32 [rows, cols / 32]: each block's d, as stored (float16)."""
+    return _split(packed, scheme)[0].squeeze(-1).to(torch.float32)
+
+
+def codes(packed: torch.Tensor, scheme: str) -> torch.Tensor:
+    """int8 [rows, cols]: each weight's signed code (q4_0: nibble - 8), so that W = d * code."""
+    _, qs = _split(packed, scheme)
+    if scheme == "q8_0":
+        signed = qs.contiguous().view(torch.int8)
+    else:
+        signed = torch.cat([qs & 0x0F, qs >> 4], dim=-1).to(torch.int8) - 8
+    return signed.reshape(signed.shape[0], -1)
+
+
+def dequantize(packed: torch.Tensor, scheme: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weights llama.cpp computes with: d (float16 -> float32) times each code, [rows, cols]."""
+    d = scales(packed, scheme)
+    q = codes(packed, scheme).to(torch.float32)
+    rows = q.shape[0]
+    w = q.reshape(rows, -1, BLOCK_SIZE) * d.unsqueeze(-1)
+    return w.reshape(rows, -1).to(dtype)
+
+
+def requantize(weight: torch.Tensor, packed: torch.Tensor, scheme: str) -> torch.Tensor:
+    """The blocks of `weight` with the scales of `packed` kept (frozen), only the codes recomputed.
+
+    This is how an adapter is merged into a quantized base without moving its grid: each merged weight
+    takes the nearest code on the base's per-block scale (clipped to the code range), so the result is
+    still `scheme` with the same scales, and a weight that is exactly zero stays exactly zero."""
+    check_quantizable(weight)
+    d16, _ = _split(packed, scheme)
+    blocks = _blocks(weight)
+    if tuple(blocks.shape[:2]) != tuple(d16.shape[:2]):
+        raise ShearsError(f"weight {tuple(weight.shape)} does not match its blocks {tuple(packed.shape)}")
+    return _pack(d16, _codes(blocks, _reciprocal(d16.to(torch.float32)), scheme), scheme)
+
+
+def fake_quantize(weight: torch.Tensor, packed: torch.Tensor, scheme: str) -> torch.Tensor:
+    """dequantize(requantize(weight)) with a straight-through gradient: forward sees the quantized
+    weight, backward passes the gradient to `weight` unchanged (Bengio et al. 2013)."""
+    quantized = dequantize(requantize(weight, packed, scheme), scheme, weight.dtype)
+    # weight - weight.detach() is exactly 0 forward, so the output is exactly the quantized weight
+    return quantized + (weight - weight.detach())
+
+
+def nbytes(shape: tuple[int, int], scheme: str) -> int:
+    rows, cols = shape
+    return rows * (cols // BLOCK_SIZE) * BYTES_PER_BLOCK[check_scheme(scheme)]
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """One stored quantized weight: its scheme, logical shape [rows, cols] and GGUF block bytes."""
+
+    scheme: str
+    shape: tuple[int, int]
+    blocks: torch.Tensor  # uint8 [rows, cols / 32 * bytes_per_block]
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, scheme: str) -> "QuantizedTensor":
+        return cls(scheme, (int(weight.shape[0]), int(weight.shape[1])), quantize(weight, scheme))
+
+    def __post_init__(self):
+        check_scheme(self.scheme)
+        if tuple(self.blocks.shape) != (self.shape[0], nbytes(self.shape, self.scheme) // self.shape[0]):
+            raise ShearsError(f"{self.scheme} blocks of shape {tuple(self.blocks.shape)} do not hold a "
+                              f"{self.shape[0]}x{self.shape[1]} weight")
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.blocks, self.scheme, dtype)
+
+    def ggml_type(self):
+        """The `gguf.GGMLQuantizationType` of these blocks (for writing them into a GGUF file)."""
+        from gguf import GGMLQuantizationType
+
+        return {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}[self.scheme]
