@@ -1,7 +1,7 @@
-"""Issue 12: does one sparse super-network match separately trained LoRAs? SmolLM2-135M, real data.
+"""Does one sparse super-network match separately trained LoRAs? SmolLM2-135M, real data.
 
-    python benchmarks/paper_medium.py                      # the whole experiment (hours; resumable)
-    python benchmarks/paper_medium.py --pilot              # the signal check that must come first
+    python benchmarks/experiment_compression.py          # the whole experiment (hours; resumable)
+    python benchmarks/experiment_compression.py --pilot  # the signal check that must come first
 
 Task: LLM-Adapters ARC-Easy + OpenBookQA in the *content* answer format (data.answer_format=content):
 the prompt is the question, the response is the chosen option's text, and a test question is scored
@@ -80,7 +80,7 @@ PILOT_ARMS = ("dense_base", "lora_r32_dense")
 
 @dataclass
 class Settings:
-    name: str = "paper_medium"  # results in benchmarks/results/<name>/, heavy artifacts in runs/<name>/
+    name: str = "compression"  # results in benchmarks/results/<name>/, heavy artifacts in runs/<name>/
     data_dir: str = os.environ.get("SHEARS_DATA_DIR", str(REPO.parent / "shared" / "data" / "llm-adapters"))
     steps: int = 300  # optimizer steps of every trained arm ...
     batch_size: int = 16  # ... of this many examples: 4,800 examples seen
@@ -303,7 +303,7 @@ def lora_arm(ex: Experiment, source: str, rank: int, label: str, arm: str) -> di
     return {"label": label, "base": source, "base_nonzero": base_nonzero, "adapter_params": peft_folder_params(adapter),
             "adapter": str(adapter), "train_s": round(train_s, 1), "train_loss": loss,
             "resumed_from": checkpoints[-1].name if checkpoints else None,
-            "command": f"in-process (benchmarks/paper_medium.py lora_arm): peft.get_peft_model(LoraConfig(r={rank}, "
+            "command": f"in-process (benchmarks/experiment_compression.py lora_arm): peft.get_peft_model(LoraConfig(r={rank}, "
                        f"lora_alpha={2 * rank}, lora_dropout={LORA_DROPOUT}, target_modules={list(TARGETS)})) + "
                        f"transformers.Trainer, the recipe's training section",
             **ex.measure(model, tokenizer)}
@@ -595,7 +595,7 @@ def commands(ex: Experiment) -> str:
 
 def parse_args(argv) -> Settings:
     defaults = Settings()
-    p = argparse.ArgumentParser(prog="python benchmarks/paper_medium.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python benchmarks/experiment_compression.py", description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(Settings):
         value = getattr(defaults, f.name)
         if isinstance(value, bool):
