@@ -40,7 +40,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import subprocess
 import sys
@@ -53,6 +52,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from scipy import stats  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from shears import precision  # noqa: E402
@@ -419,29 +419,32 @@ def correctness(ex: Experiment, arm: str) -> dict[str, np.ndarray] | None:
 
 def mcnemar_p(b: int, c: int) -> float:
     """Exact two-sided McNemar p: under H0 the b + c discordant questions split Binomial(b + c, 1/2)."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
+    return 1.0 if b + c == 0 else float(stats.binomtest(b, b + c, 0.5).pvalue)
+
+
+def task_average(*differences: np.ndarray, axis: int = -1) -> np.ndarray:
+    """The unweighted mean over tasks of each task's mean paired difference (along `axis`)."""
+    return sum(d.mean(axis=axis) for d in differences) / len(differences)
 
 
 def paired_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray], seed: int = 0) -> dict:
     """Difference of task-average accuracy a - b on the same questions: point estimate, paired bootstrap
-    95% CI (questions resampled within each task, the same draw for both rows), McNemar p over all questions."""
-    rng = np.random.default_rng(seed)
-    point, boot, discordant = 0.0, np.zeros(BOOTSTRAP), [0, 0]
+    95% CI (percentile; questions resampled within each task, the same draw for both rows), McNemar p
+    over all questions.
+
+    The pairing is in the per-question difference a - b, so resampling it draws both rows of a question
+    together; each task is one sample of scipy's bootstrap, resampled on its own (the tasks differ in
+    size, which `paired=True` would refuse)."""
+    differences = []
     for task in TEST_FILES:
         if len(a[task]) != len(b[task]):
             raise ShearsError(f"rows were scored on different {task} slices: re-run with the same settings")
-        d = a[task] - b[task]
-        point += d.mean() / len(TEST_FILES)
-        boot += d[rng.integers(0, len(d), size=(BOOTSTRAP, len(d)))].mean(axis=1) / len(TEST_FILES)
-        discordant[0] += int((d > 0).sum())
-        discordant[1] += int((d < 0).sum())
-    low, high = np.percentile(boot, [2.5, 97.5])
-    return {"diff": float(point), "low": float(low), "high": float(high), "p": mcnemar_p(*discordant),
-            "better": discordant[0], "worse": discordant[1]}
+        differences.append(a[task] - b[task])
+    interval = stats.bootstrap(differences, task_average, n_resamples=BOOTSTRAP, method="percentile",
+                               random_state=np.random.default_rng(seed)).confidence_interval
+    better, worse = (sum(int((sign * d > 0).sum()) for d in differences) for sign in (1, -1))
+    return {"diff": float(task_average(*differences)), "low": float(interval.low), "high": float(interval.high),
+            "p": mcnemar_p(better, worse), "better": better, "worse": worse}
 
 
 # --------------------------------------------------------------------------- the table
