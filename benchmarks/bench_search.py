@@ -71,7 +71,7 @@ SPACE = {"target_modules": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"
 # the shipped Shears space over all 30 layers, NLS-trained on ARC-Easy + OpenBookQA training questions
 # long enough that subnets differ (150 steps x 8, as the other benchmarks); 768 validation
 # records = the 256 searched + the 512 the fronts are re-scored on. The content answer format (the
-# response is the option's text, as paper_medium.py and bench_width.py) halves each record (49 tokens
+# response is the option's text, as experiment_compression.py and bench_width.py) halves each record (49 tokens
 # on average instead of 103) and makes the loss the loss of the answer, not of template words.
 REAL_RECIPE = {
     "model": "smollm2-135m", "search_space": "llama",

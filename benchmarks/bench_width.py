@@ -8,7 +8,7 @@
 
 Two super-networks are trained with the same budget (steps x batch of the same LLM-Adapters
 commonsense training records, seed, lr, schedule; dense base, no pruning, so speed comes from width
-alone), in the content answer format (the response is the option's text, as paper_medium.py: in the
+alone), in the content answer format (the response is the option's text, as experiment_compression.py: in the
 label format "the correct answer is answerN" the loss is mostly template tokens that any subnet learns,
 so a loss within 5% would say nothing about the answers): `rank` on search_spaces/llama.yaml (Shears' rank groups) and `width` on
 search_spaces/llama-width.yaml (the same rank groups + each block's MLP width in {100, 75, 50}%,

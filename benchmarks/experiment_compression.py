@@ -1,7 +1,7 @@
-"""Issue 12: does one sparse super-network match separately trained LoRAs? SmolLM2-135M, real data.
+"""Does one sparse super-network match separately trained LoRAs? SmolLM2-135M, real data.
 
-    python benchmarks/paper_medium.py                      # the whole experiment (hours; resumable)
-    python benchmarks/paper_medium.py --pilot              # the signal check that must come first
+    python benchmarks/experiment_compression.py          # the whole experiment (hours; resumable)
+    python benchmarks/experiment_compression.py --pilot  # the signal check that must come first
 
 Task: LLM-Adapters ARC-Easy + OpenBookQA in the *content* answer format (data.answer_format=content):
 the prompt is the question, the response is the chosen option's text, and a test question is scored
@@ -40,7 +40,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import subprocess
 import sys
@@ -53,6 +52,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from scipy import stats  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from shears import precision  # noqa: E402
@@ -80,7 +80,7 @@ PILOT_ARMS = ("dense_base", "lora_r32_dense")
 
 @dataclass
 class Settings:
-    name: str = "paper_medium"  # results in benchmarks/results/<name>/, heavy artifacts in runs/<name>/
+    name: str = "compression"  # results in benchmarks/results/<name>/, heavy artifacts in runs/<name>/
     data_dir: str = os.environ.get("SHEARS_DATA_DIR", str(REPO.parent / "shared" / "data" / "llm-adapters"))
     steps: int = 300  # optimizer steps of every trained arm ...
     batch_size: int = 16  # ... of this many examples: 4,800 examples seen
@@ -303,7 +303,7 @@ def lora_arm(ex: Experiment, source: str, rank: int, label: str, arm: str) -> di
     return {"label": label, "base": source, "base_nonzero": base_nonzero, "adapter_params": peft_folder_params(adapter),
             "adapter": str(adapter), "train_s": round(train_s, 1), "train_loss": loss,
             "resumed_from": checkpoints[-1].name if checkpoints else None,
-            "command": f"in-process (benchmarks/paper_medium.py lora_arm): peft.get_peft_model(LoraConfig(r={rank}, "
+            "command": f"in-process (benchmarks/experiment_compression.py lora_arm): peft.get_peft_model(LoraConfig(r={rank}, "
                        f"lora_alpha={2 * rank}, lora_dropout={LORA_DROPOUT}, target_modules={list(TARGETS)})) + "
                        f"transformers.Trainer, the recipe's training section",
             **ex.measure(model, tokenizer)}
@@ -419,29 +419,32 @@ def correctness(ex: Experiment, arm: str) -> dict[str, np.ndarray] | None:
 
 def mcnemar_p(b: int, c: int) -> float:
     """Exact two-sided McNemar p: under H0 the b + c discordant questions split Binomial(b + c, 1/2)."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
+    return 1.0 if b + c == 0 else float(stats.binomtest(b, b + c, 0.5).pvalue)
+
+
+def task_average(*differences: np.ndarray, axis: int = -1) -> np.ndarray:
+    """The unweighted mean over tasks of each task's mean paired difference (along `axis`)."""
+    return sum(d.mean(axis=axis) for d in differences) / len(differences)
 
 
 def paired_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray], seed: int = 0) -> dict:
     """Difference of task-average accuracy a - b on the same questions: point estimate, paired bootstrap
-    95% CI (questions resampled within each task, the same draw for both rows), McNemar p over all questions."""
-    rng = np.random.default_rng(seed)
-    point, boot, discordant = 0.0, np.zeros(BOOTSTRAP), [0, 0]
+    95% CI (percentile; questions resampled within each task, the same draw for both rows), McNemar p
+    over all questions.
+
+    The pairing is in the per-question difference a - b, so resampling it draws both rows of a question
+    together; each task is one sample of scipy's bootstrap, resampled on its own (the tasks differ in
+    size, which `paired=True` would refuse)."""
+    differences = []
     for task in TEST_FILES:
         if len(a[task]) != len(b[task]):
             raise ShearsError(f"rows were scored on different {task} slices: re-run with the same settings")
-        d = a[task] - b[task]
-        point += d.mean() / len(TEST_FILES)
-        boot += d[rng.integers(0, len(d), size=(BOOTSTRAP, len(d)))].mean(axis=1) / len(TEST_FILES)
-        discordant[0] += int((d > 0).sum())
-        discordant[1] += int((d < 0).sum())
-    low, high = np.percentile(boot, [2.5, 97.5])
-    return {"diff": float(point), "low": float(low), "high": float(high), "p": mcnemar_p(*discordant),
-            "better": discordant[0], "worse": discordant[1]}
+        differences.append(a[task] - b[task])
+    interval = stats.bootstrap(differences, task_average, n_resamples=BOOTSTRAP, method="percentile",
+                               random_state=np.random.default_rng(seed)).confidence_interval
+    better, worse = (sum(int((sign * d > 0).sum()) for d in differences) for sign in (1, -1))
+    return {"diff": float(task_average(*differences)), "low": float(interval.low), "high": float(interval.high),
+            "p": mcnemar_p(better, worse), "better": better, "worse": worse}
 
 
 # --------------------------------------------------------------------------- the table
@@ -595,7 +598,7 @@ def commands(ex: Experiment) -> str:
 
 def parse_args(argv) -> Settings:
     defaults = Settings()
-    p = argparse.ArgumentParser(prog="python benchmarks/paper_medium.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python benchmarks/experiment_compression.py", description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(Settings):
         value = getattr(defaults, f.name)
         if isinstance(value, bool):
