@@ -741,9 +741,15 @@ def plot_bytes(ex: Experiment) -> Path | None:
     ax.set_xscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return save_figure(fig, ex.results / "bytes.png")
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write a figure atomically (a temporary sibling renamed over `path`) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    path = ex.results / "bytes.png"
-    tmp = path.with_name(".bytes.tmp.png")
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)

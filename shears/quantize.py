@@ -275,17 +275,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quantization_settings(section: QuantizationConfig, args: argparse.Namespace) -> QuantizationConfig:
+    """The recipe's quantization: section with every flag that was given laid over it."""
+    given = {key: getattr(args, key) for key in ("scheme", "embeddings", "exclude") if getattr(args, key) is not None}
+    return dataclasses.replace(section, **given)
+
+
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
     args, overrides = build_parser().parse_known_args(argv)
     if args.check:
         check(args.check)
         return
+    recipe = load_recipe(args.recipe, overrides)
+    settings = quantization_settings(recipe.quantization, args)
     if not args.output:
         raise ShearsError("pass --output DIR (or --check DIR)")
-    recipe = load_recipe(args.recipe, overrides)
-    given = {key: getattr(args, key) for key in ("scheme", "embeddings", "exclude") if getattr(args, key) is not None}
-    settings = dataclasses.replace(recipe.quantization, **given)
     output = Path(args.output)
     if output.exists() and not args.force:
         raise ShearsError(f"{output} already exists: choose another --output or pass --force")

@@ -25,7 +25,7 @@ from shears.errors import ShearsError
 from shears.models import load_model, save_sliced_model, slice_linears
 from shears.quantize import main, quantize_to_folder
 from shears.recipe import QuantizationConfig, load_recipe
-from test_train_supernet import TINY_SPACE, tiny_recipe
+from test_train_supernet import TINY_SPACE, kill_at_step, tiny_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 GGML = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}
@@ -304,17 +304,10 @@ def test_qa_sparse_peft_resumes_as_an_uninterrupted_run(tiny_model_dir, tmp_path
     recipe = lambda: load_recipe(tiny_recipe(tiny_model_dir, tmp_path, qa_sparse_adapter=True),  # noqa: E731
                                  {**overrides, "quantization.scheme": "q8_0"})
     ts.train_supernet(recipe(), tmp_path / "full")
-    original = ts.NLSTrainer.training_step
-
-    def killed_at_step_3(self, *args, **kwargs):
-        if self.state.global_step == 3:
-            raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(ts.NLSTrainer, "training_step", killed_at_step_3)
+    restore = kill_at_step(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         ts.train_supernet(recipe(), tmp_path / "cut")
-    monkeypatch.setattr(ts.NLSTrainer, "training_step", original)
+    restore()
     ts.train_supernet(recipe(), tmp_path / "cut", resume=True)
     a = load_file(tmp_path / "full" / "supernet" / "adapter_model.safetensors")
     b = load_file(tmp_path / "cut" / "supernet" / "adapter_model.safetensors")
