@@ -26,12 +26,17 @@ Rows (arms), in the order they run, so that a partial run answers the first ques
   lora_r32_s50            stock LoRA r=32 on the sparse base
   nls_2of4 (+_heuristic)  the same on a 2:4 Wanda base
   nls_s40, nls_s25, nls_s0 (+_heuristic)    the sparsity sweep of the heuristic subnet
+  nls_s50_q8_ptq, nls_s50_q4_ptq           nls_s50's sparse base quantized after training (Q8_0 / Q4_0), heuristic
+  qa_nls_s50_q4 (+_heuristic)               50% Wanda base quantized to Q4_0 first, NLS on its dequantized weights
+  qa_sparse_s50_q4 (+_merged)               the same with QA-SparsePEFT; the heuristic merged into one Q4_0 folder
+  qa_nls_s0_q4, qa_nls_s25_q4 (+_heuristic) dense and 25% Wanda bases, Q4_0 QA-NLS
 
 Every arm writes benchmarks/results/<name>/arms/<arm>.json (metrics, commands, times) and
 .../predictions/<arm>.jsonl (one line per test question) atomically when it finishes; a re-run skips
 finished arms, and a killed training resumes from its last checkpoint under runs/<name>/ (adapters,
 sparse bases, checkpoints: heavy, git-ignored). Each run ends by printing the table with paired
-bootstrap 95% CIs and McNemar p-values (written to .../table.md) and drawing .../tradeoff.png.
+bootstrap 95% CIs and McNemar p-values (written to .../table.md) and drawing .../tradeoff.png and
+.../bytes.png (test accuracy against the bytes of the deployed model, base + adapter).
 """
 
 from __future__ import annotations
@@ -594,6 +599,166 @@ def commands(ex: Experiment) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- quantized bases (Q8_0 / Q4_0)
+# A base quantized to llama.cpp's Q8_0/Q4_0 (python -m shears.quantize): after training (PTQ of nls_s50's
+# sparse base, no training), or before it (quantization-aware NLS, QA-SparsePEFT). Rows compare with the
+# same subnet unquantized; bytes.png puts every row's test accuracy against the bytes of its deployed model.
+
+QUANT_SCHEMES = ("q8_0", "q4_0")
+# (training arm, sparsity, QA-SparsePEFT): each trains the recipe with quantization.scheme=q4_0
+QA_RUNS = (("qa_nls_s50_q4", 0.5, False), ("qa_sparse_s50_q4", 0.5, True), ("qa_nls_s0_q4", 0.0, False),
+           ("qa_nls_s25_q4", 0.25, False))
+QUANTIZED_ROWS = [
+    ("nls_s50_q8_ptq", "nls_s50_heuristic", "PTQ"),
+    ("nls_s50_q4_ptq", "nls_s50_heuristic", "PTQ"),
+    ("qa_nls_s50_q4_heuristic", "nls_s50_heuristic", "QA-NLS (target: within 1 point)"),
+    ("qa_nls_s50_q4_heuristic", "nls_s50_q4_ptq", "QA-NLS - PTQ"),
+    ("qa_sparse_s50_q4_merged", "qa_nls_s50_q4_heuristic", "QA-SparsePEFT, one merged Q4_0 file"),
+    ("qa_nls_s0_q4_heuristic", "nls_s0_heuristic", "quantization alone"),
+    ("qa_nls_s0_q4_heuristic", "nls_s50_heuristic", "quantization instead of sparsity"),
+    ("qa_nls_s25_q4_heuristic", "nls_s25_heuristic", "25% + Q4_0"),
+]
+ROWS.extend(QUANTIZED_ROWS)
+
+
+class QuantizedRecipes:
+    """The experiment, with recipes that quantize the base (and merge onto it, for QA-SparsePEFT), so that
+    supernet_arm trains exactly as for every other row but on RUN/quantized_base."""
+
+    def __init__(self, ex: Experiment, scheme: str, qa_sparse: bool):
+        self._ex, self._extra = ex, {"quantization.scheme": scheme, "training.qa_sparse_adapter": qa_sparse}
+
+    def __getattr__(self, name):
+        return getattr(self._ex, name)
+
+    def recipe(self, **sparsity):
+        return load_recipe(BASE_RECIPE, {**self._ex.recipe_overrides(**sparsity), **self._extra})
+
+
+def weights_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
+def fp32_base_bytes(ex: Experiment) -> int:
+    """The bytes of the recipe model's fp32 folder: 4 per parameter (a tied output layer counted once)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from shears.models import resolve_model_path
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(ex.recipe().model)))
+    return 4 * sum(p.numel() for p in model.parameters())
+
+
+def deployed_bytes(ex: Experiment, row: dict) -> int:
+    """Base + adapter as deployed: recorded by the quantized rows; for the others the fp32 base folder (a pruned
+    one stores its zeros) plus the fp32 adapter."""
+    if "deployed_bytes" in row:
+        return row["deployed_bytes"]
+    return fp32_base_bytes(ex) + 4 * row["adapter_params"]
+
+
+def ptq_arm(ex: Experiment, run_arm: str, scheme: str) -> dict:
+    """The trained super-network's heuristic subnet on its sparse base quantized after training (no training)."""
+    from shears.elastic import SuperNet
+
+    run_dir = RunDir(ex.runs / run_arm)
+    out = ex.runs / f"{run_arm}_{scheme}_base"
+    command = python_module("shears.quantize", "--model", run_dir.sparse_base, "--scheme", scheme, "--output", out,
+                            "--force")
+    quantize_s = round(run_command(command, ex.s), 1)
+    net = SuperNet.load(run_dir.supernet, load_model(out))
+    net.model.eval()
+    config = net.heuristic()
+    net.activate(config)
+    adapter_params = net.adapter_params(config)
+    return {"label": f"50% Wanda + NLS heuristic, base {scheme.upper()} after training (PTQ)", "base": str(out),
+            "base_nonzero": nonzero_params(net.model.get_base_model()), "adapter_params": adapter_params,
+            "config": config, "deployed_bytes": weights_bytes(out) + 4 * adapter_params,
+            "command": " ".join(map(str, command)), "quantize_s": quantize_s,
+            **ex.measure(net, load_tokenizer(out))}
+
+
+def qa_subnet_arm(ex: Experiment, run_arm: str, label: str) -> dict:
+    """The heuristic subnet of a super-network trained on a quantized base, its adapter kept separate."""
+    base = RunDir(ex.runs / run_arm).quantized_base
+    net = ex.loaded_run(run_arm).supernet
+    config = net.heuristic()
+    extra = {"deployed_bytes": weights_bytes(base) + 4 * net.adapter_params(config)}
+    return subnet_arm(ex, run_arm, config, label, extra)
+
+
+def qa_merged_arm(ex: Experiment, run_arm: str, label: str) -> dict:
+    """QA-SparsePEFT's heuristic subnet as one merged Q4_0 folder (python -m shears.export --merge): no adapter."""
+    out = ex.runs / run_arm / "export"
+    command = python_module("shears.export", "--run", ex.runs / run_arm, "--subnet", "heuristic", "--merge",
+                            "--output", out, "--force")
+    export_s = round(run_command(command, ex.s), 1)
+    merged = out / "heuristic" / "merged"
+    model = load_model(merged)
+    return {"label": label, "base": str(merged), "base_nonzero": nonzero_params(model), "adapter_params": 0,
+            "deployed_bytes": weights_bytes(merged), "command": " ".join(map(str, command)), "export_s": export_s,
+            **ex.measure(model, load_tokenizer(merged))}
+
+
+def run_quantized_arms(ex: Experiment) -> None:
+    if RunDir(ex.runs / "nls_s50").has_supernet():
+        for scheme in QUANT_SCHEMES:
+            ex.arm(f"nls_s50_{scheme[:2]}_ptq", lambda scheme=scheme: ptq_arm(ex, "nls_s50", scheme))
+    for arm, sparsity, qa_sparse in QA_RUNS:
+        recipes = QuantizedRecipes(ex, "q4_0", qa_sparse)
+        if ex.arm(arm, lambda arm=arm, sparsity=sparsity, recipes=recipes: {
+                **supernet_arm(recipes, arm, sparsity), "quantization": "q4_0", "qa_sparse_adapter": qa_sparse}) is None:
+            continue
+        described = f"{sparsity:.0%} Wanda" if sparsity else "dense"
+        if qa_sparse:
+            ex.arm(f"{arm}_merged", lambda arm=arm, described=described: qa_merged_arm(
+                ex, arm, f"{described} + Q4_0 QA-SparsePEFT, heuristic merged (one Q4_0 folder)"))
+        else:
+            ex.arm(f"{arm}_heuristic", lambda arm=arm, described=described: qa_subnet_arm(
+                ex, arm, f"{described} + Q4_0 QA-NLS, heuristic subnet"))
+
+
+def plot_bytes(ex: Experiment) -> Path | None:
+    """Test accuracy (task average) against the bytes of the deployed model, base + adapter: one point per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {arm: ex.done(arm) for arm, _, _ in ROWS}
+    rows = {arm: r for arm, r in rows.items() if r is not None and "tests" in r}
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for arm, r in rows.items():
+        quantized = arm in {a for a, _, _ in QUANTIZED_ROWS}
+        x = deployed_bytes(ex, r) / 2**20
+        ax.scatter([x], [100 * r["average"]], c="C3" if quantized else "C0", marker="s" if quantized else "o",
+                   s=36, zorder=3)
+        ax.annotate(arm, (x, 100 * r["average"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    ax.scatter([], [], c="C0", marker="o", label="fp32 base folder (+ fp32 adapter)")
+    ax.scatter([], [], c="C3", marker="s", label="Q8_0 / Q4_0 base (+ fp32 adapter)")
+    ax.set(xlabel="deployed model: base + adapter (MiB)", ylabel="test accuracy, task average (%)",
+           title="accuracy against the bytes a user ships")
+    ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, ex.results / "bytes.png")
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write a figure atomically (a temporary sibling renamed over `path`) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 # --------------------------------------------------------------------------- main
 
 def parse_args(argv) -> Settings:
@@ -659,6 +824,7 @@ def run_all(ex: Experiment) -> None:
             described = "2:4" if pattern == "2:4" else f"{sparsity:.0%}"
             ex.arm(f"{arm}_heuristic", lambda arm=arm, described=described: subnet_arm(
                 ex, arm, ex.loaded_run(arm).supernet.heuristic(), f"{described} Wanda + NLS, heuristic subnet"))
+    run_quantized_arms(ex)
 
 
 @cli_errors
@@ -676,9 +842,11 @@ def main(argv=None) -> None:
                         "## Commands the arms ran", "```\n" + commands(ex) + "\n```"])
     write_text(ex.results / "table.md", text + "\n")
     picture = plot(ex)
+    accuracy_vs_bytes = plot_bytes(ex)
     print("\n" + text)
     print(f"\nwrote {ex.results}/arms/<arm>.json and predictions/<arm>.jsonl (one per finished arm), "
-          f"{ex.results / 'table.md'}" + (f", {picture}" if picture else "") + f"; heavy artifacts under {ex.runs}")
+          f"{ex.results / 'table.md'}" + (f", {picture}" if picture else "")
+          + (f", {accuracy_vs_bytes}" if accuracy_vs_bytes else "") + f"; heavy artifacts under {ex.runs}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ its update exact (tol mode), or to the rank keeping a share E of its energy, at 
 --merge also writes merged/, an HF model folder of base + subnet. A SparsePEFT run (sparse_adapter)
 masks its update with the base's non-zeros; that masked update is not low-rank, so its adapter
 folder holds the unmasked factors and only merged/ reproduces the super-network (keeping the base's
-zeros exactly).
+zeros exactly). A QA-SparsePEFT run (training.qa_sparse_adapter, on RUN/quantized_base) writes merged/ as a
+quantized folder on the base's frozen grid: the merged weights requantized with the base's block scales
+(shears.quantize.write_on_grid), exactly the weights it trained on, still Q8_0/Q4_0 with the same zeros.
 
 RUN/export/<name>/ = adapter_model.safetensors + adapter_config.json + shears.json [+ merged/];
 --front adds manifest.json and README.md listing every point of RUN/search/front.json.
@@ -63,9 +65,11 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import flags
-from .elastic import SCALING_RULE, SuperNet, lora_config, merged_weight
+from .elastic import SCALING_RULE, SuperNet, grid_merged_weight, lora_config, merged_weight
 from .errors import ShearsError, cli_errors
 from .models import WIDTH_FILE, load_model, model_id, save_sliced_model, slice_linears
+from .qformat import load_quantized_state
+from .quantize import write_on_grid
 from .atomic import atomic_folder, refuse_existing, write_text
 from .recipe import ExportConfig
 from .run import Run, load_run, load_run_recipe, subnet_config
@@ -182,8 +186,12 @@ def merge_into(target: torch.nn.Module, supernet: SuperNet, factors: Factors, sc
     so one target serves every subnet. Returns whether every zero of the base stayed exactly zero."""
     zeros_kept = True
     for module, (A, B) in factors.items():
-        base = supernet.layers[module].get_base_layer().weight
-        merged = merged_weight(base, A, B, scale, supernet.sparse_adapter)
+        layer = supernet.layers[module]
+        base = layer.get_base_layer().weight
+        if supernet.qa_scheme:  # onto the quantized base's frozen grid, as training merged it at every step
+            merged = grid_merged_weight(base, A, B, scale, layer.grid_scales, layer.grid_scheme).to(base.dtype)
+        else:
+            merged = merged_weight(base, A, B, scale, supernet.sparse_adapter)
         zeros_kept &= not bool(merged.ne(0).logical_and_(base == 0).any())
         target.get_submodule(module).weight.copy_(merged)
     return zeros_kept
@@ -270,11 +278,14 @@ def export_one(run: Run, name: str, config: Config, folder: Path, objectives: di
         width_record = None
         if space.sites:
             width_record = write_sliced(folder / MERGED, target.model, space, config, run.tokenizer)
+        elif supernet.qa_scheme:
+            write_on_grid(folder / MERGED, target.model, load_quantized_state(run.base_source), run.tokenizer,
+                          Path(run.base_source))
         else:
             write_merged(folder / MERGED, target.model, run.tokenizer)
         merge_record = {"folder": MERGED, "sparsity_before": target.sparsity_before,
                         "sparsity_after": sparsity_summary(target.model), "base_zeros_kept": zeros_kept,
-                        "width": width_record}
+                        "width": width_record, "quantized": supernet.qa_scheme}
     record = {
         "format": EXPORT_FORMAT, "name": name, "config": config,
         "adapter_params": supernet.adapter_params(config),

@@ -20,12 +20,29 @@ codes. A zero weight gets code 0 (q4_0: nibble 8), so a pruned zero dequantizes 
 Storage of a quantized base (a model folder): every quantized weight `NAME` is the uint8 tensor
 `NAME.qblocks` of shape [rows, cols / 32 * bytes_per_block] in the folder's safetensors (exactly the
 GGUF tensor data, row-major), and `quantization.json` records the scheme of each and, for every weight
-kept at higher precision, why. `QuantizedTensor` is one such weight.
+kept at higher precision, why. `QuantizedTensor` is one such weight. The record's keys:
+
+    {"format": "shears-quant/1",
+     "scheme": "q4_0",                                  # the scheme the folder was quantized with
+     "block_size": 32,
+     "quantized": {NAME: {"shape": [rows, cols], "scheme": "q4_0"}, ...},   # stored as NAME.qblocks
+     "kept": {NAME: "why it is kept at higher precision", ...},            # stored as NAME, as it was
+     "tied": {NAME: OTHER, ...},       # NAME is the same tensor as OTHER (a tied output layer): not stored
+     "settings": {...}, "report": {...}}               # the writer's own provenance (optional)
+
+NAME is a parameter name of the model's state dict (`model.layers.0.mlp.down_proj.weight`). Every
+tensor of the safetensors is either a quantized weight's blocks or a kept tensor, and every name of
+"quantized" and "kept" is in it. `save_quantized_folder` writes both files, `load_quantized_state`
+reads them back (refusing anything that disagrees); `QuantizedState.state_dict()` gives the weights a
+model computes with (dequantized, bit-identical to what llama.cpp dequantizes).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -39,6 +56,7 @@ BYTES_PER_BLOCK = {"q8_0": 2 + 32, "q4_0": 2 + 16}
 QUANT_FILE = "quantization.json"
 QUANT_FORMAT = "shears-quant/1"
 BLOCKS_SUFFIX = ".qblocks"  # safetensors key of a quantized weight: f"{name}{BLOCKS_SUFFIX}"
+WEIGHTS_FILE = "model.safetensors"  # the folder's weights, as Hugging Face names a single-file model
 
 
 def check_scheme(scheme: str) -> str:
@@ -170,6 +188,26 @@ def fake_quantize(weight: torch.Tensor, packed: torch.Tensor, scheme: str) -> to
     return quantized + (weight - weight.detach())
 
 
+def round_to_grid(weight: torch.Tensor, d: torch.Tensor, scheme: str) -> torch.Tensor:
+    """The nearest point of `weight` [rows, cols] on the grid of the frozen block scales `d` [rows, cols / 32]
+    (float32, as `scales` returns them), in float32: exactly dequantize(requantize(weight, packed)) for
+    d = scales(packed), without packing the codes into bytes and out again (training runs it every step)."""
+    check_scheme(scheme)
+    check_quantizable(weight)
+    blocks = _blocks(weight)
+    if tuple(blocks.shape[:2]) != tuple(d.shape):
+        raise ShearsError(f"weight {tuple(weight.shape)} does not match its block scales {tuple(d.shape)}")
+    d = d.to(torch.float32).unsqueeze(-1)
+    q = _codes(blocks, _reciprocal(d), scheme).to(torch.float32)
+    return (q * d).reshape(weight.shape)
+
+
+def fake_quantize_on_scales(weight: torch.Tensor, d: torch.Tensor, scheme: str) -> torch.Tensor:
+    """`fake_quantize` given the block scales `d = scales(packed)` instead of the blocks: forward the
+    nearest grid point (round_to_grid, in weight's dtype), backward the gradient straight through."""
+    return round_to_grid(weight, d, scheme).to(weight.dtype) + (weight - weight.detach())
+
+
 def nbytes(shape: tuple[int, int], scheme: str) -> int:
     rows, cols = shape
     return rows * (cols // BLOCK_SIZE) * BYTES_PER_BLOCK[check_scheme(scheme)]
@@ -201,3 +239,103 @@ class QuantizedTensor:
         from gguf import GGMLQuantizationType
 
         return {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}[self.scheme]
+
+
+# --------------------------------------------------------------------------- a quantized model folder
+
+@dataclass
+class QuantizedState:
+    """A quantized folder's weights: the quantized ones as blocks, the others as stored, and why."""
+
+    scheme: str
+    quantized: dict[str, QuantizedTensor]
+    kept: dict[str, torch.Tensor]
+    why: dict[str, str]  # kept name -> why it is kept at higher precision
+    tied: dict[str, str] = field(default_factory=dict)  # name -> the stored name it is the same tensor as
+    record: dict = field(default_factory=dict)  # the whole quantization.json
+
+    def state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Every stored weight as the model computes with it: quantized ones dequantized (float32, then
+        `dtype`), kept floating-point ones cast to `dtype`. Tied names are left to the model to tie."""
+        out = {name: t.dequantize(torch.float32).to(dtype) for name, t in self.quantized.items()}
+        out.update({name: t.to(dtype) if t.is_floating_point() else t for name, t in self.kept.items()})
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes of the stored weights (blocks + kept tensors): what the folder's safetensors holds, less its header."""
+        return (sum(t.blocks.numel() for t in self.quantized.values())
+                + sum(t.numel() * t.element_size() for t in self.kept.values()))
+
+
+def is_quantized_folder(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / QUANT_FILE).is_file()
+
+
+def save_quantized_folder(folder: str | os.PathLike, quantized: dict[str, QuantizedTensor],
+                          kept: dict[str, torch.Tensor], why: dict[str, str], tied: dict[str, str] | None = None,
+                          scheme: str | None = None, extra: dict | None = None) -> Path:
+    """Write WEIGHTS_FILE (blocks + kept tensors) and QUANT_FILE into the existing `folder` -- a temporary one
+    that the caller renames into place (shears.atomic.atomic_folder), so no reader ever sees half of it.
+    `why` gives, for every kept tensor, why it is kept; `extra` adds the writer's own keys to the record."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if set(why) != set(kept):
+        raise ShearsError(f"every kept tensor needs a reason: missing for {sorted(set(kept) - set(why))[:3]}")
+    clash = set(quantized) & set(kept)
+    if clash:
+        raise ShearsError(f"{sorted(clash)[:3]} are both quantized and kept: keep each weight one way")
+    schemes = {t.scheme for t in quantized.values()}
+    scheme = scheme or (schemes.pop() if len(schemes) == 1 else None)
+    tensors = {f"{name}{BLOCKS_SUFFIX}": t.blocks.contiguous().cpu() for name, t in quantized.items()}
+    tensors.update({name: t.detach().contiguous().cpu() for name, t in kept.items()})
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt", "shears": QUANT_FORMAT})
+    record = {"format": QUANT_FORMAT, "scheme": scheme, "block_size": BLOCK_SIZE,
+              "quantized": {name: {"shape": list(t.shape), "scheme": t.scheme} for name, t in quantized.items()},
+              "kept": dict(why), "tied": dict(tied or {}), **(extra or {})}
+    (folder / QUANT_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    return folder
+
+
+def read_quantization_record(folder: str | os.PathLike) -> dict:
+    """A folder's QUANT_FILE, checked for its format (one-line errors)."""
+    path = Path(folder) / QUANT_FILE
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ShearsError(f"{path} cannot be read ({type(err).__name__}): quantize the base again") from None
+    if not isinstance(record, dict) or record.get("format") != QUANT_FORMAT:
+        found = record.get("format") if isinstance(record, dict) else None
+        raise ShearsError(f"{path} has format {found!r}, expected {QUANT_FORMAT}: quantize the base again "
+                          "with this version of shears")
+    return record
+
+
+def load_quantized_state(folder: str | os.PathLike) -> QuantizedState:
+    """The weights of a quantized folder (see the module docstring), checked against its record."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    record = read_quantization_record(folder)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            tensors.update(load_file(str(file)))
+        except (SafetensorError, OSError) as err:
+            raise ShearsError(f"{file} is damaged ({str(err).splitlines()[0]}): quantize the base again") from None
+    quantized, kept = {}, {}
+    for name, entry in record["quantized"].items():
+        blocks = tensors.pop(f"{name}{BLOCKS_SUFFIX}", None)
+        if blocks is None:
+            raise ShearsError(f"{folder} lacks the blocks of {name} that {QUANT_FILE} lists: quantize the base again")
+        quantized[name] = QuantizedTensor(entry["scheme"], (int(entry["shape"][0]), int(entry["shape"][1])), blocks)
+    for name in record["kept"]:
+        if name not in tensors:
+            raise ShearsError(f"{folder} lacks {name}, which {QUANT_FILE} keeps: quantize the base again")
+        kept[name] = tensors.pop(name)
+    if tensors:
+        raise ShearsError(f"{folder} holds tensors {QUANT_FILE} does not account for ({sorted(tensors)[:3]}): "
+                          "quantize the base again")
+    return QuantizedState(record.get("scheme"), quantized, kept, dict(record["kept"]), dict(record.get("tied", {})),
+                          record)

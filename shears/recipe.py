@@ -37,6 +37,7 @@ Task = Literal["math", "choice", "loss"]
 SearchBackend = Literal["optuna", "pymoo", "surrogate"]
 OptunaSampler = Literal["tpe", "nsga2", "gp", "random"]
 BF16 = Union[bool, Literal["auto"]]  # shears.precision resolves auto
+QuantScheme = Literal["none", "q8_0", "q4_0"]  # shears.qformat.SCHEMES, plus none
 
 
 @dataclass
@@ -72,6 +73,17 @@ class SparsityConfig:
 
 
 @dataclass
+class QuantizationConfig:
+    """The base quantized to llama.cpp's Q8_0 / Q4_0 after pruning (python -m shears.quantize; RUN/quantized_base).
+    Training then runs on its dequantized weights (quantization-aware NLS)."""
+    scheme: QuantScheme = "none"  # none keeps the base in `dtype`
+    # also the token embedding and the output layer (one tensor when tied), as llama.cpp's pure Q8_0/Q4_0 files
+    # do; false keeps them at the base's precision (at 135M parameters they are a fifth of the model)
+    embeddings: bool = True
+    exclude: list[str] = field(default_factory=list)  # fnmatch patterns of decoder-block linears kept as they are
+
+
+@dataclass
 class WidthConfig:
     """Importance reordering of the base's elastic-width channels (used when the space has width groups)."""
     importance: Literal["taylor", "activation"] = "taylor"  # taylor: first-order loss change of dropping a channel
@@ -86,6 +98,9 @@ class TrainingConfig:
     # sandwich step costs three forward/backward passes and moves each subnet as a uniform step would
     strategy: Strategy = "uniform"
     sparse_adapter: bool = False  # SparsePEFT: mask the adapter update with the base's non-zeros
+    # QA-SparsePEFT (needs quantization.scheme): the masked update is merged into the quantized base on its
+    # frozen block scales at every step (straight-through gradient), so the merged model stays Q8_0/Q4_0
+    qa_sparse_adapter: bool = False
     max_steps: int = -1  # > 0 overrides num_train_epochs
     num_train_epochs: float = 3.0
     per_device_train_batch_size: int = 4
@@ -158,6 +173,7 @@ class Recipe:
     search_space: Union[str, dict] = "llama"  # a name in search_spaces/, a path, or the space inline
     data: DataConfig = field(default_factory=DataConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     width: WidthConfig = field(default_factory=WidthConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
@@ -175,6 +191,9 @@ class Recipe:
         s = self.sparsity
         if not 0 <= s.sparsity < 1:
             raise ShearsError(f"sparsity.sparsity={s.sparsity} is outside [0, 1): use e.g. 0.5 for 50%")
+        if self.training.qa_sparse_adapter and self.quantization.scheme == "none":
+            raise ShearsError("training.qa_sparse_adapter merges into a quantized base: set quantization.scheme "
+                              "to q8_0 or q4_0, or turn qa_sparse_adapter off")
         return self  # choice-valued keys are Literal fields, checked as they are read (_coerce)
 
 

@@ -6,6 +6,7 @@ and nowhere else:
 
     RUN/recipe.yaml          the fully resolved recipe             (train_supernet)
     RUN/sparse_base/         pruned HF model folder + sparsity.json (train_supernet via sparsity)
+    RUN/quantized_base/      the (pruned) base as Q8_0/Q4_0 blocks + quantization.json (train_supernet via quantize)
     RUN/channel_order.safetensors  importance order of elastic-width channels (train_supernet via width)
     RUN/checkpoints/         Trainer checkpoints, stage-<i>/ per In-Squeeze stage (train_supernet)
     RUN/supernet/            the trained super-network             (train_supernet via elastic)
@@ -32,6 +33,7 @@ from pathlib import Path
 # (shears-supernet/1 in RUN/supernet, shears-export/1 in an exported subnet folder).
 SHEARS_RECORD = "shears.json"
 SPARSE_BASE = "sparse_base"  # RUN/sparse_base; also named in the export README, which ships beside it
+QUANTIZED_BASE = "quantized_base"  # RUN/quantized_base: the base training ran on when the recipe quantizes
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,10 @@ class RunDir:
         return self.root / SPARSE_BASE
 
     @property
+    def quantized_base(self) -> Path:
+        return self.root / QUANTIZED_BASE
+
+    @property
     def channel_order(self) -> Path:
         return self.root / "channel_order.safetensors"
 
@@ -158,11 +164,15 @@ class RunDir:
         """Whether RUN holds a pruned base (else the recipe's model is the base)."""
         return (self.sparse_base / "config.json").is_file()
 
+    def has_quantized_base(self) -> bool:
+        """Whether RUN holds a quantized base (then training ran on it, whether or not it pruned first)."""
+        return (self.quantized_base / "config.json").is_file()
+
     def has_supernet(self) -> bool:
         return (self.supernet / "adapter_config.json").is_file()
 
     def training_outputs(self) -> list[Path]:
-        """What training writes (besides recipe.yaml and the reusable sparse_base) and everything that
+        """What training writes (besides recipe.yaml and the reusable sparse_base and quantized_base) and everything that
         is derived from it: starting training over makes all of these stale."""
         return [self.supernet, self.channel_order, self.checkpoints, self.train_summary, self.warm_start,
                 self.trace, self.search.folder, self.export.folder]

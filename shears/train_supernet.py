@@ -2,7 +2,9 @@
 
     python -m shears.train_supernet [--recipe recipes/X.yaml] [key=value ...] [--output RUN] [--resume]
 
-The run: (1) prune the base when the recipe asks (cached in RUN/sparse_base), (2) when the search
+The run: (1) prune the base when the recipe asks (cached in RUN/sparse_base), then quantize it when the
+recipe's `quantization.scheme` asks (RUN/quantized_base; training runs on its dequantized weights, loaded
+once: quantization-aware NLS, or QA-SparsePEFT with training.qa_sparse_adapter), (2) when the search
 space has width groups, order each block's MLP channels by importance on calibration windows of the
 training data (recipe section `width`; kept in RUN/channel_order.safetensors), (3) wrap it in a
 SuperNet, (3) train with HF Trainer, activating one sampled subnet per optimizer step, (4) save
@@ -51,6 +53,8 @@ from .errors import ShearsError, cli_errors
 from .evaluate import scored_positions
 from .models import load_model, load_tokenizer
 from .precision import precision_name, resolve_bf16
+from .qformat import QuantizedTensor, load_quantized_state
+from .quantize import quantize_to_folder
 from .recipe import Recipe, Strategy, load_recipe, parse_overrides, save_recipe
 from .run import recipe_splits
 from .rundir import RunDir
@@ -260,12 +264,20 @@ def resolve_search_space(recipe: Recipe) -> SearchSpace:
 
 def prepare_base(recipe: Recipe, run_dir: RunDir, train_records: list[dict], bf16: bool = False):
     """The frozen base: the recipe's model, pruned into RUN/sparse_base first when sparsity > 0
-    (its Wanda calibration forward in the training precision, `bf16`)."""
+    (its Wanda calibration forward in the training precision, `bf16`), then quantized into
+    RUN/quantized_base when quantization.scheme is set, and loaded (dequantized, once)."""
     source = recipe.model
     if recipe.sparsity.sparsity > 0:
         source = str(prune_to_folder(recipe.model, run_dir.sparse_base, recipe.sparsity,
                                      calibration_records=train_records, bf16=bf16))
+    if recipe.quantization.scheme != "none":
+        source = str(quantize_to_folder(source, run_dir.quantized_base, recipe.quantization))
     return load_model(source, dtype=recipe.dtype), load_tokenizer(source), source
+
+
+def grid_blocks(recipe: Recipe, source: str) -> dict[str, QuantizedTensor] | None:
+    """The quantized base's blocks, which QA-SparsePEFT merges onto (None unless training.qa_sparse_adapter)."""
+    return load_quantized_state(source).quantized if recipe.training.qa_sparse_adapter else None
 
 
 @dataclass
@@ -312,7 +324,8 @@ def plan_stages(recipe: Recipe, space: SearchSpace, run_dir: RunDir, steps_per_e
             for i, r in enumerate(schedule)]
 
 
-def squeeze_supernet(supernet: SuperNet, space: SearchSpace) -> SuperNet:
+def squeeze_supernet(supernet: SuperNet, space: SearchSpace,
+                     quantized: dict[str, QuantizedTensor] | None = None) -> SuperNet:
     """In-Squeeze: the super-network re-factorised at the smaller r_max of `space`.
 
     Each module's update is truncated to its best rank-r_max approximation (shears.squeeze) at the same
@@ -323,7 +336,7 @@ def squeeze_supernet(supernet: SuperNet, space: SearchSpace) -> SuperNet:
     for name, layer in supernet.layers.items():
         factors[name] = squeeze_lora_layer(layer, rank=space.r_max)
     net = SuperNet.from_base(supernet.unload(), space, sparse_adapter=supernet.sparse_adapter,
-                             channel_order=supernet.channel_order)
+                             channel_order=supernet.channel_order, quantized=quantized)
     with torch.no_grad():
         for name, squeezed in factors.items():
             rank = squeezed.rank  # < r_max only where the update itself had lower rank
@@ -418,7 +431,7 @@ def check_run_dir(run_dir: RunDir, recipe: Recipe, resume: bool, force: bool) ->
         if not saved.is_file():
             raise ShearsError(f"nothing to resume in {run_dir}: it has no {saved.name} (drop --resume to start)")
         previous = load_recipe(saved)
-        for section in ("model", "search_space", "data", "sparsity", "width", "training"):
+        for section in ("model", "search_space", "data", "sparsity", "quantization", "width", "training"):
             if getattr(previous, section) != getattr(recipe, section):
                 raise ShearsError(f"--resume with a recipe whose {section!r} differs from {saved}: resume with the "
                                   "same recipe, or start a new --output")
@@ -449,6 +462,7 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
     bf16 = resolve_bf16(recipe.training.bf16, key="training.bf16")  # before any work: a bad setting fails now
     train_records, val_records = recipe_splits(recipe)
     base, tokenizer, base_source = prepare_base(recipe, run_dir, train_records, bf16)
+    grid = grid_blocks(recipe, base_source)
 
     space = resolve_search_space(recipe)
     train_set = TokenizedDataset(tokenizer, train_records, d.cutoff_len, d.train_on_inputs)
@@ -470,16 +484,16 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
     for stage in stages:
         finished = stage.checkpoints / "end"  # a completed stage of a multi-stage run, for --resume
         if resume and (finished / "trained.json").is_file():
-            supernet = SuperNet.load(finished, base if supernet is None else supernet.unload())
+            supernet = SuperNet.load(finished, base if supernet is None else supernet.unload(), grid)
             trained = [tuple(x) for x in json.loads((finished / "trained.json").read_text())]
             continue
         if supernet is None:
             channels = channel_order(recipe, space, base, tokenizer, train_records, run_dir)
             set_seed(recipe.training.seed)  # the adapters' initial weights, identical across runs and processes
             supernet = SuperNet.from_base(base, stage.space, sparse_adapter=recipe.training.sparse_adapter,
-                                          channel_order=channels)
+                                          channel_order=channels, quantized=grid)
         elif supernet.space.r_max != stage.space.r_max:
-            supernet = squeeze_supernet(supernet, stage.space)
+            supernet = squeeze_supernet(supernet, stage.space, grid)
         trainer = NLSTrainer(
             model=supernet.model, args=training_arguments(recipe, stage, bf16), train_dataset=train_set,
             eval_dataset=val_set, data_collator=Collator(tokenizer), supernet=supernet,
@@ -503,6 +517,7 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
         supernet.save(out, force=True)  # check_run_dir already refused to clobber a finished run
         write_json(run_dir.train_summary, {
             "base": base_source, "steps": len({step for step, _ in trained}), "precision": precision_name(bf16),
+            "quantization": quantization_summary(recipe),
             "train_records": len(train_set), "train_records_without_response_token": unlabelled,
             "validation": summary,
             "trained_configs": [{"step": s, "config": json.loads(c)} for s, c in trained]})
@@ -513,6 +528,16 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
         _print_summary(run_dir, summary, scores)
     _write_trace(run_dir, trained)
     return out
+
+
+def quantization_summary(recipe: Recipe) -> dict | None:
+    """What train_summary.json says of the base's quantization: the scheme, and how the adapter meets it."""
+    q = recipe.quantization
+    if q.scheme == "none":
+        return None
+    return {"scheme": q.scheme, "embeddings": q.embeddings, "exclude": list(q.exclude),
+            "adapter": "QA-SparsePEFT: merged onto the frozen grid" if recipe.training.qa_sparse_adapter
+            else "QA-NLS: separate, trained on the dequantized base"}
 
 
 def _val_loss(trainer: Trainer, supernet: SuperNet, config: dict) -> dict:
@@ -564,7 +589,8 @@ def _print_summary(run_dir: RunDir, summary: dict, scores: list[dict]) -> None:
     print(f"\nwrote {run_dir.supernet} (stock-PEFT adapter at r_max + search_space.json), "
           f"{run_dir.recipe}, {run_dir.train_summary}, {run_dir.trace}"
           + (f", {run_dir.warm_start}" if scores else "")
-          + (f", {run_dir.sparse_base}" if run_dir.sparse_base.exists() else ""))
+          + (f", {run_dir.sparse_base}" if run_dir.sparse_base.exists() else "")
+          + (f", {run_dir.quantized_base}" if run_dir.quantized_base.exists() else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ FLOORS = [
     {"errors", "atomic", "rundir", "flags", "qformat", "__init__"},  # imported by everything, import nothing of shears but errors
     {"models", "precision"},
     {"data", "recipe", "search_space", "width"},
-    {"sparsity", "prune"},  # prune.py is sparsity's CLI
+    {"sparsity", "prune", "quantize"},  # prune.py is sparsity's CLI; quantize runs after it, on its output
     {"squeeze"},
     {"elastic"},
     {"run"},  # reads RUN: the trained super-network on its base, the recipe's splits
