@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nPareto front: {len(result.front)} of {len(result.history)} evaluated subnets "
           f"({result.evaluated} new), hypervolume {result.hypervolume:.4f}")
     print(format_front(result, problem.objectives))
+    print(f"(± one standard error over the {problem.examples or 'evaluation'} records; vs previous: how much better "
+          f"than the previous, smaller point, paired over the same records; * beyond 2 paired standard errors)")
     if result.stopped is not None:
         print(f"\n{result.stopped.message()}")
     print("\nwrote:")
