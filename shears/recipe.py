@@ -154,6 +154,9 @@ class SearchConfig:
     warm_start: Union[bool, list[str]] = True
     latency_batch_size: int = 1  # the forward the latency objective times: batch x length tokens
     latency_seq_len: int = 256
+    # Stop rule: end the search once this many full-set evaluations in a row moved the Pareto front by no
+    # more than 2 paired standard errors of the quality (null: spend the whole budget).
+    stop_when_flat: Optional[int] = None
 
 
 @dataclass

@@ -58,6 +58,7 @@ from .quantize import quantize_to_folder
 from .recipe import Recipe, Strategy, load_recipe, parse_overrides, save_recipe
 from .run import recipe_splits
 from .rundir import RunDir
+from .noise import PerRecord
 from .scores import run_scoring, score_record, write_history
 from .search_space import WIDTH_KINDS, BoundSpace, SearchSpace, canonical, load_search_space
 from .sparsity import prune_to_folder
@@ -564,11 +565,13 @@ def score_anchors_for_search(recipe: Recipe, trainer: Trainer, supernet: SuperNe
     for label, config in anchors.items():
         supernet.activate(config)
         start = time.perf_counter()
-        loss = scoring.evaluate(supernet, tokenizer, "loss", progress=is_main_process())["loss"]
-        records.append(score_record(config, {"loss": float(loss)}, time.perf_counter() - start, "train_supernet",
-                                    len(records), label=label, scorer=scoring.fingerprint,
+        result = scoring.evaluate(supernet, tokenizer, "loss", progress=is_main_process())
+        noise = PerRecord.from_result(result)  # the per-record losses: the search judges its front by their noise
+        records.append(score_record(config, {"loss": float(result["loss"])}, time.perf_counter() - start,
+                                    "train_supernet", len(records), label=label, scorer=scoring.fingerprint,
                                     precision=scoring.precision, n_examples=len(scoring.records),
-                                    source="train_supernet"))
+                                    source="train_supernet", per_record={"loss": noise.to_json()},
+                                    se={"loss": round(noise.se(), 8)}))
     return records
 
 

@@ -70,4 +70,4 @@ def _evaluate_choice(model, tokenizer, records, batch_size, choices, progress) -
             bar.update(1)
             bar.set_postfix(acc=f"{correct / done:.3f}", acc_norm=f"{correct_norm / done:.3f}", refresh=False)
     return {"accuracy": correct / len(records), "accuracy_norm": correct_norm / len(records),
-            "predictions": predictions}
+            "per_record": [float(p["correct"]) for p in predictions], "predictions": predictions}

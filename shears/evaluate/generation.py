@@ -81,4 +81,5 @@ def _evaluate_math(model, tokenizer, records, batch_size, max_new_tokens, progre
             done += len(batch)
             bar.update(len(batch))
             bar.set_postfix(acc=f"{correct / done:.3f}")
-    return {"accuracy": correct / len(records), "predictions": predictions}
+    return {"accuracy": correct / len(records), "per_record": [float(p["correct"]) for p in predictions],
+            "predictions": predictions}

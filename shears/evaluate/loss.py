@@ -37,5 +37,7 @@ def _evaluate_loss(model, tokenizer, records, batch_size, cutoff_len, progress) 
     if tokens == 0:
         raise ShearsError("no response tokens to score: the records' outputs are empty or cut off by cutoff_len")
     loss = total / tokens
+    # each record's mean loss, weighted by its response tokens: their weighted mean is `loss` exactly
     return {"accuracy": None, "loss": loss, "perplexity": math.exp(loss), "tokens": tokens,
-            "predictions": predictions}
+            "per_record": [p["loss"] if p["loss"] is not None else 0.0 for p in predictions],
+            "per_record_weights": [p["tokens"] for p in predictions], "predictions": predictions}

@@ -24,8 +24,12 @@ def evaluate(model_or_supernet, tokenizer, records: Sequence[dict], task: str, l
     `bf16` runs the forward passes under bf16 autocast (weights stay as they are; the logits and
     their log-softmax are computed in float32, so close options do not tie); resolve a recipe's `auto` with `shears.precision.resolve_bf16` first.
 
-    Returns {"task", "accuracy", "n", "predictions", ...}: choice adds "accuracy_norm"; loss gives
-    "loss", "perplexity", "tokens" and accuracy None. Predictions are in the records' order."""
+    Returns {"task", "accuracy", "n", "predictions", "per_record", ...}: choice adds "accuracy_norm"; loss
+    gives "loss", "perplexity", "tokens", "per_record_weights" and accuracy None. Predictions are in the
+    records' order. `per_record` is each record's value of the score -- 1.0 or 0.0 for a question
+    answered right or wrong, a record's mean response-token loss -- so that the score is their mean
+    (loss: weighted by `per_record_weights`, the records' response tokens), and its noise can be measured
+    (shears.noise)."""
     if task not in TASKS:
         raise ShearsError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
     if batch_size < 1 or max_new_tokens < 1:

@@ -116,7 +116,7 @@ class SurrogateBackend:
 
         def spend(config: Config, **extra) -> bool:
             """Screen and evaluate `config`; False once the budget is spent."""
-            if history.spent >= budget or len(history) >= problem.size:
+            if not evaluator.budget_left(budget):
                 return False
             if evaluator.screen(config, trial=len(history)):
                 evaluator.evaluate(config, trial=len(history), **extra)
