@@ -164,8 +164,8 @@ class Evaluator:
             self.progress.n = round(self.history.spent, 2)
             speed = {"s/eval": f"{self.seconds / self.fresh:.1f}"} if self.fresh else {}
             self.progress.set_postfix(front=len(self.history.front()), hv=f"{self.history.hypervolume():.4f}",
-                                      **speed, **self.postfix)
-            self.progress.refresh()
+                                      **speed, **self.postfix, refresh=False)
+            self.progress.refresh()  # once per update: one line each in a log (shears.progress)
 
 
 class Backend(Protocol):

@@ -11,9 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from ..errors import ShearsError
+from ..progress import progress as progress_bar  # `progress` is search()'s flag
 from ..rundir import SearchFiles
 from .fidelity import Rungs
 from .history import History, write_front
@@ -44,8 +43,8 @@ def search(problem: SearchProblem, out_dir: str | Path, budget: int, backend: Ba
     history = History(files.history, problem.objectives)
     check_scorer(history, problem)
     imported = {str(source): import_history(history, problem, source) for source in warm_start}
-    with tqdm(total=budget, initial=min(round(history.spent, 2), budget), desc=f"search {backend.name}",
-              unit="eval", disable=not progress, dynamic_ncols=True) as bar:
+    with progress_bar(total=budget, initial=min(round(history.spent, 2), budget), desc=f"search {backend.name}",
+                      unit="eval", disable=not progress) as bar:
         evaluator = Evaluator(problem, history, backend.name, bar, rungs=rungs)
         evaluator.show()
         backend.run(problem, evaluator, budget)
