@@ -50,7 +50,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,6 +60,7 @@ from shears.evaluate import evaluate  # noqa: E402
 from shears.noise import Difference, PerRecord, paired  # noqa: E402
 from shears.models import resolve_model_path  # noqa: E402
 from shears.precision import default_device  # noqa: E402
+from shears.progress import progress  # noqa: E402
 from shears.recipe import load_recipe  # noqa: E402
 from shears.run import load_run  # noqa: E402
 from shears.search import OptunaBackend, PymooBackend, Rungs, SearchProblem, SurrogateBackend, search  # noqa: E402
@@ -198,7 +198,7 @@ def evaluated_by_budget(records: list[dict], budgets) -> list[list[dict]]:
 def run_arms(problem_for, arms, seeds: int, budget: int, root: Path, rungs: Rungs, desc: str):
     """{arm: [history records of each seed]}, each arm searched `seeds` times up to `budget`."""
     out, seconds = {}, {}
-    with tqdm(total=len(arms) * seeds, desc=desc, unit="search") as bar:
+    with progress(total=len(arms) * seeds, desc=desc, unit="search") as bar:
         for name in arms:
             out[name] = []
             started = time.perf_counter()
@@ -249,7 +249,7 @@ def toy(args) -> None:
         losses = RecordLosses(run.supernet, run.tokenizer, run.validation_records[:16], run.recipe.data.cutoff_len)
         configs = [dict(zip(space.keys, ranks)) for ranks in itertools.product(*(space.choices[k] for k in space.keys))]
         table = {canonical(c): {"loss": losses.loss(c), "adapter_params": float(space.adapter_params(c))}
-                 for c in tqdm(configs, desc="exhaustive evaluation", unit="subnet")}
+                 for c in progress(configs, desc="exhaustive evaluation", unit="subnet")}
         setup_s = time.perf_counter() - start
         lo = {k: min(v[k] for v in table.values()) for k in ("loss", "adapter_params")}
         hi = {k: max(v[k] for v in table.values()) for k in ("loss", "adapter_params")}
@@ -360,7 +360,7 @@ def arm_result(name: str, runs: list[list[dict]], budgets: list[int], rescored: 
                                 size.normalised(r["objectives"]["adapter_params"])) for r in front])
 
     seeds = []
-    for records in tqdm(runs, desc=f"re-score {name}", unit="seed", leave=False):
+    for records in progress(runs, desc=f"re-score {name}", unit="seed", leave=False):
         fronts = [returned_front(done) for done in evaluated_by_budget(records, budgets)]
         stops = {}
         for k in ks:

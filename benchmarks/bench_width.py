@@ -53,7 +53,7 @@ from shears.models import load_model  # noqa: E402
 from shears.recipe import load_recipe  # noqa: E402
 from shears.run import load_run  # noqa: E402
 from shears.search import Evaluator, History, OptunaBackend, search  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+from shears.progress import progress  # noqa: E402
 from shears.search.cli import problem_from_run  # noqa: E402
 from shears.train_supernet import train_supernet  # noqa: E402
 
@@ -230,7 +230,7 @@ def main() -> None:
     search_dir.mkdir(parents=True, exist_ok=True)
     # Besides the search's maximal/heuristic/minimal anchors: every block at 75% and at 50% width, full ranks
     history = History(search_dir / "history.jsonl", problem.objectives)
-    with tqdm(total=2, desc="uniform-width subnets", unit="eval") as bar:
+    with progress(total=2, desc="uniform-width subnets", unit="eval") as bar:
         evaluator = Evaluator(problem, history, "bench:uniform", bar)
         for share in (0.75, 0.5):
             evaluator.evaluate(uniform_width(space, share))

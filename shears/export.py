@@ -62,19 +62,20 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from . import flags
 from .elastic import SCALING_RULE, SuperNet, grid_merged_weight, lora_config, merged_weight
 from .errors import ShearsError, cli_errors
+from .model_card import CardContext, rank_summary, subnet_card
 from .models import WIDTH_FILE, load_model, model_id, save_sliced_model, slice_linears
 from .qformat import load_quantized_state
 from .quantize import write_on_grid
+from .progress import progress
 from .atomic import atomic_folder, refuse_existing, write_text
 from .recipe import ExportConfig
 from .run import Run, load_run, load_run_recipe, subnet_config
-from .rundir import SHEARS_RECORD, SPARSE_BASE, ExportFiles, RunDir
-from .search.history import read_front as read_search_front, recorded_objectives
+from .rundir import README, SHEARS_RECORD, SPARSE_BASE, ExportFiles, RunDir
+from .search.history import read_front as read_search_front, recorded_scores
 from .search_space import ANCHORS, Config, canonical
 from .sparsity import SPARSITY_JSON, sparsity_report
 from .width import permute_channels, stock_config, uniform_widths, width_spec
@@ -226,6 +227,14 @@ def base_name(run: Run) -> str:
     return model_id(run.recipe.model)
 
 
+def card_context(run: Run) -> CardContext:
+    """What every subnet's model card says of the run: its folder's name (never its path), the search's
+    task and the training data by name."""
+    return CardContext(run.path.name, run.recipe.evaluation.task,
+                       [model_id(source.split("?")[0]) if not source.startswith("builtin:") else source
+                        for source in run.recipe.data.sources()])
+
+
 def smaller_model(target: torch.nn.Module, space, config: Config) -> torch.nn.Module:
     """A copy of the merged target cut to the config's widths: the model merged/ holds."""
     model = copy.deepcopy(target)
@@ -334,26 +343,23 @@ def export_subnets(run: Run | str | Path, configs: dict[str, Config], output: st
         refuse_existing(files.subnet(name), force)
     run = run if isinstance(run, Run) else load_run(run)
     configs = {name: run.supernet.space.validate(config) for name, config in configs.items()}
-    objectives = recorded_objectives(run.dir.search.folder)
+    scores = recorded_scores(run.dir.search.folder)
+    card = card_context(run)
     merge = merge or bool(run.supernet.space.sites)  # a width subnet exists only as a smaller model
     target = load_merge_target(run) if merge else None
     files.folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, config in tqdm(configs.items(), desc="export", unit="subnet"):
+    for name, config in progress(configs.items(), desc="export", unit="subnet"):
+        score = scores.get(canonical(config), {})
         with atomic_folder(files.subnet(name), force) as tmp:
-            record = export_one(run, name, config, tmp, objectives.get(canonical(config)), squeeze, energy, target,
+            record = export_one(run, name, config, tmp, score.get("objectives"), squeeze, energy, target,
                                 uniform_rank)
+            (tmp / README).write_text(subnet_card(record, card, score.get("n_examples")))
         written.append(Exported(files.subnet(name), record))
     return written
 
 
 # --------------------------------------------------------------------------- the front
-
-def rank_summary(ranks: dict[str, int]) -> str:
-    """"8x12 4x6": how many modules have each rank, largest rank first."""
-    counts = Counter(ranks.values())
-    return " ".join(f"{r}x{counts[r]}" for r in sorted(counts, reverse=True))
-
 
 def export_front(run: Run | str | Path, output: str | Path | None = None, squeeze: bool = False,
                  energy: float | None = None, merge: bool = False, force: bool = False,
@@ -402,13 +408,18 @@ def _remove_stale(files: ExportFiles, names: set[str]) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def front_title(manifest: dict) -> str:
+    """The run by its folder's name and its base by id: the README travels, the machine's paths do not."""
+    return f"the run `{Path(manifest['run']).name}` ({manifest['base_model']['model_id']})"
+
+
 def front_readme(manifest: dict) -> str:
     base = manifest["base_model"]
     # a pruned base is RUN/sparse_base: the model these adapters were trained on, shipped with the run
     load_from = SPARSE_BASE if base["pruned"] else base["model_id"]
     names = manifest["objectives"] or sorted({k for s in manifest["subnets"] for k in s["objectives"]})
     names = [n for n in names if n != "adapter_params"]  # already its own column
-    lines = [f"# Pareto-front subnets of {manifest['run']}", "",
+    lines = [f"# Pareto-front subnets of {front_title(manifest)}", "",
              f"{len(manifest['subnets'])} non-dominated subnets (hypervolume {manifest['hypervolume']}), "
              "smallest first. Each folder is a stock PEFT LoRA adapter with per-module ranks:", "",
              "| folder | adapter params | " + " | ".join(names) + " | ranks (rank x modules) |",
@@ -466,7 +477,7 @@ def width_front_readme(manifest: dict) -> str:
     """The README of an elastic-width front: every folder's merged/ is a smaller model, loaded without PEFT."""
     names = manifest["objectives"] or sorted({k for s in manifest["subnets"] for k in s["objectives"]})
     names = [n for n in names if n != "params"]  # already its own column, measured on the written model
-    lines = [f"# Pareto-front subnets of {manifest['run']}", "",
+    lines = [f"# Pareto-front subnets of {front_title(manifest)}", "",
              f"{len(manifest['subnets'])} non-dominated subnets (hypervolume {manifest['hypervolume']}), "
              f"smallest first. The base ({manifest['base_model']['model_id']}) has an elastic width: each folder's "
              f"`{MERGED}/` is a physically smaller model, the subnet's LoRA merged into the base and every MLP cut "

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from .progress import progress
 
 from . import flags
 from .atomic import atomic_folder
@@ -207,7 +207,7 @@ def quantize_to_folder(model_name_or_path: str | os.PathLike, output_dir: str | 
     plan = quantization_plan(model, config)
     params = dict(model.named_parameters())
     quantized = {}
-    for name in tqdm(plan.quantize, desc=f"quantize {config.scheme}", unit="weight", leave=False):
+    for name in progress(plan.quantize, desc=f"quantize {config.scheme}", unit="weight", leave=False):
         quantized[name] = QuantizedTensor.from_weight(params[name].detach(), config.scheme)
     report = _report(model, quantized, plan.kept)
     with atomic_folder(out, force=True) as tmp:

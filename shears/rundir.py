@@ -15,7 +15,8 @@ and nowhere else:
     RUN/trace/rank<k>.jsonl  the configs each process trained      (train_supernet)
     RUN/latency.json         per-site latency table of the latency objective (search via width)
     RUN/search/              history.jsonl, front.json/.csv/.png, study.db (search)
-    RUN/export/              one stock-PEFT folder per subnet [+ manifest.json, README.md] (export)
+    RUN/export/              one stock-PEFT folder per subnet, each with its model card README.md
+                             [+ manifest.json, README.md of the front] (export)
 
 Which file inside a stage's folder holds what is for the folder's writer to say; the names of the
 files that another stage reads (the search's front, an export's records) are here too. This module
@@ -32,6 +33,7 @@ from pathlib import Path
 # The provenance record shears writes into a folder it makes; its "format" field says which kind
 # (shears-supernet/1 in RUN/supernet, shears-export/1 in an exported subnet folder).
 SHEARS_RECORD = "shears.json"
+README = "README.md"  # an export's front README, and each subnet folder's model card
 SPARSE_BASE = "sparse_base"  # RUN/sparse_base; also named in the export README, which ships beside it
 QUANTIZED_BASE = "quantized_base"  # RUN/quantized_base: the base training ran on when the recipe quantizes
 
@@ -79,7 +81,7 @@ class ExportFiles:
 
     @property
     def readme(self) -> Path:
-        return self.folder / "README.md"
+        return self.folder / README
 
 
 @dataclass(frozen=True)

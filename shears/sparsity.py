@@ -41,13 +41,13 @@ from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .atomic import atomic_folder
 from .errors import ShearsError
 from .recipe import PruneMethod, SparsityConfig
 from .models import decoder_layers, linear_names
 from .precision import autocast, bf16_weights, precision_name
+from .progress import progress
 
 METHODS = typing.get_args(PruneMethod)  # the recipe's Literal: one definition
 SPARSITY_JSON = "sparsity.json"
@@ -199,7 +199,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: Seque
     handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(blocks)]
     device = model.get_input_embeddings().weight.device
     try:
-        for ids in tqdm(batches, desc="capturing block inputs", unit="batch"):
+        for ids in progress(batches, desc="capturing block inputs", unit="batch"):
             try:
                 model(input_ids=ids.to(device), use_cache=False)
             except _StopForward:
@@ -287,7 +287,7 @@ def wanda_prune(model: nn.Module, calibration_input_ids: torch.Tensor | None = N
     masks: dict[str, torch.Tensor] = {}
     if method == "magnitude":
         with torch.no_grad():
-            for block in tqdm(targets, desc="magnitude pruning", unit="block"):
+            for block in progress(targets, desc="magnitude pruning", unit="block"):
                 for name, linear in block.items():
                     masks[name] = _prune_linear(linear, linear.weight.detach().float().abs(), sparsity, nm)
         return masks
@@ -311,7 +311,7 @@ def wanda_prune(model: nn.Module, calibration_input_ids: torch.Tensor | None = N
         with torch.no_grad():
             with in_bf16(model):
                 hidden, received = capture_block_inputs(model, blocks, ids.split(max(1, batch_size)), offload_device)
-            for index, block in enumerate(tqdm(blocks, desc="wanda pruning", unit="block")):
+            for index, block in enumerate(progress(blocks, desc="wanda pruning", unit="block")):
                 linears = targets[index]
                 norms = {name: InputSquaredNorms(linear) for name, linear in linears.items()}
                 handles = [linear.register_forward_hook(norms[name]) for name, linear in linears.items()]

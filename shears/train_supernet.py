@@ -55,6 +55,7 @@ from .models import load_model, load_tokenizer
 from .precision import precision_name, resolve_bf16
 from .qformat import QuantizedTensor, load_quantized_state
 from .quantize import quantize_to_folder
+from .progress import interactive
 from .recipe import Recipe, Strategy, load_recipe, parse_overrides, save_recipe
 from .run import recipe_splits
 from .rundir import RunDir
@@ -403,7 +404,8 @@ def training_arguments(recipe: Recipe, stage: Stage, bf16: bool) -> TrainingArgu
         remove_unused_columns=False,
         ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
         ddp_find_unused_parameters=False,
-        disable_tqdm=False,
+        # Trainer's bar on a terminal; in a log its PrinterCallback instead: one line per logging step
+        disable_tqdm=not interactive(),
         prediction_loss_only=True,  # the validation loss is all the evaluation reads: keep no logits
     )
 

@@ -11,7 +11,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "shears"
 
 FLOORS = [
-    {"errors", "atomic", "rundir", "flags", "qformat", "__init__"},  # imported by everything, import nothing of shears but errors
+    {"errors", "atomic", "rundir", "flags", "qformat", "progress", "__init__"},  # imported by everything, import nothing of shears but errors
     {"models", "precision"},
     {"data", "recipe", "search_space", "width"},
     {"sparsity", "prune", "quantize"},  # prune.py is sparsity's CLI; quantize runs after it, on its output
@@ -21,7 +21,7 @@ FLOORS = [
     {"evaluate", "scores", "noise"},  # the whole package shears/evaluate/; training scores its anchors as the search will
     {"train_supernet"},
     {"search", "lm_eval_tasks"},  # the whole package shears/search/; lm-eval's hooks call data and evaluate
-    {"export"},  # reads the search's files through search.history
+    {"export", "model_card"},  # reads the search's files through search.history; model_card: its READMEs
 ]
 
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import ShearsError
 from ..precision import output_head
+from ..progress import progress as progress_bar
 
 # --------------------------------------------------------------------------- model plumbing
 
@@ -132,7 +132,7 @@ def _batches(order: list[int], batch_size: int):
 
 
 def _progress(total: int, task: str, enabled: bool):
-    return tqdm(total=total, desc=f"evaluate {task}", unit="ex", disable=not enabled, dynamic_ncols=True)
+    return progress_bar(total=total, desc=f"evaluate {task}", unit="ex", disable=not enabled)
 
 
 # --------------------------------------------------------------------------- continuation scoring

@@ -98,15 +98,15 @@ def read_front(folder: str | os.PathLike) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def recorded_objectives(folder: str | os.PathLike) -> dict[str, dict]:
-    """canonical(config) -> objectives of every evaluation of a search's `folder`: its history (the
-    first evaluation wins, as in the search), then the points of front.json (which outlives a
-    pruned history)."""
+def recorded_scores(folder: str | os.PathLike) -> dict[str, dict]:
+    """canonical(config) -> the full-set record of every evaluation of a search's `folder` (its
+    "objectives", and "n_examples": how many records scored it): its history (the first evaluation
+    wins, as in the search), then the points of front.json (which outlives a pruned history)."""
     records = read_history(SearchFiles(Path(folder)).history) + ((read_front(folder) or {}).get("front") or [])
     found: dict[str, dict] = {}
     for record in records:
         if fidelity(record) >= 1.0:  # a screening score on a slice is not the subnet's score
-            found.setdefault(canonical(record["config"]), record["objectives"])
+            found.setdefault(canonical(record["config"]), record)
     return found
 
 
@@ -115,6 +115,11 @@ def _z(difference) -> float:
     if difference.se > 0:
         return difference.diff / difference.se
     return math.inf if difference.diff > 0 else (0.0 if difference.diff == 0 else -math.inf)
+
+
+def recorded_objectives(folder: str | os.PathLike) -> dict[str, dict]:
+    """canonical(config) -> objectives of every full-set evaluation of a search's `folder` (recorded_scores)."""
+    return {key: record["objectives"] for key, record in recorded_scores(folder).items()}
 
 
 class History:
@@ -334,7 +339,8 @@ def write_front(history: History, folder: str | os.PathLike) -> list[Path]:
     names = [o.name for o in history.objectives]
     quality = [o.name for o in history.objectives if not o.is_size]
     rows = [{"config": r["config"], "objectives": r["objectives"], "label": r.get("label"),
-             "trial": r.get("trial"), "backend": r.get("backend"), "n": r.get("n"), **noise}
+             "trial": r.get("trial"), "backend": r.get("backend"), "n": r.get("n"),
+             "n_examples": r.get("n_examples"), **noise}
             for r, noise in zip(front, history.front_noise())]
     json_path, csv_path = files.front_json, files.front_csv
     write_text(json_path, json.dumps({"objectives": names, "hypervolume": history.hypervolume(),

@@ -127,6 +127,7 @@ class Evaluator:
     fresh: int = field(default=0)  # evaluations run by this evaluator
     seconds: float = field(default=0.0)  # and the time they took (the bar's s/eval)
     postfix: dict = field(default_factory=dict)  # what a backend adds to the progress bar (e.g. tau)
+    shown: tuple | None = field(default=None)  # the state the bar last drew (show() skips a repeat)
 
     def evaluate(self, config: Config, trial: int | None = None, n_examples: int | None = None,
                  **extra: Any) -> dict:
@@ -194,15 +195,23 @@ class Evaluator:
         return 1.0 + sum(n / full for n in rungs if self.history.get(config, n) is None)
 
     def show(self) -> None:
-        if self.progress is not None:
-            self.progress.n = round(self.history.spent, 2)
-            speed = {"s/eval": f"{self.seconds / self.fresh:.1f}"} if self.fresh else {}
-            last = next((r for r in reversed(self.history.records) if fidelity(r) >= 1.0), None)
-            moved = {"moved": MOVED[last["front_moved"]]} if last is not None else {}
-            flat = {"flat": f"{self.history.flat}/{self.stop_when_flat}"} if self.stop_when_flat else {}
-            self.progress.set_postfix(front=len(self.history.front()), hv=f"{self.history.hypervolume():.4f}",
-                                      **moved, **flat, **speed, **self.postfix)
-            self.progress.refresh()
+        """Put the search's state on the bar; redraw only when it changed (a backend's callback may show the
+        state an evaluation just showed, and in a log every redraw is a line: shears.progress)."""
+        if self.progress is None:
+            return
+        speed = {"s/eval": f"{self.seconds / self.fresh:.1f}"} if self.fresh else {}
+        last = next((r for r in reversed(self.history.records) if fidelity(r) >= 1.0), None)
+        moved = {"moved": MOVED[last["front_moved"]]} if last is not None else {}
+        flat = {"flat": f"{self.history.flat}/{self.stop_when_flat}"} if self.stop_when_flat else {}
+        postfix = {"front": len(self.history.front()), "hv": f"{self.history.hypervolume():.4f}", **moved, **flat,
+                   **speed, **self.postfix}
+        state = (round(self.history.spent, 2), postfix)
+        if state == self.shown:
+            return
+        self.shown = state
+        self.progress.n = state[0]
+        self.progress.set_postfix(**postfix, refresh=False)
+        self.progress.refresh()
 
 
 class Backend(Protocol):

@@ -18,9 +18,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from ..errors import ShearsError
+from ..progress import progress as progress_bar  # `progress` is search()'s flag
 from ..rundir import SearchFiles
 from .fidelity import Rungs
 from .history import History, fidelity, per_record, write_front
@@ -115,9 +114,9 @@ def search(problem: SearchProblem, out_dir: str | Path, budget: int, backend: Ba
     imported = {str(source): import_history(history, problem, source) for source in warm_start}
     notes = [note for note in [no_noise_note(history, remeasure_noise)] if note]
     for note in notes:
-        tqdm.write(note)
-    with tqdm(total=budget, initial=min(round(history.spent, 2), budget), desc=f"search {backend.name}",
-              unit="eval", disable=not progress, dynamic_ncols=True) as bar:
+        print(note, flush=True)
+    with progress_bar(total=budget, initial=min(round(history.spent, 2), budget), desc=f"search {backend.name}",
+                      unit="eval", disable=not progress) as bar:
         evaluator = Evaluator(problem, history, backend.name, bar, rungs=rungs, stop_when_flat=stop_when_flat)
         if remeasure_noise:
             quality = [o.name for o in problem.objectives if not o.is_size]
