@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "shears"
 FLOORS = [
     {"errors", "atomic", "rundir", "flags", "__init__"},  # imported by everything, import nothing of shears but errors
     {"models", "precision"},
-    {"data", "recipe", "search_space", "width"},
+    {"data", "recipe", "search_space", "width", "sparsegpt"},  # sparsegpt: the OBS math sparsity calls
     {"sparsity", "prune"},  # prune.py is sparsity's CLI
     {"squeeze"},
     {"elastic"},
