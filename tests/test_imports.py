@@ -18,7 +18,7 @@ FLOORS = [
     {"squeeze"},
     {"elastic"},
     {"run"},  # reads RUN: the trained super-network on its base, the recipe's splits
-    {"evaluate", "scores"},  # measuring a subnet: training scores its anchors as the search will
+    {"evaluate", "scores", "distill"},  # measuring a subnet: training scores its anchors as the search will
     {"train_supernet"},
     {"search", "lm_eval_tasks"},  # the whole package shears/search/; lm-eval's hooks call data and evaluate
     {"export"},  # reads the search's files through search.history
