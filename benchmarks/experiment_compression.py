@@ -30,6 +30,11 @@ Rows (arms), in the order they run, so that a partial run answers the first ques
   qa_nls_s50_q4 (+_heuristic)               50% Wanda base quantized to Q4_0 first, NLS on its dequantized weights
   qa_sparse_s50_q4 (+_merged)               the same with QA-SparsePEFT; the heuristic merged into one Q4_0 folder
   qa_nls_s0_q4, qa_nls_s25_q4 (+_heuristic) dense and 25% Wanda bases, Q4_0 QA-NLS
+  winning back what compression costs (each a super-network, read at its heuristic subnet):
+  nls_s50_kd_logit / _kd_squarehead         50% Wanda + NLS with logit KD / SquareHead from the dense base
+  sparsegpt50 (+ sparsegpt50_kd)            50% SparseGPT + NLS (+ the KD of lower validation loss)
+  nls_s50_inplace                           50% Wanda + NLS, sandwich with in-place distillation
+  best_s40, best_2of4                       the method of lowest validation loss at 40% and at 2:4
 
 Every arm writes benchmarks/results/<name>/arms/<arm>.json (metrics, commands, times) and
 .../predictions/<arm>.jsonl (one line per test question) atomically when it finishes; a re-run skips
@@ -314,11 +319,14 @@ def lora_arm(ex: Experiment, source: str, rank: int, label: str, arm: str) -> di
             **ex.measure(model, tokenizer)}
 
 
-def supernet_arm(ex: Experiment, arm: str, sparsity: float, pattern: str = "unstructured") -> dict:
-    """Train a super-network with the CLI (it prunes first, into RUN/sparse_base); resumes a killed run."""
+def supernet_arm(ex: Experiment, arm: str, sparsity: float, pattern: str = "unstructured",
+                 extra: dict | None = None) -> dict:
+    """Train a super-network with the CLI (it prunes first, into RUN/sparse_base); resumes a killed run.
+    `extra`: recipe overrides on top of the experiment's (e.g. training.distill.*)."""
     run_dir = RunDir(ex.runs / arm)
     recipe_path = ex.runs / "recipes" / f"{arm}.yaml"
-    save_recipe(ex.recipe(sparsity=sparsity, pattern=pattern), recipe_path)
+    save_recipe(load_recipe(BASE_RECIPE, {**ex.recipe_overrides(sparsity=sparsity, pattern=pattern), **(extra or {})}),
+                recipe_path)
     write_text(ex.results / "recipes" / f"{arm}.yaml", recipe_path.read_text())  # committed: the exact recipe
     resume = run_dir.recipe.is_file()
     command = python_module("shears.train_supernet", "--recipe", recipe_path.relative_to(REPO), "--output",
@@ -577,6 +585,7 @@ def plot(ex: Experiment) -> Path | None:
                              label=r["label"], zorder=3)
     loss_ax.set(xlabel="adapter parameters (M)", ylabel="validation loss (answer span)", title="selection signal")
     acc_ax.set(xlabel="adapter parameters (M)", ylabel="test accuracy, task average (%)", title="test")
+    plot_recovery(ex, sweep_ax)
     sweep_ax.set(xlabel="base non-zero parameters (M)", ylabel="test accuracy, task average (%)", title="sparsity")
     for ax in (loss_ax, acc_ax, sweep_ax):
         ax.grid(alpha=0.3)
@@ -759,6 +768,76 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------- winning back what compression costs
+# Distillation from the dense base (training.distill), in-place distillation (training.inplace_distill) and a
+# pruner that reconstructs (sparsity.method: sparsegpt), each a super-network of its own on the same data,
+# steps and questions, read at its heuristic subnet -- the Shears row whose gap to dense LoRA r=32 the
+# methods try to halve. Choices between methods use validation loss only, never the test questions. The
+# step-time ratio of each method to plain NLS, measured side by side, is benchmarks/bench_distill.py's.
+
+KD_LOGIT = {"training.distill.logit_weight": 1.0, "training.distill.temperature": 2.0}
+KD_SQUAREHEAD = {"training.distill.squarehead_weight": 1.0}
+INPLACE = {"training.strategy": "sandwich", "training.inplace_distill": True}
+SPARSEGPT = {"sparsity.method": "sparsegpt"}
+RECOVERY = {  # run arm -> (recipe overrides, what it adds to 50% Wanda + NLS)
+    "nls_s50_kd_logit": (KD_LOGIT, "logit KD (T=2) from the dense base"),
+    "nls_s50_kd_squarehead": (KD_SQUAREHEAD, "SquareHead from the dense base"),
+    "sparsegpt50": (SPARSEGPT, "SparseGPT instead of Wanda"),
+    "nls_s50_inplace": (INPLACE, "sandwich + in-place distillation"),
+}
+RECOVERY_ROWS = [
+    ("nls_s50_kd_logit_heuristic", "nls_s50_heuristic", "Q5 logit KD"),
+    ("nls_s50_kd_squarehead_heuristic", "nls_s50_heuristic", "Q5 SquareHead"),
+    ("sparsegpt50_heuristic", "nls_s50_heuristic", "Q5 SparseGPT"),
+    ("sparsegpt50_kd_heuristic", "sparsegpt50_heuristic", "Q5 SparseGPT + KD"),
+    ("nls_s50_inplace_heuristic", "nls_s50_heuristic", "Q5 in-place"),
+    ("best_s40_heuristic", "nls_s40_heuristic", "Q5 best at 40%"),
+    ("best_2of4_heuristic", "nls_2of4_heuristic", "Q5 best at 2:4"),
+]
+ROWS.extend(RECOVERY_ROWS)
+
+
+def recovery_arm(ex: Experiment, arm: str, overrides: dict, what: str, sparsity: float = 0.5,
+                 pattern: str = "unstructured") -> None:
+    """Train `arm`'s super-network with `overrides`, then its heuristic subnet row."""
+    described = "2:4" if pattern == "2:4" else f"{sparsity:.0%}"
+    if ex.arm(arm, lambda: {**supernet_arm(ex, arm, sparsity, pattern, overrides), "method": what,
+                            "overrides": overrides}) is not None:
+        ex.arm(f"{arm}_heuristic", lambda: subnet_arm(ex, arm, ex.loaded_run(arm).supernet.heuristic(),
+                                                      f"{described} + NLS, {what}, heuristic subnet"))
+
+
+def heuristic_validation_loss(ex: Experiment, arm: str) -> float:
+    row = ex.done(f"{arm}_heuristic")
+    return row["validation_loss"] if row is not None else math.inf
+
+
+def run_recovery(ex: Experiment) -> None:
+    for arm, (overrides, what) in RECOVERY.items():
+        recovery_arm(ex, arm, overrides, what)
+    kd_losses = {arm: heuristic_validation_loss(ex, arm) for arm in ("nls_s50_kd_logit", "nls_s50_kd_squarehead")}
+    if not all(math.isfinite(v) for v in kd_losses.values()):
+        return  # the KD rows come first: the rest needs their comparison
+    kd = min(kd_losses, key=kd_losses.get)
+    methods = {**RECOVERY, "sparsegpt50_kd": ({**SPARSEGPT, **RECOVERY[kd][0]}, f"SparseGPT + {RECOVERY[kd][1]}")}
+    recovery_arm(ex, "sparsegpt50_kd", *methods["sparsegpt50_kd"])
+    scored = {arm: heuristic_validation_loss(ex, arm) for arm in methods}
+    if all(math.isfinite(v) for v in scored.values()):
+        best = min(scored, key=scored.get)
+        overrides, what = methods[best]
+        for arm, sparsity, pattern in (("best_s40", 0.4, "unstructured"), ("best_2of4", 0.5, "2:4")):
+            recovery_arm(ex, arm, overrides, f"{what} (best at 50% by validation loss)", sparsity, pattern)
+
+
+def plot_recovery(ex: Experiment, sweep_ax) -> None:
+    """The new methods' heuristic subnets on the sparsity panel."""
+    for (arm, _, question), marker in zip(RECOVERY_ROWS, "vP^XhpH"):
+        r = ex.done(arm)
+        if r is not None:
+            sweep_ax.scatter([r["base_nonzero"] / 1e6], [100 * r["average"]], marker=marker, s=45, zorder=3,
+                             label=question.removeprefix("Q5 "))
+
+
 # --------------------------------------------------------------------------- main
 
 def parse_args(argv) -> Settings:
@@ -825,6 +904,7 @@ def run_all(ex: Experiment) -> None:
             ex.arm(f"{arm}_heuristic", lambda arm=arm, described=described: subnet_arm(
                 ex, arm, ex.loaded_run(arm).supernet.heuristic(), f"{described} Wanda + NLS, heuristic subnet"))
     run_quantized_arms(ex)
+    run_recovery(ex)
 
 
 @cli_errors

@@ -30,7 +30,7 @@ DEFAULT_RECIPE = RECIPES_DIR / "default.yaml"
 # The allowed values of the recipe's choice-valued keys, defined once: they type the fields below,
 # so a recipe (or an override) is checked -- with the error naming the choices -- as it is read, and the
 # owners' constants are these (sparsity.METHODS, train_supernet.STRATEGIES, evaluate.TASKS, ...).
-PruneMethod = Literal["wanda", "magnitude"]
+PruneMethod = Literal["wanda", "magnitude", "sparsegpt"]
 Strategy = Literal["uniform", "sandwich"]
 AnswerFormat = Literal["label", "content"]
 Task = Literal["math", "choice", "loss"]
@@ -93,6 +93,22 @@ class WidthConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation from the uncompressed base (dense, full width, unquantized) while training the
+    compressed super-network. Off while both distillation weights are 0 (shears.distill)."""
+    teacher: Optional[str] = None  # a model with the student's architecture and vocabulary; unset: `model`
+    teacher_adapter: Optional[str] = None  # a stock-PEFT adapter folder trained on the dense teacher, merged in
+    logit_weight: float = 0.0  # KL(teacher || student) at temperature T, x T^2, on the labelled positions
+    temperature: float = 1.0
+    squarehead_weight: float = 0.0  # SquareHead: per block MSE(student, teacher) / MSE(teacher, 0), block mean
+    ce_weight: float = 1.0  # the labels' cross-entropy
+
+    @property
+    def enabled(self) -> bool:
+        return self.logit_weight > 0 or self.squarehead_weight > 0
+
+
+@dataclass
 class TrainingConfig:
     # uniform | sandwich: max + min + one random subnet per step, their gradients summed (BigNAS), so a
     # sandwich step costs three forward/backward passes and moves each subnet as a uniform step would
@@ -125,6 +141,21 @@ class TrainingConfig:
     # (SVD) to the next rank and the optimiser restarts, while the data order and the learning-rate
     # schedule (one warm-up) continue as in a single stage. Empty: one stage at the space's r_max.
     rank_schedule: list[int] = field(default_factory=list)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    # In-place distillation (US-Nets/BigNAS), strategy sandwich only: the maximal subnet learns from the
+    # labels, the minimal and random ones from its detached soft labels (KL) in the same step.
+    inplace_distill: bool = False
+
+    def validate_distillation(self) -> None:
+        d = self.distill
+        for key in ("logit_weight", "squarehead_weight", "ce_weight"):
+            if getattr(d, key) < 0 or not math.isfinite(getattr(d, key)):
+                raise ShearsError(f"training.distill.{key}={getattr(d, key)} is below 0: a loss weight is 0 (off) or more")
+        if not d.temperature > 0:
+            raise ShearsError(f"training.distill.temperature={d.temperature}: use a temperature above 0, e.g. 2")
+        if self.inplace_distill and self.strategy != "sandwich":
+            raise ShearsError(f"training.inplace_distill needs training.strategy=sandwich (got {self.strategy!r}): "
+                              "set training.strategy=sandwich or training.inplace_distill=false")
 
 
 @dataclass
@@ -197,6 +228,7 @@ class Recipe:
         if self.training.qa_sparse_adapter and self.quantization.scheme == "none":
             raise ShearsError("training.qa_sparse_adapter merges into a quantized base: set quantization.scheme "
                               "to q8_0 or q4_0, or turn qa_sparse_adapter off")
+        self.training.validate_distillation()
         return self  # choice-valued keys are Literal fields, checked as they are read (_coerce)
 
 

@@ -31,6 +31,7 @@ torchrun DDP and FSDP work unchanged.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -48,6 +49,7 @@ from transformers import Trainer, TrainingArguments, get_scheduler, set_seed
 from . import flags
 from .atomic import write_json, write_text
 from .data import IGNORE_INDEX, Collator, TokenizedDataset, calibration_input_ids
+from .distill import Distillation, build_distillation, labelled_logits
 from .elastic import SuperNet
 from .errors import ShearsError, cli_errors
 from .evaluate import scored_positions
@@ -166,8 +168,12 @@ class NLSTrainer(Trainer):
     whole run (`total_steps`) from there."""
 
     def __init__(self, *args, supernet: SuperNet, sampler: SubnetSampler, order: TrainingOrder,
-                 step_offset: int = 0, total_steps: int | None = None, **kwargs):
+                 step_offset: int = 0, total_steps: int | None = None, distillation: Distillation | None = None,
+                 **kwargs):
         super().__init__(*args, compute_loss_func=self.response_loss, **kwargs)
+        self.distillation = distillation  # shears.distill: teacher / in-place terms added to each subnet's loss
+        self._distilling = False  # set only inside training_step: the validation loss stays plain CE
+        self._student_blocks: list[torch.Tensor] = []
         self._gathered: list[bool] = []  # set by compute_loss: did the output layer get only the labelled positions?
         self.supernet, self.sampler, self.order = supernet, sampler, order
         self.step_offset = step_offset  # steps of earlier In-Squeeze stages
@@ -205,7 +211,9 @@ class NLSTrainer(Trainer):
         if labels is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         rows, columns = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
-        with scored_positions(self.accelerator.unwrap_model(model), rows, columns) as gathered:
+        unwrapped = self.accelerator.unwrap_model(model)
+        blocks = self.distillation.capture(unwrapped) if self._distilling else contextlib.nullcontext([])
+        with scored_positions(unwrapped, rows, columns) as gathered, blocks as self._student_blocks:
             self._gathered = gathered  # filled during the forward, read by response_loss
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
@@ -214,9 +222,12 @@ class NLSTrainer(Trainer):
         labelled tokens divided by `num_items_in_batch`, the accumulated batch's count, else their mean),
         from the logits of the labelled positions alone when compute_loss could gather them."""
         wanted = labels[:, 1:] != IGNORE_INDEX
-        logits = outputs.logits[0] if self._gathered else outputs.logits[:, :-1][wanted]
+        logits = labelled_logits(outputs.logits, bool(self._gathered), wanted)
         loss = torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][wanted], reduction="sum")
-        return loss / (num_items_in_batch if num_items_in_batch is not None else wanted.sum())
+        count = num_items_in_batch if num_items_in_batch is not None else wanted.sum()
+        if self._distilling:
+            return self.distillation.loss(loss, logits, self._student_blocks, int(wanted.sum()), count)
+        return loss / count
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Forward/backward of every subnet of the step on `inputs`: gradients add up (a sandwich step
@@ -226,10 +237,18 @@ class NLSTrainer(Trainer):
         total = None
         mask = inputs.get("attention_mask")
         tokens = int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
-        for config in configs:
+        if self.distillation is not None:  # the teacher once per micro-batch, for every subnet of the step
+            self._prepare_distillation(model, inputs)
+        for index, config in enumerate(configs):
             self.supernet.activate(config)
             self._tokens += tokens
-            loss = super().training_step(model, inputs, num_items_in_batch)
+            if self.distillation is not None:
+                self.distillation.subnet_index = index
+            self._distilling = self.distillation is not None
+            try:
+                loss = super().training_step(model, inputs, num_items_in_batch)
+            finally:
+                self._distilling = False
             if not torch.isfinite(loss).all():  # Trainer's log would silently filter it out
                 raise ShearsError(f"the training loss became {loss.item()} at step {step}: lower "
                                   "training.learning_rate (or disable bf16); checkpoints so far are kept")
@@ -238,6 +257,11 @@ class NLSTrainer(Trainer):
             self.trained_configs += [(step, canonical(config)) for config in configs]
         self._last_params = self.supernet.adapter_params(configs[-1])
         return total / len(configs)
+
+    def _prepare_distillation(self, model, inputs) -> None:
+        inputs = self._prepare_inputs(inputs)
+        rows, columns = (inputs["labels"][:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+        self.distillation.prepare(self.accelerator.unwrap_model(model), inputs, rows, columns)
 
     def stage_trained(self) -> list[tuple[int, str]]:
         """Every (step, config) of this stage. Steps before a resume were trained by the killed process;
@@ -346,6 +370,15 @@ def squeeze_supernet(supernet: SuperNet, space: SearchSpace,
             layer.lora_A["default"].weight.zero_()[:rank].copy_(squeezed.A)
             layer.lora_B["default"].weight.zero_()[:, :rank].copy_(squeezed.B)
     return net
+
+
+def distillation_for(recipe: Recipe, supernet: SuperNet, tokenizer, bf16: bool) -> Distillation | None:
+    """training.distill / training.inplace_distill of the recipe (None when it asks for neither)."""
+    t = recipe.training
+    distillation = build_distillation(t.distill, t.inplace_distill, supernet, recipe.model, tokenizer, recipe.dtype, bf16)
+    if distillation is not None and distillation.teacher is not None and is_main_process():
+        print(distillation.teacher.describe())
+    return distillation
 
 
 def channel_order(recipe: Recipe, space: SearchSpace, base, tokenizer, train_records: list[dict],
@@ -483,7 +516,7 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
                           lengths=tuple(len(x["input_ids"]) for x in train_set.examples) if t.group_by_length else ())
     stages = plan_stages(recipe, space, run_dir, order.steps_per_epoch)
     trained: list[tuple[int, str]] = []
-    supernet = trainer = None
+    supernet = trainer = distillation = None
     for stage in stages:
         finished = stage.checkpoints / "end"  # a completed stage of a multi-stage run, for --resume
         if resume and (finished / "trained.json").is_file():
@@ -497,11 +530,13 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
                                           channel_order=channels, quantized=grid)
         elif supernet.space.r_max != stage.space.r_max:
             supernet = squeeze_supernet(supernet, stage.space, grid)
+        if distillation is None:  # the teacher's tensors are the base's: they outlive a stage's re-wrapping
+            distillation = distillation_for(recipe, supernet, tokenizer, bf16)
         trainer = NLSTrainer(
             model=supernet.model, args=training_arguments(recipe, stage, bf16), train_dataset=train_set,
             eval_dataset=val_set, data_collator=Collator(tokenizer), supernet=supernet,
             sampler=SubnetSampler(supernet.space, t.strategy, seed=t.seed), order=order,
-            step_offset=stage.step_offset, total_steps=sum(s.max_steps for s in stages))
+            step_offset=stage.step_offset, total_steps=sum(s.max_steps for s in stages), distillation=distillation)
         trainer.train(resume_from_checkpoint=last_checkpoint(stage.checkpoints) if resume else None)
         trained += trainer.stage_trained()
         if stage.checkpoints != run_dir.checkpoints and is_main_process():

@@ -13,12 +13,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "shears"
 FLOORS = [
     {"errors", "atomic", "rundir", "flags", "qformat", "progress", "__init__"},  # imported by everything, import nothing of shears but errors
     {"models", "precision"},
-    {"data", "recipe", "search_space", "width"},
+    {"data", "recipe", "search_space", "width", "sparsegpt"},  # sparsegpt: the OBS math sparsity calls
     {"sparsity", "prune", "quantize"},  # prune.py is sparsity's CLI; quantize runs after it, on its output
     {"squeeze"},
     {"elastic"},
     {"run"},  # reads RUN: the trained super-network on its base, the recipe's splits
-    {"evaluate", "scores", "noise"},  # the whole package shears/evaluate/; training scores its anchors as the search will
+    {"evaluate", "scores", "noise", "distill"},  # the whole package shears/evaluate/; training scores its anchors as the search will
     {"train_supernet"},
     {"search", "lm_eval_tasks"},  # the whole package shears/search/; lm-eval's hooks call data and evaluate
     {"export", "model_card"},  # reads the search's files through search.history; model_card: its READMEs
