@@ -91,7 +91,8 @@ def stages(work: Path, recipe: Path) -> list[Stage]:
         Stage("export", [*export, "--output", str(work / "export")], "shears.export"),
         Stage("export --merge", [*export, "--merge", "--output", str(work / "export-merged")], "shears.export"),
         # hooks for stages other work adds: each runs when its module (and flag) exists
-        Stage("quantize", ["-m", "shears.quantize", "--run", run, "--output", str(work / "quantized")], "shears.quantize"),
+        Stage("quantize", ["-m", "shears.quantize", "--model", str(Path(run) / "sparse_base"), "--scheme", "q8_0",
+                           "--output", str(work / "quantized")], "shears.quantize"),
         Stage("export --format gguf", [*export, "--format", "gguf", "--output", str(work / "export-gguf")],
               "shears.export", needs_flag="--format"),
     ]
@@ -257,12 +258,19 @@ def measure_activations() -> None:
 # --------------------------------------------------------------------------- the report
 
 def estimates(recipe_path: Path, model: Path, tiny: bool = True, train_device: str = "cpu"):
+    """{stage: Need} of the tiny run (or, tiny=False, of the paper's recipe on this model); the quantize
+    stage's as the bench runs it (q8_0 of RUN/sparse_base) when the recipe does not quantize."""
     from shears.memory import count_model, estimate
     from shears.recipe import load_recipe
 
-    recipe = load_recipe(recipe_path if tiny else PAPER_RECIPE, None if tiny else {"model": str(model)})
+    overrides = {} if tiny else {"model": str(model)}
+    recipe = load_recipe(recipe_path if tiny else PAPER_RECIPE, overrides)
     count = count_model(recipe)
-    return {n.stage: n for n in estimate(recipe, count, train_device)}, count, recipe
+    needs = {n.stage: n for n in estimate(recipe, count, train_device)}
+    if "quantize" not in needs:
+        quantized = load_recipe(recipe_path if tiny else PAPER_RECIPE, {**overrides, "quantization.scheme": "q8_0"})
+        needs["quantize"] = next(n for n in estimate(quantized, count, train_device) if n.stage == "quantize")
+    return needs, count, recipe
 
 
 def real_run_estimates(say, recipe: Path, model: Path, weights: float) -> None:

@@ -1,4 +1,4 @@
-"""Wanda vs magnitude pruning on smollm2-135m: wall time and peak resident memory.
+"""Wanda vs magnitude vs SparseGPT pruning on smollm2-135m: wall time and peak resident memory.
 
 Wanda (50% unstructured by default) needs a calibration pass: every block runs the calibration
 tokens twice (once to accumulate ||X_j||^2 for its linears, once more after masking so the next
@@ -15,6 +15,12 @@ computed on the same fp32 inputs, block by block, which is what bf16 itself chan
 floor: fp64 sequential Wanda against fp32, i.e. how far fp32's own rounding already moves the masks;
 (3) what matters to a user: the held-out loss of the model pruned with each set of masks.
 
+`sparsegpt` runs the same two calibration passes per block as Wanda but accumulates each linear's
+input Hessian 2 X X^T (in_features^2 floats: 1536^2 for down_proj) and then prunes column block by
+column block with OBS updates of the kept weights (one Cholesky per linear, a rank-one update per
+column). Every worker also reports the pruned model's held-out loss (8 other windows of the data),
+which is what the extra time buys.
+
 Peak RSS is a per-process high-water mark (`resource.getrusage(...).ru_maxrss`; tracemalloc does not
 see torch's allocations), so every (method, repetition) runs in a fresh subprocess of this script.
 Repetitions alternate the order (W M, M W, ...) so that load from other processes on the shared CPU
@@ -23,6 +29,7 @@ hits both methods alike; medians are reported.
     python benchmarks/bench_prune.py                       # 16 x 512-token samples, 1 repetition
     python benchmarks/bench_prune.py --nsamples 128 --reps 3 --data /path/to/train.json
     python benchmarks/bench_prune.py --diagnose            # + why bf16 and fp32 masks differ
+    python benchmarks/bench_prune.py --methods wanda,sparsegpt --reps 2   # SparseGPT against Wanda
 """
 
 from __future__ import annotations
@@ -39,7 +46,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-METHODS = ("wanda", "magnitude", "wanda-bf16")
+METHODS = ("wanda", "magnitude", "wanda-bf16", "sparsegpt")
+CALIBRATED = ("wanda", "sparsegpt")  # worker names that need calibration tokens
 RESULT_TAG = "BENCH_RESULT "  # prefix of the worker's one JSON line on stdout
 
 
@@ -63,6 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--diagnose", action="store_true",
                         help="also: local bf16 agreement, the fp64 noise floor, held-out loss per mask set (~6 min)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma list of methods to run")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--masks-dir", help=argparse.SUPPRESS)  # where a Wanda worker leaves its masks
     return parser.parse_args(argv)
@@ -88,21 +97,23 @@ def run_worker(args: argparse.Namespace) -> dict:
     checksum = sum(float(p.detach().abs().sum()) for p in model.parameters())
     rss_loaded = peak_rss_mib()
     ids = None
-    if args.worker.startswith("wanda"):  # calibration tokens are an input, not part of the pruning time
-        tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model)
+    if args.worker.startswith(CALIBRATED):  # calibration tokens are an input, not part of the pruning time
         ids = calibration_input_ids(tokenizer, load_records(args.data), args.nsamples, args.seqlen, args.seed)
     rss_before = peak_rss_mib()
     start = time.perf_counter()
     masks = wanda_prune(model, ids, sparsity=args.sparsity, method=args.worker.removesuffix("-bf16"),
                         batch_size=args.batch_size, bf16=args.worker.endswith("-bf16"))
     prune_s = time.perf_counter() - start
+    held_out = calibration_input_ids(tokenizer, load_records(args.data), 8, args.seqlen, args.seed + 1)
+    loss = held_out_loss(model, {}, held_out)
     if args.masks_dir and ids is not None:
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in masks.items()}, str(Path(args.masks_dir) / f"{args.worker}.safetensors"))
     return {"method": args.worker, "load_s": load_s, "prune_s": prune_s, "rss_loaded_mib": rss_loaded,
             "rss_before_mib": rss_before, "rss_peak_mib": peak_rss_mib(),
-            "sparsity": sparsity_report(model)["total"], "checksum": checksum,
+            "sparsity": sparsity_report(model)["total"], "checksum": checksum, "held_out_loss": loss,
             "calibration": None if ids is None else list(ids.shape)}
 
 
@@ -126,15 +137,23 @@ def print_table(runs: dict[str, list[dict]], args: argparse.Namespace) -> None:
           f"process(es) per method, {args.threads or 'default'} torch thread(s)")
     print("timings on a shared 2-core CPU (other engineers' jobs run alongside): read ratios, not absolutes")
     header = f"{'method':<10} {'prune s':>9} {'load s':>7} {'RSS loaded MiB':>15} {'peak RSS MiB':>13} " \
-             f"{'peak - loaded':>14} {'sparsity':>9}"
+             f"{'peak - loaded':>14} {'sparsity':>9} {'held-out loss':>14}"
     print(header)
     print("-" * len(header))
-    for method in METHODS:
+    for method in runs:
         r = runs[method]
         extra = median(r, "rss_peak_mib") - median(r, "rss_loaded_mib")
         print(f"{method:<10} {median(r, 'prune_s'):>9.2f} {median(r, 'load_s'):>7.2f} "
               f"{median(r, 'rss_loaded_mib'):>15.0f} {median(r, 'rss_peak_mib'):>13.0f} {extra:>14.0f} "
-              f"{median(r, 'sparsity'):>9.2%}")
+              f"{median(r, 'sparsity'):>9.2%} {median(r, 'held_out_loss'):>14.4f}")
+    if "wanda" in runs and "sparsegpt" in runs:
+        w, g = runs["wanda"], runs["sparsegpt"]
+        print(f"\nsparsegpt / wanda prune wall time {median(g, 'prune_s') / median(w, 'prune_s'):6.2f}x, "
+              f"held-out loss {median(g, 'held_out_loss'):.4f} vs {median(w, 'held_out_loss'):.4f}, "
+              f"RSS added by pruning {median(g, 'rss_peak_mib') - median(g, 'rss_loaded_mib'):.0f} vs "
+              f"{median(w, 'rss_peak_mib') - median(w, 'rss_loaded_mib'):.0f} MiB")
+    if not {"wanda", "magnitude", "wanda-bf16"} <= set(runs):
+        return
     w, m = runs["wanda"], runs["magnitude"]
     print("\nratios (wanda / magnitude; one process per run, order alternating per repetition):")
     print(f"  prune wall time   {median(w, 'prune_s') / median(m, 'prune_s'):8.1f}x")
@@ -258,12 +277,16 @@ def main(argv=None) -> None:
         print(RESULT_TAG + json.dumps(run_worker(args)), flush=True)
         return
     passthrough = sys.argv[1:] if argv is None else list(argv)
-    runs: dict[str, list[dict]] = {m: [] for m in METHODS}
+    methods = tuple(m for m in args.methods.split(",") if m)
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown --methods {sorted(unknown)}: choose from {', '.join(METHODS)}")
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
     import tempfile
 
     masks_dir = tempfile.mkdtemp(prefix="bench_prune_masks_")
     for rep in range(args.reps):
-        order = METHODS if rep % 2 == 0 else METHODS[::-1]
+        order = methods if rep % 2 == 0 else methods[::-1]
         for method in order:
             print(f"[rep {rep + 1}/{args.reps}] {method} ...", file=sys.stderr, flush=True)
             result = spawn(method, passthrough, masks_dir)
@@ -271,7 +294,8 @@ def main(argv=None) -> None:
             print(f"[rep {rep + 1}/{args.reps}] {method}: prune {result['prune_s']:.2f} s, "
                   f"peak RSS {result['rss_peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
     print_table(runs, args)
-    mask_agreement(masks_dir)
+    if {"wanda", "wanda-bf16"} <= set(runs):
+        mask_agreement(masks_dir)
     if args.diagnose:
         diagnose(args, masks_dir)
 

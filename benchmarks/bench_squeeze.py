@@ -125,11 +125,11 @@ def timed(fn: Callable[[], Factors]) -> tuple[float, Factors]:
 
 def race(fast: Callable[[], Factors], slow: Callable[[], Factors], reps: int, inner: int, label: str) -> Timing:
     """Alternate fast/slow per repetition; the fast side's time per repetition is a median of `inner` calls."""
-    from tqdm.auto import tqdm
+    from shears.progress import progress
 
     timing = Timing()
     fast()  # first-call set-up (LAPACK workspaces, thread pools) is not the method's cost
-    for rep in tqdm(range(reps), desc=label, unit="rep"):
+    for rep in progress(range(reps), desc=label, unit="rep"):
         for side in (("fast", "slow") if rep % 2 == 0 else ("slow", "fast")):
             if side == "fast":
                 calls = [timed(fast) for _ in range(inner)]

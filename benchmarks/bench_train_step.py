@@ -144,14 +144,14 @@ def batches(args: argparse.Namespace, count: int) -> list[torch.Tensor]:
 # --------------------------------------------------------------------------- measuring
 
 def run(arms: dict[str, Arm], data: list[torch.Tensor], warmup: int, seed: int = 0) -> None:
-    from tqdm.auto import tqdm
+    from shears.progress import progress
 
     for arm in arms.values():
         torch.manual_seed(seed - 1)  # the warm-up steps' dropout masks alike too
         for _ in range(warmup):
             train_step(arm, data[0])
     order = list(arms)
-    for rep, batch in enumerate(tqdm(data, desc="timed steps (all arms)", unit="rep")):
+    for rep, batch in enumerate(progress(data, desc="timed steps (all arms)", unit="rep")):
         for name in order[rep % len(order):] + order[:rep % len(order)]:
             # every arm draws the same LoRA dropout masks in a repetition (the global torch RNG would hand
             # each arm other ones, by its place in the rotating order), so that nls and nls-bf16 differ

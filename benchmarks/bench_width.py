@@ -8,7 +8,7 @@
 
 Two super-networks are trained with the same budget (steps x batch of the same LLM-Adapters
 commonsense training records, seed, lr, schedule; dense base, no pruning, so speed comes from width
-alone), in the content answer format (the response is the option's text, as paper_medium.py: in the
+alone), in the content answer format (the response is the option's text, as experiment_compression.py: in the
 label format "the correct answer is answerN" the loss is mostly template tokens that any subnet learns,
 so a loss within 5% would say nothing about the answers): `rank` on search_spaces/llama.yaml (Shears' rank groups) and `width` on
 search_spaces/llama-width.yaml (the same rank groups + each block's MLP width in {100, 75, 50}%,
@@ -24,6 +24,12 @@ at C channels and LoRA rank 32 (a plain LoRA on the importance-ordered, statical
 structured pruning with LoRA recovery would train it). No subnet of the width super-network at that
 shape has had more training of its own, so its loss says whether the target is reachable at this
 budget at all; it is exported and timed with the others.
+
+`--inplace` adds the arm `width_inplace`: the width super-network trained with the sandwich rule and
+in-place distillation (training.inplace_distill: the maximal subnet learns from the labels, the minimal
+and a random subnet from its soft labels, in the same step), at the same optimizer steps; the table
+then gives the 75% and 50% uniform-width subnets' validation loss with and without it, and the
+training wall-time ratio (a sandwich step trains three subnets).
 
 Timings take /tmp/shears-timing.lock (training and evaluation do not), so no other timing benchmark
 runs at the same time. Each stage is skipped when its output exists, so a crash costs one stage.
@@ -53,7 +59,7 @@ from shears.models import load_model  # noqa: E402
 from shears.recipe import load_recipe  # noqa: E402
 from shears.run import load_run  # noqa: E402
 from shears.search import Evaluator, History, OptunaBackend, search  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+from shears.progress import progress  # noqa: E402
 from shears.search.cli import problem_from_run  # noqa: E402
 from shears.train_supernet import train_supernet  # noqa: E402
 
@@ -71,8 +77,9 @@ def timing_lock():
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def recipe_for(space: str, args, run_dir: Path):
-    return load_recipe(RECIPE, {
+def recipe_for(space: str, args, run_dir: Path, inplace: bool = False):
+    distill = {"training.strategy": "sandwich", "training.inplace_distill": True} if inplace else {}
+    return load_recipe(RECIPE, {**distill,
         "search_space": space, "output_dir": str(run_dir), "sparsity.sparsity": 0.0,
         "data.train": ["{data_dir}/commonsense/arc-easy_train.json", "{data_dir}/commonsense/openbookqa_train.json"],
         "data.answer_format": "content", "data.cutoff_len": 128, "data.val_size": args.val,
@@ -83,10 +90,11 @@ def recipe_for(space: str, args, run_dir: Path):
 
 
 def train(space: str, args, run_dir: Path) -> float:
+    """Train one arm (skipped when its super-network exists); the `width_inplace` arm distils in place."""
     if (run_dir / "supernet" / "adapter_config.json").is_file():
         return json.loads((run_dir / "bench_train.json").read_text())["seconds"]
     start = time.perf_counter()
-    train_supernet(recipe_for(space, args, run_dir), run_dir, resume=(run_dir / "recipe.yaml").is_file())
+    train_supernet(recipe_for(space, args, run_dir, inplace=run_dir.name == "width_inplace"), run_dir, resume=(run_dir / "recipe.yaml").is_file())
     seconds = time.perf_counter() - start
     (run_dir / "bench_train.json").write_text(json.dumps({"seconds": seconds}))
     return seconds
@@ -152,6 +160,18 @@ def training_curve(out: Path, args) -> None:
             print("; ".join(row), flush=True)
 
 
+def inplace_table(out: Path, seconds: dict, rank_max: float, args) -> None:
+    """Uniform-width subnets of the width super-network trained without and with in-place distillation."""
+    print(f"\nin-place distillation ({args.steps} optimizer steps each; training wall time width_inplace / width "
+          f"{seconds['width_inplace'] / seconds['width']:.2f}x): validation loss, vs the rank-only maximal {rank_max:.4f}")
+    for arm in ("width", "width_inplace"):
+        run = load_run(out / arm)
+        losses = {share: val_loss(run, uniform_width(run.supernet.space, share)) for share in (0.75, 0.5)}
+        row = [f"{loss:.4f} at {share:.0%} width ({loss / rank_max - 1:+.1%})" for share, loss in losses.items()]
+        print(f"  {arm:<14} " + "; ".join(row), flush=True)
+        del run
+
+
 def forward_seconds(models: dict, ids: torch.Tensor, reps: int) -> dict[str, list[float]]:
     """Interleaved: every round times each model once, so load from other processes hits all alike."""
     times = {name: [] for name in models}
@@ -188,7 +208,9 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.add_argument("--out", default="runs/bench_width")
-    p.add_argument("--train-only", choices=("rank", "width", "static"),
+    p.add_argument("--inplace", action="store_true",
+                   help="also train `width_inplace` (sandwich + in-place distillation) and compare its widths")
+    p.add_argument("--train-only", choices=("rank", "width", "static", "width_inplace"),
                    help="train one arm and stop: one process per arm, one thread each, train the arms side by side")
     p.add_argument("--static-width", type=int,
                    help="also train and time the `static` arm: every MLP at this many channels, rank 32 only")
@@ -205,15 +227,19 @@ def main() -> None:
     spaces = {"rank": "llama", "width": "llama-width"}
     if args.static_width:
         spaces["static"] = static_space(args.static_width)
+    if args.inplace:
+        spaces["width_inplace"] = "llama-width"
     if args.train_only:
         if args.train_only not in spaces:
-            raise SystemExit("--train-only static needs --static-width")
+            raise SystemExit(f"--train-only {args.train_only} needs --static-width or --inplace")
         train(spaces[args.train_only], args, out / args.train_only)
         return
     seconds = {arm: train(space, args, out / arm) for arm, space in spaces.items()}
     rank_run, width_run = load_run(out / "rank"), load_run(out / "width")
     rank_max = val_loss(rank_run, rank_run.supernet.maximal())
     del rank_run
+    if args.inplace:
+        inplace_table(out, seconds, rank_max, args)
     static = None
     if args.static_width:
         static_run = load_run(out / "static")
@@ -230,7 +256,7 @@ def main() -> None:
     search_dir.mkdir(parents=True, exist_ok=True)
     # Besides the search's maximal/heuristic/minimal anchors: every block at 75% and at 50% width, full ranks
     history = History(search_dir / "history.jsonl", problem.objectives)
-    with tqdm(total=2, desc="uniform-width subnets", unit="eval") as bar:
+    with progress(total=2, desc="uniform-width subnets", unit="eval") as bar:
         evaluator = Evaluator(problem, history, "bench:uniform", bar)
         for share in (0.75, 0.5):
             evaluator.evaluate(uniform_width(space, share))

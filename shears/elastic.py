@@ -17,6 +17,15 @@ When dropout is inactive the masked update is folded into the base weight, so on
 in matmul runs; with active dropout a second one runs on the dropped-out input. A masked update is in
 general not low-rank, so a sparse-adapter subnet is exported faithfully by merging, not as factors.
 
+QA-SparsePEFT (SQFT; `from_base(..., quantized=...)`, a base loaded from a shears.qformat folder): the
+masked update is merged into the dequantized base and the sum snapped onto the base's frozen Q8_0/Q4_0
+grid -- each block keeps its float16 scale, each weight takes the nearest code -- at every forward,
+Q(W + (B A) * mask), with a straight-through gradient to A and B (qformat.fake_quantize_on_scales). So the
+merged model is Q8_0/Q4_0 with the base's scales, and the base's zeros (pruned, or rounded to zero) stay
+zero: the mask keeps them at exactly 0, which is code 0. `grid_merged_weight` is that merge, the one
+definition training's forward and the export's requantized merged/ share. Width spaces reorder the
+columns a block of 32 is cut from, so QA-SparsePEFT takes rank-only spaces.
+
 `SuperNet` ties the PEFT model to its `BoundSpace`: activate / sample / save / load. A space with
 width or heads groups also makes the base's MLP width or attention heads elastic (shears.width.ElasticWidth:
 a subnet keeps the leading channels or key/value groups); `from_base(..., channel_order)` permutes the base's channels by importance first,
@@ -44,6 +53,7 @@ from torch import nn
 from .atomic import atomic_folder
 from .errors import ShearsError
 from .models import load_safetensors, model_fingerprint
+from .qformat import QuantizedTensor, fake_quantize_on_scales, round_to_grid, scales
 from .rundir import SHEARS_RECORD
 from .search_space import BoundSpace, Config, SearchSpace, load_search_space
 from .squeeze import ADAPTER_WEIGHTS, PEFT_PREFIX, pattern_key
@@ -66,6 +76,9 @@ class ElasticLoraLinear(LoraLinear):
             raise ShearsError("elastic LoRA adapts nn.Linear modules: set fan_in_fan_out=False")
         self.active_rank: int = self.r[adapter_name]
         self.sparse = False  # SparsePEFT, set by enable_sparse_mask()
+        # QA-SparsePEFT: the quantized base's float32 block scales [out, in / 32] and scheme (enable_grid_merge)
+        self.register_buffer("grid_scales", None, persistent=False)
+        self.grid_scheme: str | None = None
 
     def enable_sparse_mask(self) -> None:
         self.sparse = True
@@ -76,6 +89,16 @@ class ElasticLoraLinear(LoraLinear):
         so a model holds no mask beside its weights (it would cost half a bf16 model) and a mask cannot go
         stale when the base's channels are permuted."""
         return self.get_base_layer().weight.detach() != 0 if self.sparse else None
+
+    def enable_grid_merge(self, blocks: QuantizedTensor) -> None:
+        """QA-SparsePEFT: merge the masked update onto the frozen grid of `blocks`, the base's quantized weight."""
+        weight = self.get_base_layer().weight
+        if tuple(weight.shape) != tuple(blocks.shape):
+            raise ShearsError(f"quantized blocks of shape {blocks.shape} do not belong to a weight of shape "
+                              f"{tuple(weight.shape)}: load the base from the quantized folder they came from")
+        self.enable_sparse_mask()
+        self.grid_scales = scales(blocks.blocks, blocks.scheme).to(weight.device)
+        self.grid_scheme = blocks.scheme
 
     def set_active_rank(self, rank: int) -> None:
         r_max = min(self.r[a] for a in self.lora_A)
@@ -91,7 +114,24 @@ class ElasticLoraLinear(LoraLinear):
         return self.lora_A[adapter].weight[:r], self.lora_B[adapter].weight[:, :r]
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        """The active subnet's update, scaling * B[:, :r] @ A[:r] (masked under SparsePEFT)."""
+        """The active subnet's update, scaling * B[:, :r] @ A[:r] (masked under SparsePEFT); under QA-SparsePEFT
+        the step from W onto the grid, Q(W + masked update) - W (PEFT's merge adds it to W: W + that rounds
+        to the grid point up to one float32 rounding; the export writes the blocks themselves)."""
+        if self.grid_scheme is not None:
+            return self.updated_weight([adapter]) - self.get_base_layer().weight
+        return self._masked_update(adapter)
+
+    def updated_weight(self, adapters: list[str]) -> torch.Tensor:
+        """W plus the adapters' (masked) updates; under QA-SparsePEFT snapped onto the base's frozen grid, with a
+        straight-through gradient (`grid_merged_weight` is the same sum without the gradient)."""
+        weight = self.get_base_layer().weight
+        for adapter in adapters:
+            weight = weight + self._masked_update(adapter)
+        if self.grid_scheme is not None:
+            weight = fake_quantize_on_scales(weight, self.grid_scales, self.grid_scheme)
+        return weight
+
+    def _masked_update(self, adapter: str) -> torch.Tensor:
         weight_A, weight_B = self._factors(adapter)
         dtype = weight_B.dtype
         # like PEFT: half-precision matmuls are slow on CPU, so compute those in fp32
@@ -131,14 +171,15 @@ class ElasticLoraLinear(LoraLinear):
         same_dtype = all(self.lora_A[a].weight.dtype == base.weight.dtype for a in adapters)
         if dropout_off and plain_base and same_dtype:
             # one matmul: (W + sum of masked updates) x; W is frozen, so gradients reach only A and B
-            weight = base.weight
-            for adapter in adapters:
-                weight = weight + self.get_delta_weight(adapter)
-            return F.linear(x, weight, base.bias)
+            return F.linear(x, self.updated_weight(adapters), base.bias)
         result = self.base_layer(x, *args, **kwargs)
         result_dtype = result.dtype
         if _autocast_output(result, x):
             result, result_dtype = result.float(), torch.float32
+        if self.grid_scheme is not None and adapters:
+            # the grid's step Q(W + updates) - W is the update, applied to the dropped-out input as LoRA's is
+            h = self.lora_dropout[adapters[0]](self._cast_input_dtype(x, self.lora_A[adapters[0]].weight.dtype))
+            return (result + F.linear(h, self.updated_weight(adapters).to(h.dtype) - base.weight.to(h.dtype))).to(result_dtype)
         for adapter in adapters:
             h = self.lora_dropout[adapter](self._cast_input_dtype(x, self.lora_A[adapter].weight.dtype))
             result = result + F.linear(h, self.get_delta_weight(adapter))
@@ -178,6 +219,14 @@ def merged_weight(base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: f
     return lora_delta(A.double(), B.double(), scale, mask).add_(base).to(base.dtype)
 
 
+def grid_merged_weight(base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, d: torch.Tensor,
+                       scheme: str) -> torch.Tensor:
+    """QA-SparsePEFT's merge: W + lora_delta masked by W's non-zeros, snapped onto the grid of the frozen block
+    scales `d` (qformat.round_to_grid), in float32 -- the sum as training's forward computes it, so the merged
+    weights are exactly the weights the super-network trained and was scored with."""
+    return round_to_grid(base + lora_delta(A, B, scale, base != 0), d, scheme)
+
+
 def most_common_rank(ranks: dict[str, int]) -> int:
     counts = Counter(ranks.values())
     return max(counts, key=lambda r: (counts[r], r))
@@ -213,14 +262,18 @@ class SuperNet:
     layers: dict[str, ElasticLoraLinear] = field(repr=False)  # base-model module name -> layer
     width: ElasticWidth | None = field(default=None, repr=False)  # None for a rank-only space
     channel_order: ChannelOrder | None = field(default=None, repr=False)  # already applied to the base
+    qa_scheme: str | None = None  # QA-SparsePEFT: the scheme of the frozen grid the merged weights stay on
     _active: Config = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_base(cls, base_model: nn.Module, space: SearchSpace | BoundSpace | str,
-                  sparse_adapter: bool = False, channel_order: ChannelOrder | None = None) -> "SuperNet":
+                  sparse_adapter: bool = False, channel_order: ChannelOrder | None = None,
+                  quantized: dict[str, QuantizedTensor] | None = None) -> "SuperNet":
         """Wrap `base_model` (in place, as get_peft_model does) into a super-network at r_max. With
         `channel_order` (shears.width.width_order) the base's width channels are first permuted by it,
-        in place too; the dense base computes the same function."""
+        in place too; the dense base computes the same function. With `quantized` (the base's blocks,
+        qformat.load_quantized_state(folder).quantized, for a base loaded from that folder): QA-SparsePEFT,
+        the masked update merged onto their frozen grid (implies sparse_adapter)."""
         if isinstance(base_model, PeftModel):
             raise ShearsError("SuperNet.from_base needs the plain base model, not a PeftModel: pass "
                               "peft_model.get_base_model() or a freshly loaded model")
@@ -230,6 +283,9 @@ class SuperNet:
         if isinstance(space, BoundSpace) and bound.to_dict() != bound.space.bind(base_model).to_dict():
             raise ShearsError("the search space was bound to another model: bind it to this base model")
         fingerprint = model_fingerprint(base_model)
+        if quantized is not None and (bound.sites or channel_order is not None):
+            raise ShearsError("QA-SparsePEFT keeps the base's blocks of 32 inputs, which an elastic-width space "
+                              "reorders: use a rank-only search space, or training.qa_sparse_adapter=false (QA-NLS)")
         if channel_order is not None:
             if set(channel_order) != {site.name for site in bound.sites}:
                 raise ShearsError("the channel order does not cover the search space's width sites: compute it "
@@ -245,10 +301,17 @@ class SuperNet:
             if not isinstance(layer, ElasticLoraLinear):
                 raise ShearsError(f"{name} became {type(layer).__name__}, not an elastic LoRA layer: shears "
                                   "adapts plain nn.Linear modules only (no quantised bases)")
-            if sparse_adapter:
+            if quantized is not None:
+                if f"{name}.weight" not in quantized:
+                    raise ShearsError(f"{name} is kept unquantized in the base, so QA-SparsePEFT cannot merge into it: "
+                                      "quantize every adapted module (narrow quantization.exclude)")
+                layer.enable_grid_merge(quantized[f"{name}.weight"])
+            elif sparse_adapter:
                 layer.enable_sparse_mask()
+        schemes = {q.scheme for q in quantized.values()} if quantized is not None else set()
         width = ElasticWidth(model.get_base_model(), bound.sites) if bound.sites else None
-        net = cls(model, bound, sparse_adapter, fingerprint, layers, width, channel_order)
+        net = cls(model, bound, sparse_adapter or quantized is not None, fingerprint, layers, width, channel_order,
+                  ",".join(sorted(schemes)) or None)
         net.activate(bound.maximal())
         return net
 
@@ -324,11 +387,14 @@ class SuperNet:
         return {"format": SUPERNET_FORMAT, "base_model": getattr(base.config, "_name_or_path", "") or "",
                 "fingerprint": self.fingerprint, "sparse_adapter": self.sparse_adapter,
                 "r_max": self.space.r_max, "lora_alpha": self.space.space.lora_alpha, "scaling": SCALING_RULE,
-                "channel_order": CHANNEL_ORDER_FILE if self.channel_order is not None else None}
+                "channel_order": CHANNEL_ORDER_FILE if self.channel_order is not None else None,
+                "qa_scheme": self.qa_scheme}
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, base_model: nn.Module) -> "SuperNet":
-        """A super-network saved by `save`, on `base_model` (refused if its fingerprint differs)."""
+    def load(cls, directory: str | os.PathLike, base_model: nn.Module,
+             quantized: dict[str, QuantizedTensor] | None = None) -> "SuperNet":
+        """A super-network saved by `save`, on `base_model` (refused if its fingerprint differs); a QA-SparsePEFT
+        one needs `quantized`, the blocks of the quantized base `base_model` was loaded from."""
         folder = Path(directory)
         for name in (SHEARS_RECORD, SEARCH_SPACE_FILE, ADAPTER_WEIGHTS):
             if not (folder / name).is_file():
@@ -349,7 +415,11 @@ class SuperNet:
                 raise ShearsError(f"{folder} lost its {CHANNEL_ORDER_FILE}: the width channels cannot be restored; "
                                   "re-train or restore the file")
             order = load_safetensors(folder / CHANNEL_ORDER_FILE)
-        net = cls.from_base(base_model, bound, sparse_adapter=bool(meta["sparse_adapter"]), channel_order=order)
+        if meta.get("qa_scheme") and quantized is None:
+            raise ShearsError(f"{folder} was trained with QA-SparsePEFT on a {meta['qa_scheme']} base: load it with "
+                              "shears.run.load_run(RUN), which passes the quantized base's blocks")
+        net = cls.from_base(base_model, bound, sparse_adapter=bool(meta["sparse_adapter"]), channel_order=order,
+                            quantized=quantized if meta.get("qa_scheme") else None)
 
         weights = load_safetensors(folder / ADAPTER_WEIGHTS, device=str(next(net.model.parameters()).device))
         result = set_peft_model_state_dict(net.model, weights)

@@ -25,7 +25,9 @@ its update exact (tol mode), or to the rank keeping a share E of its energy, at 
 --merge also writes merged/, an HF model folder of base + subnet. A SparsePEFT run (sparse_adapter)
 masks its update with the base's non-zeros; that masked update is not low-rank, so its adapter
 folder holds the unmasked factors and only merged/ reproduces the super-network (keeping the base's
-zeros exactly).
+zeros exactly). A QA-SparsePEFT run (training.qa_sparse_adapter, on RUN/quantized_base) writes merged/ as a
+quantized folder on the base's frozen grid: the merged weights requantized with the base's block scales
+(shears.quantize.write_on_grid), exactly the weights it trained on, still Q8_0/Q4_0 with the same zeros.
 
 RUN/export/<name>/ = adapter_model.safetensors + adapter_config.json + shears.json [+ merged/];
 --front adds manifest.json and README.md listing every point of RUN/search/front.json.
@@ -60,18 +62,21 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from . import flags
-from .elastic import SCALING_RULE, SuperNet, lora_config, merged_weight
+from .elastic import SCALING_RULE, SuperNet, grid_merged_weight, lora_config, merged_weight
 from .errors import ShearsError, cli_errors
 from .memory import MERGED_SHARD_BYTES
+from .model_card import CardContext, rank_summary, subnet_card
 from .models import WIDTH_FILE, decoder_layers, linear_names, load_model, model_id, save_sliced_model, slice_linears
+from .qformat import load_quantized_state
+from .quantize import write_on_grid
+from .progress import progress
 from .atomic import atomic_folder, refuse_existing, write_text
 from .recipe import ExportConfig
 from .run import Run, load_run, load_run_recipe, subnet_config
-from .rundir import SHEARS_RECORD, SPARSE_BASE, ExportFiles, RunDir
-from .search.history import read_front as read_search_front, recorded_objectives
+from .rundir import README, SHEARS_RECORD, SPARSE_BASE, ExportFiles, RunDir
+from .search.history import read_front as read_search_front, recorded_scores
 from .search_space import ANCHORS, Config, canonical
 from .sparsity import SPARSITY_JSON, sparsity_report
 from .width import permute_channels, stock_config, uniform_widths, width_spec
@@ -183,8 +188,12 @@ def merge_into(target: torch.nn.Module, supernet: SuperNet, factors: Factors, sc
     so one target serves every subnet. Returns whether every zero of the base stayed exactly zero."""
     zeros_kept = True
     for module, (A, B) in factors.items():
-        base = supernet.layers[module].get_base_layer().weight
-        merged = merged_weight(base, A, B, scale, supernet.sparse_adapter)
+        layer = supernet.layers[module]
+        base = layer.get_base_layer().weight
+        if supernet.qa_scheme:  # onto the quantized base's frozen grid, as training merged it at every step
+            merged = grid_merged_weight(base, A, B, scale, layer.grid_scales, layer.grid_scheme).to(base.dtype)
+        else:
+            merged = merged_weight(base, A, B, scale, supernet.sparse_adapter)
         zeros_kept &= not bool(merged.ne(0).logical_and_(base == 0).any())
         target.get_submodule(module).weight.copy_(merged)
     return zeros_kept
@@ -218,7 +227,7 @@ def _zeros_summary(zeros: int, params: int) -> dict:
 
 
 @torch.no_grad()
-def write_merged(folder: Path, supernet: SuperNet, factors: Factors, scale: float, tokenizer,
+def stream_merged(folder: Path, supernet: SuperNet, factors: Factors, scale: float, tokenizer,
                  shard_bytes: int = MERGED_SHARD_BYTES) -> dict:
     """merged/: the super-network's base with `factors` merged (elastic.merged_weight), as an HF folder,
     computed one matrix at a time and written a shard at a time; the base itself is never changed, so
@@ -240,7 +249,7 @@ def write_merged(folder: Path, supernet: SuperNet, factors: Factors, scale: floa
     counted = block_linear_weights(supernet)
     zeros_before = zeros_after = params = 0
     zeros_kept = True
-    for file, names in tqdm(plan.filename_to_tensors.items(), desc="writing merged shards", unit="shard"):
+    for file, names in progress(plan.filename_to_tensors.items(), desc="writing merged shards", unit="shard"):
         shard = {}
         for name in names:
             tensor = tensors[name]
@@ -271,7 +280,8 @@ def write_merged(folder: Path, supernet: SuperNet, factors: Factors, scale: floa
 
 @dataclass
 class MergeTarget:
-    """A plain copy of the base model that every width subnet's smaller merged/ model is cut from."""
+    """A plain copy of the base model that a width subnet's smaller merged/ model is cut from, or that a quantized
+    (QA-SparsePEFT) merge is requantized from."""
     model: torch.nn.Module
     sparsity_before: dict  # of the base, measured before any merge
 
@@ -288,6 +298,14 @@ def base_name(run: Run) -> str:
     """What an export calls its base: the original model's id (shears.models.model_id), never a path of
     this machine -- the adapter config, README and manifest travel with the folders."""
     return model_id(run.recipe.model)
+
+
+def card_context(run: Run) -> CardContext:
+    """What every subnet's model card says of the run: its folder's name (never its path), the search's
+    task and the training data by name."""
+    return CardContext(run.path.name, run.recipe.evaluation.task,
+                       [model_id(source.split("?")[0]) if not source.startswith("builtin:") else source
+                        for source in run.recipe.data.sources()])
 
 
 def smaller_model(target: torch.nn.Module, space, config: Config) -> torch.nn.Module:
@@ -338,15 +356,20 @@ def export_one(run: Run, name: str, config: Config, folder: Path, objectives: di
     if not space.sites:
         write_subnet_adapter(folder, written, adapter)
     merge_record = None
-    if merge and space.sites:  # a smaller model: the merge goes into a copy of the base, then is cut
+    if merge and (space.sites or supernet.qa_scheme):  # into a copy of the base, then cut or requantized
         zeros_kept = merge_into(target.model, supernet, factors, scale)
-        width_record = write_sliced(folder / MERGED, target.model, space, config, run.tokenizer)
+        width_record = None
+        if space.sites:
+            width_record = write_sliced(folder / MERGED, target.model, space, config, run.tokenizer)
+        else:
+            write_on_grid(folder / MERGED, target.model, load_quantized_state(run.base_source), run.tokenizer,
+                          Path(run.base_source))
         merge_record = {"folder": MERGED, "sparsity_before": target.sparsity_before,
                         "sparsity_after": sparsity_summary(target.model), "base_zeros_kept": zeros_kept,
-                        "width": width_record}
+                        "width": width_record, "quantized": supernet.qa_scheme}
     elif merge:
-        merge_record = {"folder": MERGED, **write_merged(folder / MERGED, supernet, factors, scale, run.tokenizer),
-                        "width": None}
+        merge_record = {"folder": MERGED, **stream_merged(folder / MERGED, supernet, factors, scale, run.tokenizer),
+                        "width": None, "quantized": None}
     record = {
         "format": EXPORT_FORMAT, "name": name, "config": config,
         "adapter_params": supernet.adapter_params(config),
@@ -395,26 +418,23 @@ def export_subnets(run: Run | str | Path, configs: dict[str, Config], output: st
         refuse_existing(files.subnet(name), force)
     run = run if isinstance(run, Run) else load_run(run)
     configs = {name: run.supernet.space.validate(config) for name, config in configs.items()}
-    objectives = recorded_objectives(run.dir.search.folder)
+    scores = recorded_scores(run.dir.search.folder)
+    card = card_context(run)
     merge = merge or bool(run.supernet.space.sites)  # a width subnet exists only as a smaller model
-    target = load_merge_target(run) if run.supernet.space.sites else None
+    target = load_merge_target(run) if run.supernet.space.sites or run.supernet.qa_scheme else None
     files.folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, config in tqdm(configs.items(), desc="export", unit="subnet"):
+    for name, config in progress(configs.items(), desc="export", unit="subnet"):
+        score = scores.get(canonical(config), {})
         with atomic_folder(files.subnet(name), force) as tmp:
-            record = export_one(run, name, config, tmp, objectives.get(canonical(config)), squeeze, energy, merge,
-                                target, uniform_rank)
+            record = export_one(run, name, config, tmp, score.get("objectives"), squeeze, energy, merge, target,
+                                uniform_rank)
+            (tmp / README).write_text(subnet_card(record, card, score.get("n_examples")))
         written.append(Exported(files.subnet(name), record))
     return written
 
 
 # --------------------------------------------------------------------------- the front
-
-def rank_summary(ranks: dict[str, int]) -> str:
-    """"8x12 4x6": how many modules have each rank, largest rank first."""
-    counts = Counter(ranks.values())
-    return " ".join(f"{r}x{counts[r]}" for r in sorted(counts, reverse=True))
-
 
 def export_front(run: Run | str | Path, output: str | Path | None = None, squeeze: bool = False,
                  energy: float | None = None, merge: bool = False, force: bool = False,
@@ -463,13 +483,18 @@ def _remove_stale(files: ExportFiles, names: set[str]) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def front_title(manifest: dict) -> str:
+    """The run by its folder's name and its base by id: the README travels, the machine's paths do not."""
+    return f"the run `{Path(manifest['run']).name}` ({manifest['base_model']['model_id']})"
+
+
 def front_readme(manifest: dict) -> str:
     base = manifest["base_model"]
     # a pruned base is RUN/sparse_base: the model these adapters were trained on, shipped with the run
     load_from = SPARSE_BASE if base["pruned"] else base["model_id"]
     names = manifest["objectives"] or sorted({k for s in manifest["subnets"] for k in s["objectives"]})
     names = [n for n in names if n != "adapter_params"]  # already its own column
-    lines = [f"# Pareto-front subnets of {manifest['run']}", "",
+    lines = [f"# Pareto-front subnets of {front_title(manifest)}", "",
              f"{len(manifest['subnets'])} non-dominated subnets (hypervolume {manifest['hypervolume']}), "
              "smallest first. Each folder is a stock PEFT LoRA adapter with per-module ranks:", "",
              "| folder | adapter params | " + " | ".join(names) + " | ranks (rank x modules) |",
@@ -527,7 +552,7 @@ def width_front_readme(manifest: dict) -> str:
     """The README of an elastic-width front: every folder's merged/ is a smaller model, loaded without PEFT."""
     names = manifest["objectives"] or sorted({k for s in manifest["subnets"] for k in s["objectives"]})
     names = [n for n in names if n != "params"]  # already its own column, measured on the written model
-    lines = [f"# Pareto-front subnets of {manifest['run']}", "",
+    lines = [f"# Pareto-front subnets of {front_title(manifest)}", "",
              f"{len(manifest['subnets'])} non-dominated subnets (hypervolume {manifest['hypervolume']}), "
              f"smallest first. The base ({manifest['base_model']['model_id']}) has an elastic width: each folder's "
              f"`{MERGED}/` is a physically smaller model, the subnet's LoRA merged into the base and every MLP cut "

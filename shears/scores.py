@@ -80,6 +80,9 @@ def run_scoring(recipe, supernet, validation_records: list[dict], eval_limit: in
     device = next(supernet.model.parameters()).device
     bf16 = resolve_bf16(recipe.evaluation_bf16(), device, key="evaluation.bf16")
     settings = [evaluation.task, evaluation.max_new_tokens, recipe.data.cutoff_len, precision_name(bf16)]
+    q = recipe.quantization
+    if q.scheme != "none":  # the base's weights differ; an unquantized run keeps the fingerprint it had
+        settings.append(["quantization", q.scheme, q.embeddings, list(q.exclude), recipe.training.qa_sparse_adapter])
     if device.type != "cpu":  # another device's kernels differ in the last bits; CPU fingerprints stay as they were
         settings.append(device.type)
     return Scoring(records, evaluation.task, batch_size or evaluation.batch_size, evaluation.max_new_tokens,

@@ -8,6 +8,8 @@ the input feature it multiplies,
 and, within each output row (the paper's per-output comparison group), zeroes the lowest-scoring
 floor(in_features * sparsity) weights; for an N:M pattern ("2:4") it zeroes the N lowest of every
 M consecutive inputs of a row. "magnitude" is the same with S_ij = |W_ij| (no calibration).
+"sparsegpt" (shears.sparsegpt) runs the same calibration passes, accumulates each linear's input
+Hessian 2 X X^T instead of ||X_j||^2, and prunes with SparseGPT's OBS updates of the kept weights.
 
 Pruning is sequential, block by block, so block i is scored on the outputs of the already
 pruned blocks < i:
@@ -47,7 +49,6 @@ from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .atomic import atomic_folder
 from .errors import ShearsError
@@ -55,8 +56,11 @@ from .memory import SCORE_CHUNK
 from .recipe import PruneMethod, SparsityConfig
 from .models import decoder_layers, linear_names
 from .precision import autocast, bf16_weights, precision_name
+from .progress import progress
+from .sparsegpt import InputHessian, sparsegpt_prune
 
 METHODS = typing.get_args(PruneMethod)  # the recipe's Literal: one definition
+CALIBRATED = ("wanda", "sparsegpt")  # the methods that run calibration data through the model
 SPARSITY_JSON = "sparsity.json"
 DEFAULT_CALIBRATION = "builtin:arithmetic"
 # Block arguments that carry a KV cache: never replayed, so no block attends to stale keys/values.
@@ -164,6 +168,13 @@ def _prune_linear(linear: nn.Linear, column_scale: torch.Tensor | None, sparsity
     return torch.cat(kept) if return_mask else None
 
 
+def _reconstruct_linear(linear: nn.Linear, hessian: torch.Tensor, sparsity: float, nm) -> torch.Tensor:
+    """SparseGPT on one linear: its weight becomes the pruned, OBS-reconstructed one (in its dtype)."""
+    weight, mask = sparsegpt_prune(linear.weight, hessian, sparsity, nm)
+    linear.weight.data.copy_(weight.to(linear.weight.dtype).masked_fill_(~mask, 0))
+    return mask.cpu()
+
+
 # --------------------------------------------------------------------------- capturing block inputs
 
 class _StopForward(Exception):
@@ -231,7 +242,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: Seque
     handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(blocks)]
     device = model.get_input_embeddings().weight.device
     try:
-        for ids in tqdm(batches, desc="capturing block inputs", unit="batch"):
+        for ids in progress(batches, desc="capturing block inputs", unit="batch"):
             try:
                 model(input_ids=ids.to(device), use_cache=False)
             except _StopForward:
@@ -316,7 +327,7 @@ def wanda_prune(model: nn.Module, calibration_input_ids: torch.Tensor | None = N
     Returns {qualified module name: BoolTensor mask of weight's shape (on CPU)}, True = weight kept;
     with `return_masks=False`, None: the masks then never outlive their block (one byte per weight
     of the whole model otherwise), and the pruned weights' zeros are the mask.
-    `calibration_input_ids` ([nsamples, seqlen]) is needed for method="wanda", ignored for
+    `calibration_input_ids` ([nsamples, seqlen]) is needed for methods "wanda" and "sparsegpt", ignored for
     "magnitude"; it runs `batch_size` samples at a time. `exclude`: fnmatch patterns on names."""
     if method not in METHODS:
         raise ShearsError(f"unknown pruning method {method!r}: use one of {', '.join(METHODS)}")
@@ -332,7 +343,7 @@ def wanda_prune(model: nn.Module, calibration_input_ids: torch.Tensor | None = N
 
     if method == "magnitude":
         with torch.no_grad():
-            for block in tqdm(targets, desc="magnitude pruning", unit="block"):
+            for block in progress(targets, desc="magnitude pruning", unit="block"):
                 for name, linear in block.items():
                     prune(name, linear, None)
         return masks if return_masks else None
@@ -356,9 +367,10 @@ def wanda_prune(model: nn.Module, calibration_input_ids: torch.Tensor | None = N
         with torch.no_grad():
             with in_bf16(model):
                 hidden, received = capture_block_inputs(model, blocks, ids.split(max(1, batch_size)), offload_device)
-            for index, block in enumerate(tqdm(blocks, desc="wanda pruning", unit="block")):
+            statistic = InputHessian if method == "sparsegpt" else InputSquaredNorms
+            for index, block in enumerate(progress(blocks, desc=f"{method} pruning", unit="block")):
                 linears = targets[index]
-                norms = {name: InputSquaredNorms(linear) for name, linear in linears.items()}
+                norms = {name: statistic(linear) for name, linear in linears.items()}
                 handles = [linear.register_forward_hook(norms[name]) for name, linear in linears.items()]
                 try:
                     with in_bf16(block):
@@ -367,6 +379,11 @@ def wanda_prune(model: nn.Module, calibration_input_ids: torch.Tensor | None = N
                     for handle in handles:
                         handle.remove()
                 for name, linear in linears.items():
+                    if method == "sparsegpt":
+                        mask = _reconstruct_linear(linear, norms.pop(name).hessian(), sparsity, nm)
+                        if return_masks:
+                            masks[name] = mask
+                        continue
                     prune(name, linear, norms[name].sum_sq.sqrt())
                 # The next block must be scored on what this block outputs once pruned.
                 with in_bf16(block):
@@ -445,7 +462,7 @@ def prune_to_folder(model_name_or_path: str | os.PathLike, output_dir: str | os.
     """Load a model, prune it as the recipe's `sparsity:` section says, write a RUN/sparse_base-style
     folder; reuse a folder pruned alike.
 
-    Calibration (method "wanda" only): `calibration_input_ids` if given, else `config.nsamples` windows
+    Calibration (methods "wanda" and "sparsegpt"): `calibration_input_ids` if given, else `config.nsamples` windows
     of min(config.seqlen, max_position_embeddings) tokens from `calibration_records` (default: the records
     of builtin:arithmetic). `calibration_source` names the records in sparsity.json. `bf16`: the
     calibration forward under bf16 autocast (resolved by shears.precision). `dtype`: what the weights
@@ -462,7 +479,7 @@ def prune_to_folder(model_name_or_path: str | os.PathLike, output_dir: str | os.
     out = Path(output_dir)
     calibration = None
     records = None
-    if c.method == "wanda":
+    if c.method in CALIBRATED:
         if calibration_input_ids is not None:
             ids = _check_calibration(calibration_input_ids)
             calibration = {"source": calibration_source or "input_ids", "nsamples": ids.shape[0],
@@ -478,7 +495,7 @@ def prune_to_folder(model_name_or_path: str | os.PathLike, output_dir: str | os.
                            "sha256": _sha256(json.dumps(records, sort_keys=True, default=str).encode())}
     settings = {"base_model": str(model_name_or_path), "method": c.method, "pattern": c.pattern,
                 "sparsity": float(c.sparsity), "exclude": list(c.exclude), "calibration": calibration,
-                "precision": precision_name(bf16) if c.method == "wanda" else None, "dtype": _dtype_name(dtype)}
+                "precision": precision_name(bf16) if c.method in CALIBRATED else None, "dtype": _dtype_name(dtype)}
     if out.exists() and not force:
         if _recorded_settings(out) == settings:
             return out

@@ -48,12 +48,12 @@ from pathlib import Path
 import torch
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from . import flags
 from .atomic import atomic_folder, refuse_existing
 from .errors import ShearsError, cli_errors
 from .models import load_safetensors
+from .progress import progress
 
 # PEFT's own names for an adapter folder's files and its state-dict key prefix: the one definition shears uses
 ADAPTER_CONFIG = CONFIG_NAME
@@ -288,7 +288,7 @@ def squeeze_adapter(adapter_dir: str | os.PathLike, rank: int | None = None, ene
     alpha_pattern = config.get("alpha_pattern") or {}
     out = dict(tensors)
     modules, ranks, alphas = [], {}, {}
-    for module, a_key, b_key in tqdm(lora_factor_keys(tensors), desc="squeeze", unit="module"):
+    for module, a_key, b_key in progress(lora_factor_keys(tensors), desc="squeeze", unit="module"):
         r = tensors[a_key].shape[0]
         alpha = float(pattern_value(alpha_pattern, module, config["lora_alpha"]))
         scale = lora_scale(alpha, r, use_rslora)
@@ -356,7 +356,7 @@ def recover(adapter_dir: Path, base_model: str, recovery: Recovery) -> float:
     records = load_records(recovery.data)
     if not records:
         raise ShearsError(f"--data {recovery.data} holds no records: pass a non-empty data set")
-    examples = [tokenize_example(tokenizer, r, recovery.cutoff_len) for r in tqdm(records, desc="tokenize")]
+    examples = [tokenize_example(tokenizer, r, recovery.cutoff_len) for r in progress(records, desc="tokenize", unit="record")]
     examples = [e for e in examples if any(label != -100 for label in e["labels"])]  # else: zero loss, no signal
     if not examples:
         raise ShearsError(f"every response in {recovery.data} is cut off by --cutoff-len {recovery.cutoff_len}: "

@@ -3,7 +3,9 @@
     python -m shears.train_supernet [--recipe recipes/X.yaml] [key=value ...] [--output RUN] [--resume]
     python -m shears.train_supernet --recipe recipes/X.yaml --plan [--device-memory 24GiB]   # memory per stage
 
-The run: (1) prune the base when the recipe asks (cached in RUN/sparse_base), (2) when the search
+The run: (1) prune the base when the recipe asks (cached in RUN/sparse_base), then quantize it when the
+recipe's `quantization.scheme` asks (RUN/quantized_base; training runs on its dequantized weights, loaded
+once: quantization-aware NLS, or QA-SparsePEFT with training.qa_sparse_adapter), (2) when the search
 space has width groups, order each block's MLP channels by importance on calibration windows of the
 training data (recipe section `width`; kept in RUN/channel_order.safetensors), (3) wrap it in a
 SuperNet, (3) train with HF Trainer, activating one sampled subnet per optimizer step, (4) save
@@ -30,6 +32,7 @@ torchrun DDP and FSDP work unchanged.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -47,15 +50,20 @@ from transformers import Trainer, TrainingArguments, get_scheduler, set_seed
 from . import flags
 from .atomic import write_json, write_text
 from .data import IGNORE_INDEX, Collator, TokenizedDataset, calibration_input_ids
+from .distill import Distillation, build_distillation, labelled_logits
 from .elastic import SuperNet
 from .errors import ShearsError, cli_errors
 from .evaluate import scored_positions
 from .memory import make_plan, parse_memory, refuse_unless_fits
 from .models import load_model, load_tokenizer
 from .precision import precision_name, resolve_bf16
+from .qformat import QuantizedTensor, load_quantized_state
+from .quantize import quantize_to_folder
+from .progress import interactive
 from .recipe import Recipe, Strategy, load_recipe, parse_overrides, save_recipe
 from .run import recipe_splits
 from .rundir import RunDir
+from .noise import PerRecord
 from .scores import run_scoring, score_record, write_history
 from .search_space import WIDTH_KINDS, BoundSpace, SearchSpace, canonical, recipe_search_space
 from .sparsity import prune_to_folder
@@ -162,8 +170,12 @@ class NLSTrainer(Trainer):
     whole run (`total_steps`) from there."""
 
     def __init__(self, *args, supernet: SuperNet, sampler: SubnetSampler, order: TrainingOrder,
-                 step_offset: int = 0, total_steps: int | None = None, **kwargs):
+                 step_offset: int = 0, total_steps: int | None = None, distillation: Distillation | None = None,
+                 **kwargs):
         super().__init__(*args, compute_loss_func=self.response_loss, **kwargs)
+        self.distillation = distillation  # shears.distill: teacher / in-place terms added to each subnet's loss
+        self._distilling = False  # set only inside training_step: the validation loss stays plain CE
+        self._student_blocks: list[torch.Tensor] = []
         self._gathered: list[bool] = []  # set by compute_loss: did the output layer get only the labelled positions?
         self.supernet, self.sampler, self.order = supernet, sampler, order
         self.step_offset = step_offset  # steps of earlier In-Squeeze stages
@@ -201,7 +213,9 @@ class NLSTrainer(Trainer):
         if labels is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         rows, columns = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
-        with scored_positions(self.accelerator.unwrap_model(model), rows, columns) as gathered:
+        unwrapped = self.accelerator.unwrap_model(model)
+        blocks = self.distillation.capture(unwrapped) if self._distilling else contextlib.nullcontext([])
+        with scored_positions(unwrapped, rows, columns) as gathered, blocks as self._student_blocks:
             self._gathered = gathered  # filled during the forward, read by response_loss
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
@@ -210,9 +224,12 @@ class NLSTrainer(Trainer):
         labelled tokens divided by `num_items_in_batch`, the accumulated batch's count, else their mean),
         from the logits of the labelled positions alone when compute_loss could gather them."""
         wanted = labels[:, 1:] != IGNORE_INDEX
-        logits = outputs.logits[0] if self._gathered else outputs.logits[:, :-1][wanted]
+        logits = labelled_logits(outputs.logits, bool(self._gathered), wanted)
         loss = torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][wanted], reduction="sum")
-        return loss / (num_items_in_batch if num_items_in_batch is not None else wanted.sum())
+        count = num_items_in_batch if num_items_in_batch is not None else wanted.sum()
+        if self._distilling:
+            return self.distillation.loss(loss, logits, self._student_blocks, int(wanted.sum()), count)
+        return loss / count
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Forward/backward of every subnet of the step on `inputs`: gradients add up (a sandwich step
@@ -222,10 +239,18 @@ class NLSTrainer(Trainer):
         total = None
         mask = inputs.get("attention_mask")
         tokens = int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
-        for config in configs:
+        if self.distillation is not None:  # the teacher once per micro-batch, for every subnet of the step
+            self._prepare_distillation(model, inputs)
+        for index, config in enumerate(configs):
             self.supernet.activate(config)
             self._tokens += tokens
-            loss = super().training_step(model, inputs, num_items_in_batch)
+            if self.distillation is not None:
+                self.distillation.subnet_index = index
+            self._distilling = self.distillation is not None
+            try:
+                loss = super().training_step(model, inputs, num_items_in_batch)
+            finally:
+                self._distilling = False
             if not torch.isfinite(loss).all():  # Trainer's log would silently filter it out
                 raise ShearsError(f"the training loss became {loss.item()} at step {step}: lower "
                                   "training.learning_rate (or disable bf16); checkpoints so far are kept")
@@ -234,6 +259,11 @@ class NLSTrainer(Trainer):
             self.trained_configs += [(step, canonical(config)) for config in configs]
         self._last_params = self.supernet.adapter_params(configs[-1])
         return total / len(configs)
+
+    def _prepare_distillation(self, model, inputs) -> None:
+        inputs = self._prepare_inputs(inputs)
+        rows, columns = (inputs["labels"][:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+        self.distillation.prepare(self.accelerator.unwrap_model(model), inputs, rows, columns)
 
     def stage_trained(self) -> list[tuple[int, str]]:
         """Every (step, config) of this stage. Steps before a resume were trained by the killed process;
@@ -260,13 +290,21 @@ def resolve_search_space(recipe: Recipe) -> SearchSpace:
 
 def prepare_base(recipe: Recipe, run_dir: RunDir, train_records: list[dict], bf16: bool = False):
     """The frozen base: the recipe's model, pruned into RUN/sparse_base first when sparsity > 0
-    (its Wanda calibration forward in the training precision, `bf16`). Both load, and the pruning
-    writes, the recipe's dtype: a bf16 base is never upcast."""
+    (its Wanda calibration forward in the training precision, `bf16`), then quantized into
+    RUN/quantized_base when quantization.scheme is set, and loaded (dequantized, once). Loading, and the
+    pruning's writing, keep the recipe's dtype: a bf16 base is never upcast."""
     source = recipe.model
     if recipe.sparsity.sparsity > 0:
         source = str(prune_to_folder(recipe.model, run_dir.sparse_base, recipe.sparsity,
                                      calibration_records=train_records, dtype=recipe.dtype, bf16=bf16))
+    if recipe.quantization.scheme != "none":
+        source = str(quantize_to_folder(source, run_dir.quantized_base, recipe.quantization))
     return load_model(source, dtype=recipe.dtype), load_tokenizer(source), source
+
+
+def grid_blocks(recipe: Recipe, source: str) -> dict[str, QuantizedTensor] | None:
+    """The quantized base's blocks, which QA-SparsePEFT merges onto (None unless training.qa_sparse_adapter)."""
+    return load_quantized_state(source).quantized if recipe.training.qa_sparse_adapter else None
 
 
 @dataclass
@@ -313,7 +351,8 @@ def plan_stages(recipe: Recipe, space: SearchSpace, run_dir: RunDir, steps_per_e
             for i, r in enumerate(schedule)]
 
 
-def squeeze_supernet(supernet: SuperNet, space: SearchSpace) -> SuperNet:
+def squeeze_supernet(supernet: SuperNet, space: SearchSpace,
+                     quantized: dict[str, QuantizedTensor] | None = None) -> SuperNet:
     """In-Squeeze: the super-network re-factorised at the smaller r_max of `space`.
 
     Each module's update is truncated to its best rank-r_max approximation (shears.squeeze) at the same
@@ -324,7 +363,7 @@ def squeeze_supernet(supernet: SuperNet, space: SearchSpace) -> SuperNet:
     for name, layer in supernet.layers.items():
         factors[name] = squeeze_lora_layer(layer, rank=space.r_max)
     net = SuperNet.from_base(supernet.unload(), space, sparse_adapter=supernet.sparse_adapter,
-                             channel_order=supernet.channel_order)
+                             channel_order=supernet.channel_order, quantized=quantized)
     with torch.no_grad():
         for name, squeezed in factors.items():
             rank = squeezed.rank  # < r_max only where the update itself had lower rank
@@ -332,6 +371,15 @@ def squeeze_supernet(supernet: SuperNet, space: SearchSpace) -> SuperNet:
             layer.lora_A["default"].weight.zero_()[:rank].copy_(squeezed.A)
             layer.lora_B["default"].weight.zero_()[:, :rank].copy_(squeezed.B)
     return net
+
+
+def distillation_for(recipe: Recipe, supernet: SuperNet, tokenizer, bf16: bool) -> Distillation | None:
+    """training.distill / training.inplace_distill of the recipe (None when it asks for neither)."""
+    t = recipe.training
+    distillation = build_distillation(t.distill, t.inplace_distill, supernet, recipe.model, tokenizer, recipe.dtype, bf16)
+    if distillation is not None and distillation.teacher is not None and is_main_process():
+        print(distillation.teacher.describe())
+    return distillation
 
 
 def channel_order(recipe: Recipe, space: SearchSpace, base, tokenizer, train_records: list[dict],
@@ -390,7 +438,8 @@ def training_arguments(recipe: Recipe, stage: Stage, bf16: bool) -> TrainingArgu
         remove_unused_columns=False,
         ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
         ddp_find_unused_parameters=False,
-        disable_tqdm=False,
+        # Trainer's bar on a terminal; in a log its PrinterCallback instead: one line per logging step
+        disable_tqdm=not interactive(),
         prediction_loss_only=True,  # the validation loss is all the evaluation reads: keep no logits
     )
 
@@ -419,7 +468,7 @@ def check_run_dir(run_dir: RunDir, recipe: Recipe, resume: bool, force: bool) ->
         if not saved.is_file():
             raise ShearsError(f"nothing to resume in {run_dir}: it has no {saved.name} (drop --resume to start)")
         previous = load_recipe(saved)
-        for section in ("model", "search_space", "data", "sparsity", "width", "training"):
+        for section in ("model", "search_space", "data", "sparsity", "quantization", "width", "training"):
             if getattr(previous, section) != getattr(recipe, section):
                 raise ShearsError(f"--resume with a recipe whose {section!r} differs from {saved}: resume with the "
                                   "same recipe, or start a new --output")
@@ -450,6 +499,7 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
     bf16 = resolve_bf16(recipe.training.bf16, key="training.bf16")  # before any work: a bad setting fails now
     train_records, val_records = recipe_splits(recipe)
     base, tokenizer, base_source = prepare_base(recipe, run_dir, train_records, bf16)
+    grid = grid_blocks(recipe, base_source)
 
     space = resolve_search_space(recipe)
     train_set = TokenizedDataset(tokenizer, train_records, d.cutoff_len, d.train_on_inputs)
@@ -467,25 +517,27 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
                           lengths=tuple(len(x["input_ids"]) for x in train_set.examples) if t.group_by_length else ())
     stages = plan_stages(recipe, space, run_dir, order.steps_per_epoch)
     trained: list[tuple[int, str]] = []
-    supernet = trainer = None
+    supernet = trainer = distillation = None
     for stage in stages:
         finished = stage.checkpoints / "end"  # a completed stage of a multi-stage run, for --resume
         if resume and (finished / "trained.json").is_file():
-            supernet = SuperNet.load(finished, base if supernet is None else supernet.unload())
+            supernet = SuperNet.load(finished, base if supernet is None else supernet.unload(), grid)
             trained = [tuple(x) for x in json.loads((finished / "trained.json").read_text())]
             continue
         if supernet is None:
             channels = channel_order(recipe, space, base, tokenizer, train_records, run_dir)
             set_seed(recipe.training.seed)  # the adapters' initial weights, identical across runs and processes
             supernet = SuperNet.from_base(base, stage.space, sparse_adapter=recipe.training.sparse_adapter,
-                                          channel_order=channels)
+                                          channel_order=channels, quantized=grid)
         elif supernet.space.r_max != stage.space.r_max:
-            supernet = squeeze_supernet(supernet, stage.space)
+            supernet = squeeze_supernet(supernet, stage.space, grid)
+        if distillation is None:  # the teacher's tensors are the base's: they outlive a stage's re-wrapping
+            distillation = distillation_for(recipe, supernet, tokenizer, bf16)
         trainer = NLSTrainer(
             model=supernet.model, args=training_arguments(recipe, stage, bf16), train_dataset=train_set,
             eval_dataset=val_set, data_collator=Collator(tokenizer), supernet=supernet,
             sampler=SubnetSampler(supernet.space, t.strategy, seed=t.seed), order=order,
-            step_offset=stage.step_offset, total_steps=sum(s.max_steps for s in stages))
+            step_offset=stage.step_offset, total_steps=sum(s.max_steps for s in stages), distillation=distillation)
         trainer.train(resume_from_checkpoint=last_checkpoint(stage.checkpoints) if resume else None)
         trained += trainer.stage_trained()
         if stage.checkpoints != run_dir.checkpoints and is_main_process():
@@ -504,6 +556,7 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
         supernet.save(out, force=True)  # check_run_dir already refused to clobber a finished run
         write_json(run_dir.train_summary, {
             "base": base_source, "steps": len({step for step, _ in trained}), "precision": precision_name(bf16),
+            "quantization": quantization_summary(recipe),
             "train_records": len(train_set), "train_records_without_response_token": unlabelled,
             "validation": summary,
             "trained_configs": [{"step": s, "config": json.loads(c)} for s, c in trained]})
@@ -514,6 +567,16 @@ def train_supernet(recipe: Recipe, run_dir: str | Path, resume: bool = False, fo
         _print_summary(run_dir, summary, scores)
     _write_trace(run_dir, trained)
     return out
+
+
+def quantization_summary(recipe: Recipe) -> dict | None:
+    """What train_summary.json says of the base's quantization: the scheme, and how the adapter meets it."""
+    q = recipe.quantization
+    if q.scheme == "none":
+        return None
+    return {"scheme": q.scheme, "embeddings": q.embeddings, "exclude": list(q.exclude),
+            "adapter": "QA-SparsePEFT: merged onto the frozen grid" if recipe.training.qa_sparse_adapter
+            else "QA-NLS: separate, trained on the dequantized base"}
 
 
 def _val_loss(trainer: Trainer, supernet: SuperNet, config: dict) -> dict:
@@ -540,11 +603,13 @@ def score_anchors_for_search(recipe: Recipe, trainer: Trainer, supernet: SuperNe
     for label, config in anchors.items():
         supernet.activate(config)
         start = time.perf_counter()
-        loss = scoring.evaluate(supernet, tokenizer, "loss", progress=is_main_process())["loss"]
-        records.append(score_record(config, {"loss": float(loss)}, time.perf_counter() - start, "train_supernet",
-                                    len(records), label=label, scorer=scoring.fingerprint,
+        result = scoring.evaluate(supernet, tokenizer, "loss", progress=is_main_process())
+        noise = PerRecord.from_result(result)  # the per-record losses: the search judges its front by their noise
+        records.append(score_record(config, {"loss": float(result["loss"])}, time.perf_counter() - start,
+                                    "train_supernet", len(records), label=label, scorer=scoring.fingerprint,
                                     precision=scoring.precision, n_examples=len(scoring.records),
-                                    source="train_supernet"))
+                                    source="train_supernet", per_record={"loss": noise.to_json()},
+                                    se={"loss": round(noise.se(), 8)}))
     return records
 
 
@@ -565,7 +630,8 @@ def _print_summary(run_dir: RunDir, summary: dict, scores: list[dict]) -> None:
     print(f"\nwrote {run_dir.supernet} (stock-PEFT adapter at r_max + search_space.json), "
           f"{run_dir.recipe}, {run_dir.train_summary}, {run_dir.trace}"
           + (f", {run_dir.warm_start}" if scores else "")
-          + (f", {run_dir.sparse_base}" if run_dir.sparse_base.exists() else ""))
+          + (f", {run_dir.sparse_base}" if run_dir.sparse_base.exists() else "")
+          + (f", {run_dir.quantized_base}" if run_dir.quantized_base.exists() else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -624,8 +690,9 @@ def check_memory(recipe: Recipe, device_memory: int | None) -> None:
         plan = make_plan(recipe, device_memory)
     except ShearsError:
         return
-    pruned = RunDir(recipe.output_dir).sparse_base.exists()  # a finished pruning is reused, not redone
-    refuse_unless_fits(recipe, plan, ("train",) if pruned else ("prune", "train"))
+    run_dir = RunDir(recipe.output_dir)  # a finished pruning or quantization is reused, not redone
+    done = {"prune": run_dir.sparse_base.exists(), "quantize": run_dir.quantized_base.exists()}
+    refuse_unless_fits(recipe, plan, tuple(s for s in ("prune", "quantize", "train") if not done.get(s)))
 
 
 if __name__ == "__main__":

@@ -55,9 +55,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .errors import ShearsError
+from .progress import progress as progress_bar  # `progress` is a flag here
 from .search_space import BoundSpace, Config, WidthSite
 
 IMPORTANCE = ("taylor", "activation")
@@ -96,7 +96,7 @@ def channel_importance(model: nn.Module, sites: Iterable[WidthSite], input_ids: 
     base.eval()
     try:
         batches = torch.split(input_ids, batch_size)
-        for batch in tqdm(batches, desc=f"width importance ({importance})", unit="batch", disable=not progress):
+        for batch in progress_bar(batches, desc=f"width importance ({importance})", unit="batch", disable=not progress):
             batch = batch.to(device)
             if importance == "taylor":
                 with torch.enable_grad():
@@ -361,8 +361,8 @@ def latency_table(model: nn.Module, space: BoundSpace, batch_size: int, seq_len:
     by_shape: dict[tuple, dict[int, float]] = {}
     table: dict[str, dict[int, float]] = {}
     work = [(site, w) for site in space.sites for w in site.choices]
-    bar = tqdm(work, desc="latency table", unit="site")
-    for site, width in (bar if progress else work):
+    bar = progress_bar(work, desc="latency table", unit="site", disable=not progress)
+    for site, width in bar:
         owner = _owner_of(base, site)
         shape = (type(owner).__name__, site.kind, site.channels,
                  tuple(tuple(_base_linear(base.get_submodule(n)).weight.shape) for n in site.rows + site.columns))

@@ -9,7 +9,7 @@ import argparse
 
 import pytest
 
-from shears import evaluate, export, flags, prune, squeeze, train_supernet, width
+from shears import evaluate, export, flags, prune, quantize, squeeze, train_supernet, width
 from shears.recipe import Recipe, save_recipe
 from shears.search import cli as search_cli
 from test_faults import one_line_exit
@@ -22,6 +22,7 @@ def width_bounds_parser() -> argparse.ArgumentParser:
 
 PARSERS = {
     "prune": prune.build_parser,
+    "quantize": quantize.build_parser,
     "train_supernet": train_supernet.build_parser,
     "evaluate": evaluate.build_parser,
     "search": search_cli.build_parser,

@@ -245,6 +245,7 @@ def test_choice_scores_equal_hand_computed_loglikelihoods(arch):
     model = tiny_model(arch)
     result = evaluate(model, TOKENIZER, CHOICE_RECORDS, "choice", batch_size=3, progress=False)
     correct = correct_norm = 0
+    right = []  # each question: answered right by the hand-computed sums?
     for record, pred in zip(CHOICE_RECORDS, result["predictions"]):
         labels = choice_labels(record)
         continuations = choice_continuations(record, labels)
@@ -256,6 +257,8 @@ def test_choice_scores_equal_hand_computed_loglikelihoods(arch):
         assert pred["prediction_norm"] == labels[max(range(len(labels)), key=lambda k: per_char[k])]
         correct += pred["prediction"] == record["answer"]
         correct_norm += pred["prediction_norm"] == record["answer"]
+        right.append(float(pred["prediction"] == record["answer"]))
+    assert result["per_record"] == right
     assert result["accuracy"] == correct / len(CHOICE_RECORDS)
     assert result["accuracy_norm"] == correct_norm / len(CHOICE_RECORDS)
     assert result["n"] == len(CHOICE_RECORDS)
@@ -399,6 +402,12 @@ def test_loss_equals_hand_computed_mean_response_token_loss(cutoff_len):
     for pred, (s, n) in zip(result["predictions"], reference):
         assert pred["tokens"] == n
         assert (pred["loss"] is None) if n == 0 else pred["loss"] == pytest.approx(s / n, rel=1e-5)
+    # the per-record values behind the score: each record's mean loss, weighted by its tokens
+    assert result["per_record_weights"] == [n for _, n in reference]
+    for value, (s, n) in zip(result["per_record"], reference):
+        assert value == (0.0 if n == 0 else pytest.approx(s / n, rel=1e-5))
+    weighted = sum(v * w for v, w in zip(result["per_record"], result["per_record_weights"])) / tokens
+    assert weighted == pytest.approx(result["loss"], rel=1e-6)  # float32 per-record means
 
 
 class CountingHead(torch.nn.Linear):
@@ -513,6 +522,7 @@ def test_batched_math_generation_equals_unbatched_and_hand_greedy():
     for record, pred in zip(records, batched["predictions"]):
         assert (pred["prediction"], pred["correct"]) == score_math(pred["completion"], record["answer"])
     assert batched["accuracy"] == sum(p["correct"] for p in batched["predictions"]) / len(records)
+    assert batched["per_record"] == [float(ok) for _, ok in (score_math(e, r["answer"]) for e, r in zip(expected, records))]
 
 
 @pytest.mark.parametrize("task", ["choice", "loss"])

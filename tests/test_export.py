@@ -8,11 +8,13 @@ import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from peft import PeftModel
 from peft.tuners.lora.layer import LoraLayer
 from peft.utils.other import get_pattern_key
@@ -595,3 +597,44 @@ def test_the_recipes_export_section_sets_the_clis_defaults_and_flags_override_it
     assert json.loads((tmp_path / "by-recipe" / "minimal" / "shears.json").read_text())["squeeze"] is not None
     main(["--run", str(run.path), "--subnet", "minimal", "--no-squeeze", "--output", str(tmp_path / "by-flag")])
     assert json.loads((tmp_path / "by-flag" / "minimal" / "shears.json").read_text())["squeeze"] is None
+
+
+def test_each_subnet_folder_carries_a_model_card_the_hub_reads(llama_run, sparse_run, tmp_path):
+    """The YAML header, read by huggingface_hub's own parser: base model id, library, tags, the ranks
+    (counted here from the adapter's weights), the search's scores and how many records scored them."""
+    from huggingface_hub import ModelCard
+
+    from shears.models import model_id
+
+    for source in (llama_run, sparse_run):
+        run = copy_run(source, tmp_path / source.path.parent.name)
+        size = load_run(run.path).supernet.adapter_params
+        history = History(run.path / "search" / "history.jsonl",
+                          (Objective("accuracy", True), Objective("adapter_params", False, size(MINIMAL), size(MAXIMAL))))
+        history.append(MIXED, {"accuracy": 0.375, "adapter_params": size(MIXED)}, 0.1, "test", n_examples=32)
+        write_front(history, run.path / "search")
+        main(["--run", str(run.path), "--front"])
+        export_subnets(run.path, {"unscored": MINIMAL}, run.path / "export")
+        (folder,) = (run.path / "export").glob("front-0-*")
+        text = (folder / "README.md").read_text()
+        card = ModelCard.load(folder / "README.md")
+        header = yaml.safe_load(text.split("---\n")[1])
+        weights = load_file(folder / "adapter_model.safetensors")
+        ranks = Counter(t.shape[0] for key, t in weights.items() if "lora_A" in key)
+
+        assert card.data.base_model == model_id(load_recipe(run.path / "recipe.yaml").model)
+        assert card.data.library_name == "peft" and "shears" in card.data.tags
+        assert ("pruned" in card.data.tags) == (source is sparse_run)
+        assert header["shears"]["ranks"] == dict(sorted(ranks.items(), reverse=True))
+        assert header["shears"]["max_rank"] == max(ranks) == 8
+        assert header["shears"]["scores"] == {"accuracy": 0.375, "adapter_params": size(MIXED)}
+        assert header["shears"]["records"] == 32 and header["shears"]["run"] == run.path.name
+        (result,) = card.data.eval_results
+        assert (result.metric_type, result.metric_value) == ("accuracy", 0.375) and "32 records" in result.metric_name
+        # nothing of this machine's paths, in the cards or the front's README
+        for readme in (folder / "README.md", run.path / "export" / "unscored" / "README.md",
+                       run.path / "export" / "README.md"):
+            assert str(tmp_path) not in readme.read_text()
+        unscored = yaml.safe_load((run.path / "export" / "unscored" / "README.md").read_text().split("---\n")[1])
+        assert unscored["shears"]["scores"] == {} and unscored["shears"]["records"] is None
+        assert "model-index" not in unscored

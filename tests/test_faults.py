@@ -162,6 +162,32 @@ def test_export_killed_midway_shows_no_partial_folder_and_a_rerun_completes(trai
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+# --------------------------------------------------------------------------- kill -9 of a search
+
+
+def test_a_search_killed_mid_evaluation_resumes_with_its_per_record_values_and_measures_nothing_again(trained,
+                                                                                                     tmp_path):
+    from shears.search.cli import main as search_main
+
+    run = copy_of(trained, tmp_path)
+    (run / "search").rename(run / "earlier-search")
+    args = ["--run", str(run), "--objectives", "loss,adapter_params", "--backend", "pymoo", "--no-warm-start",
+            "--no-progress"]
+    kill_at("eval:4", "shears.search", *args, "--budget", "6", tmp_path=tmp_path)  # the 4th, in flight
+    history = run / "search" / "history.jsonl"
+    before = history.read_text()
+    written = [json.loads(line) for line in before.splitlines()]
+    assert len(written) == 3 and all(len(r["per_record"]["loss"]["values"]) == 8 for r in written)
+    search_main([*args, "--budget", "6"])
+    after = history.read_text()
+    records = [json.loads(line) for line in after.splitlines()]
+    assert after.startswith(before)  # the three kept as written, per-record values and standard errors included
+    assert len(records) == 6 and len({json.dumps(r["config"], sort_keys=True) for r in records}) == 6
+    assert all("per_record" in r and r["se"]["loss"] > 0 for r in records)
+    front = json.loads((run / "search" / "front.json").read_text())["front"]
+    assert all(row["se"]["loss"] is not None for row in front)
+
+
 # --------------------------------------------------------------------------- damaged files
 
 def test_a_torn_last_history_line_is_skipped_and_the_search_continues(trained, tmp_path):

@@ -11,17 +11,18 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "shears"
 
 FLOORS = [
-    {"errors", "atomic", "rundir", "flags", "__init__"},  # imported by everything, import nothing of shears but errors
+    {"errors", "atomic", "rundir", "flags", "qformat", "progress", "__init__"},  # imported by everything, import nothing of shears but errors
     {"models", "precision"},
-    {"data", "recipe", "search_space", "width", "memory"},  # memory: the plan, from a recipe and a config
-    {"sparsity", "prune"},  # prune.py is sparsity's CLI
+    {"data", "recipe", "search_space", "width", "sparsegpt", "memory"},  # sparsegpt: the OBS math sparsity calls;
+    # memory: the plan, from a recipe and a config
+    {"sparsity", "prune", "quantize"},  # prune.py is sparsity's CLI; quantize runs after it, on its output
     {"squeeze"},
     {"elastic"},
     {"run"},  # reads RUN: the trained super-network on its base, the recipe's splits
-    {"evaluate", "scores"},  # measuring a subnet: training scores its anchors as the search will
+    {"evaluate", "scores", "noise", "distill"},  # the whole package shears/evaluate/; training scores its anchors as the search will
     {"train_supernet"},
     {"search", "lm_eval_tasks"},  # the whole package shears/search/; lm-eval's hooks call data and evaluate
-    {"export"},  # reads the search's files through search.history
+    {"export", "model_card"},  # reads the search's files through search.history; model_card: its READMEs
 ]
 
 
@@ -63,4 +64,24 @@ def test_no_module_imports_a_later_stage():
         for imported in shears_imports(path):
             if floor_of(imported) > floor_of(module):
                 violations.append(f"shears.{module} imports shears.{imported}")
+    assert not violations, violations
+
+
+# Inside shears/evaluate/, the same rule by module (docs/DESIGN.md): text-only answers, then the scoring
+# machinery, then the tasks, then the entry point, then the CLI; the package's __init__ re-exports them all.
+EVALUATE_FLOORS = [{"answers"}, {"scoring"}, {"generation", "choice", "loss"}, {"runner"}, {"cli"},
+                   {"__init__", "__main__"}]
+
+
+def test_evaluate_modules_import_only_earlier_ones():
+    def level(name: str) -> int:
+        return next(i for i, names in enumerate(EVALUATE_FLOORS) if name in names)
+
+    violations = []
+    for path in sorted((PACKAGE / "evaluate").glob("*.py")):
+        for imported in shears_imports(path):
+            parts = imported.split(".")
+            if parts[0] == "evaluate" and len(parts) > 1 and level(parts[1]) >= level(path.stem) \
+                    and path.stem not in ("__init__", "__main__"):
+                violations.append(f"shears.evaluate.{path.stem} imports shears.{imported}")
     assert not violations, violations

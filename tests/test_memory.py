@@ -137,7 +137,7 @@ def test_the_selection_prunes_what_a_stable_sort_prunes_ties_included(fraction):
 def test_merged_export_written_in_shards_loads_as_the_one_file_merge(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from shears.export import subnet_factors, write_merged
+    from shears.export import subnet_factors, stream_merged
     from shears.run import load_run
     from shears.train_supernet import train_supernet
 
@@ -155,8 +155,8 @@ def test_merged_export_written_in_shards_loads_as_the_one_file_merge(tmp_path):
     base_before = {k: v.clone() for k, v in net.model.get_base_model().state_dict().items()}
     factors = subnet_factors(net, config)
     scale = net.space.space.lora_alpha / net.space.r_max
-    one = write_merged(tmp_path / "one", net, factors, scale, run.tokenizer)
-    sharded = write_merged(tmp_path / "sharded", net, factors, scale, run.tokenizer, shard_bytes=4096)
+    one = stream_merged(tmp_path / "one", net, factors, scale, run.tokenizer)
+    sharded = stream_merged(tmp_path / "sharded", net, factors, scale, run.tokenizer, shard_bytes=4096)
     assert [p.name for p in (tmp_path / "one").glob("*.safetensors")] == ["model.safetensors"]
     assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 2
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file() and one == sharded
@@ -220,7 +220,8 @@ def test_plan_prints_every_stage_and_writes_nothing(tiny_model_dir, tmp_path, ca
     from shears.train_supernet import main
 
     recipe = tiny_recipe(tiny_model_dir, tmp_path)
-    main(["--recipe", str(recipe), "--plan", "sparsity.sparsity=0.5", "--device-memory", "24GiB"])
+    main(["--recipe", str(recipe), "--plan", "sparsity.sparsity=0.5", "quantization.scheme=q8_0",
+          "--device-memory", "24GiB"])
     out = capsys.readouterr().out
     for stage in STAGES:
         assert f"  {stage} " in out, stage

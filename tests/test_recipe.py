@@ -159,7 +159,7 @@ def test_overrides_as_a_dict_and_lists_of_sources():
     ("training.strategy=greedy", ["training.strategy='greedy'", "sandwich"]),
     # every choice-valued key is checked when the recipe is read, before any model loads
     ("search.sampler=tpee", ["search.sampler='tpee'", "use tpe, nsga2, gp or random"]),
-    ("sparsity.method=wandaa", ["sparsity.method='wandaa'", "use wanda or magnitude"]),
+    ("sparsity.method=wandaa", ["sparsity.method='wandaa'", "use wanda, magnitude or sparsegpt"]),
     ("evaluation.task=maths", ["evaluation.task='maths'", "use math, choice or loss"]),
     ("search.backend=optuna2", ["search.backend='optuna2'", "use optuna, pymoo or surrogate"]),
     ("data.answer_format=text", ["data.answer_format='text'", "use label or content"]),

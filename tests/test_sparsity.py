@@ -298,7 +298,7 @@ def test_sparsity_report_counts_zeros():
     (dict(pattern="2-4"), "bad sparsity pattern"),
     (dict(pattern="2:4", sparsity=0.3), "pass --sparsity 0.5"),
     (dict(pattern="2:5", sparsity=0.4), "divisible by 5"),
-    (dict(method="sparsegpt"), "unknown pruning method"),
+    (dict(method="obs"), "unknown pruning method"),
     (dict(exclude=["*.no_such_proj"]), "match no linear"),
     (dict(exclude=["*"]), "every decoder-block linear is excluded"),
 ])

@@ -57,6 +57,10 @@ def test_training_scores_the_anchors_as_the_search_does(tiny_model_dir, tmp_path
     assert [r["label"] for r in written] == ["maximal", "heuristic", "minimal"]
     assert all(r["source"] == "train_supernet" and r["n_examples"] == 6 and set(r["objectives"]) == {"loss"}
                for r in written)
+    for r in written:  # with the per-record losses behind each score: the search judges its front by their noise
+        values, weights = r["per_record"]["loss"]["values"], r["per_record"]["loss"]["weights"]
+        assert len(values) == 6 and sum(v * w for v, w in zip(values, weights)) / sum(weights) == \
+            pytest.approx(r["objectives"]["loss"], rel=1e-5)
     # the search's evaluator, on the run as the search loads it, measures the very same numbers
     loaded = load_run(run)
     problem = problem_from_run(loaded, SEARCH["objectives"], SEARCH["eval_limit"], None)
@@ -78,6 +82,7 @@ def test_the_search_imports_them_counts_them_and_builds_its_front_from_them(tiny
     history = read_history(run / "search" / "history.jsonl")
     assert [r["objectives"]["loss"] for r in history] == [r["objectives"]["loss"] for r in written]
     assert all(r["source"] == str(run / "warm_start.jsonl") and r["backend"] == "train_supernet" for r in history)
+    assert [r["per_record"] for r in history] == [r["per_record"] for r in written]  # imported with their noise
     points = {r["label"]: (r["objectives"]["loss"], r["objectives"]["adapter_params"]) for r in history}
     expected = {label for label, p in points.items() if not any(dominates(q, p) for q in points.values())}
     front = json.loads((run / "search" / "front.json").read_text())["front"]

@@ -11,6 +11,7 @@ import typing
 
 from .. import flags
 from ..errors import ShearsError, cli_errors
+from ..noise import Difference
 from ..precision import default_device
 from ..recipe import SearchBackend
 from ..rundir import RunDir
@@ -44,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(besides training's scores of the anchor subnets, RUN/warm_start.jsonl)")
     p.add_argument("--no-warm-start", action="store_true",
                    help="import no earlier scores, not even training's (default: the recipe's search.warm_start)")
+    p.add_argument("--stop-when-flat", type=int, metavar="K",
+                   help="end the search once K evaluations in a row moved the front by no more than 2 paired standard "
+                        "errors (default: the recipe's search.stop_when_flat; none: spend the whole budget)")
+    p.add_argument("--remeasure-noise", action="store_true",
+                   help="score again the front points recorded without per-record values (a history from before "
+                        "they were kept), so that they get a noise estimate; costs no budget")
     p.add_argument("--sampler", choices=SAMPLERS, help="optuna sampler (pymoo runs NSGA-II)")
     p.add_argument("--objectives", help=f"comma list: one of {'/'.join(QUALITY)} and one of {'/'.join(SIZES)}")
     p.add_argument("--eval-limit", type=int, help="validation records scored per subnet (default: all)")
@@ -86,16 +93,28 @@ def warm_sources(args: argparse.Namespace, setting: bool | list[str], run_dir: R
 
 
 def format_front(result, objectives) -> str:
+    """The front as a table: each quality ± its standard error, and how much better each point is than
+    the previous (smaller) one, paired over the same records (* beyond 2 paired standard errors)."""
     names = [o.name for o in objectives]
-    header = ["#", *names, "label", "trial"]
-    def cell(objective, value: float) -> str:  # sizes are counts: print them whole, with separators
+    header = ["#", *names, "vs previous", "label", "trial"]
+
+    def cell(objective, value: float, se: float | None) -> str:  # sizes are counts: print them whole
         if objective.name == "latency":
             return f"{value * 1e3:.2f} ms"
-        return f"{value:,.0f}" if objective.is_size else f"{value:.4f}"
+        if objective.is_size:
+            return f"{value:,.0f}"
+        return f"{value:.4f}" + (f" ± {se:.4f}" if se is not None else "")
 
-    rows = [[str(i), *(cell(o, r["objectives"][o.name]) for o in objectives), r.get("label") or "",
-             str(r.get("trial"))]
-            for i, r in enumerate(result.front)]
+    def versus(previous: dict | None) -> str:
+        if previous is None:
+            return ""
+        difference = Difference(previous["diff"], previous["se"], previous["n"])
+        return f"{difference.diff:+.4f} ± {difference.se:.4f}{'*' if difference.significant() else ''}"
+
+    noise = result.history.front_noise()
+    rows = [[str(i), *(cell(o, r["objectives"][o.name], n["se"].get(o.name)) for o in objectives),
+             versus(n["vs_previous"]), r.get("label") or "", str(r.get("trial"))]
+            for i, (r, n) in enumerate(zip(result.front, noise))]
     widths = [max(len(row[j]) for row in [header, *rows]) for j in range(len(header))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in [header, *rows])
 
@@ -133,13 +152,20 @@ def main(argv: list[str] | None = None) -> None:
     problem = problem_from_run(run, names, eval_limit, args.batch_size)
     rungs = Rungs.from_recipe([int(n) for n in args.rungs.split(",") if n.strip()] if args.rungs else cfg.rungs,
                               args.keep if args.keep is not None else cfg.keep, problem.examples)
+    stop_when_flat = args.stop_when_flat if args.stop_when_flat is not None else cfg.stop_when_flat
     result = search(problem, run_dir.search.folder, budget, backend, progress=not args.no_progress, rungs=rungs,
-                    warm_start=sources)
+                    warm_start=sources, stop_when_flat=stop_when_flat, remeasure_noise=args.remeasure_noise)
     for source, count in result.imported.items():  # records scored another way are left out, silently
         print(f"warm start: {count} scores imported from {source}")
+    for note in result.notes:
+        print(note)
     print(f"\nPareto front: {len(result.front)} of {len(result.history)} evaluated subnets "
           f"({result.evaluated} new), hypervolume {result.hypervolume:.4f}")
     print(format_front(result, problem.objectives))
+    print(f"(± one standard error over the {problem.examples or 'evaluation'} records; vs previous: how much better "
+          f"than the previous, smaller point, paired over the same records; * beyond 2 paired standard errors)")
+    if result.stopped is not None:
+        print(f"\n{result.stopped.message()}")
     print("\nwrote:")
     for path in result.paths:
         print(f"  {path}")

@@ -5,6 +5,8 @@ file lock, so several local search processes may share it) the moment the evalua
 
     {"n": 7, "config": {...}, "objectives": {"accuracy": 0.61, "adapter_params": 1.2e5},
      "seconds": 3.2, "backend": "optuna:tpe", "trial": 9, "label": null,
+     "per_record": {"accuracy": {"values": [1, 0, 1, ...]}}, "se": {"accuracy": 0.021},
+     "front_moved": "noise", "paired": {"against": 3, "diff": 0.004, "se": 0.006, "n": 256},
      "front_size": 4, "hypervolume": 0.8123, "worker": "host:pid", "time": "..."}
 
 (the record format is shears.scores.score_record's, which training's RUN/warm_start.jsonl shares;
@@ -15,12 +17,29 @@ otherwise it joins and evicts the members it dominates (dominance is transitive,
 the non-dominated subset of everything seen). Hypervolume is measured on the normalised objectives
 (see objectives.py) against the reference point 1.1 in every objective: an exact sweep in 2-D,
 pymoo's HV indicator beyond.
+
+Every score keeps its per-record values (`per_record`: the quality objectives' value on each record,
+with the loss's token weights; shears/noise.py) and their standard error (`se`), so each new full-set
+point is judged against the front it meets, paired over the same records (`front_moved`):
+
+    no       a front point is at least as good in every objective: it adds no hypervolume
+    yes      it adds hypervolume for real: no front point is as small, or it beats every front
+             point no larger than it (its incumbents) by more than Z = 2 paired standard errors in quality
+    noise    it adds hypervolume on its scores, but not beyond the paired noise
+    unknown  it adds hypervolume, and an incumbent (or itself) has no per-record values (a history
+             written before they were kept): no noise estimate
+
+`flat` counts the full-set points in a row, to the end of the history, that were "no" or "noise": the
+stop rule (`search(..., stop_when_flat=K)`) ends a search when it reaches K. A history line marked
+`remeasure` brings the per-record values of a point recorded without them (`--remeasure-noise`): it
+fills them in, and costs no budget.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 from pathlib import Path
 
@@ -31,6 +50,7 @@ from ..errors import ShearsError
 from ..rundir import SearchFiles
 from ..scores import parse_records, read_history, score_record
 from ..search_space import canonical
+from ..noise import Z, PerRecord, paired
 from .objectives import REFERENCE, Objective
 
 
@@ -66,22 +86,40 @@ def fidelity(record: dict) -> float:
     return float(record.get("fidelity", 1.0))
 
 
+def per_record(record: dict, name: str) -> PerRecord | None:
+    """The per-record values of objective `name` behind a record's score, or None (a score written
+    before they were kept, or a size objective)."""
+    return PerRecord.from_json((record.get("per_record") or {}).get(name))
+
+
 def read_front(folder: str | os.PathLike) -> dict | None:
     """front.json of a search's `folder` as `write_front` wrote it, or None when there is none."""
     path = SearchFiles(Path(folder)).front_json
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def recorded_objectives(folder: str | os.PathLike) -> dict[str, dict]:
-    """canonical(config) -> objectives of every evaluation of a search's `folder`: its history (the
-    first evaluation wins, as in the search), then the points of front.json (which outlives a
-    pruned history)."""
+def recorded_scores(folder: str | os.PathLike) -> dict[str, dict]:
+    """canonical(config) -> the full-set record of every evaluation of a search's `folder` (its
+    "objectives", and "n_examples": how many records scored it): its history (the first evaluation
+    wins, as in the search), then the points of front.json (which outlives a pruned history)."""
     records = read_history(SearchFiles(Path(folder)).history) + ((read_front(folder) or {}).get("front") or [])
     found: dict[str, dict] = {}
     for record in records:
         if fidelity(record) >= 1.0:  # a screening score on a slice is not the subnet's score
-            found.setdefault(canonical(record["config"]), record["objectives"])
+            found.setdefault(canonical(record["config"]), record)
     return found
+
+
+def _z(difference) -> float:
+    """A paired difference in standard errors (infinite when it has no spread and is positive)."""
+    if difference.se > 0:
+        return difference.diff / difference.se
+    return math.inf if difference.diff > 0 else (0.0 if difference.diff == 0 else -math.inf)
+
+
+def recorded_objectives(folder: str | os.PathLike) -> dict[str, dict]:
+    """canonical(config) -> objectives of every full-set evaluation of a search's `folder` (recorded_scores)."""
+    return {key: record["objectives"] for key, record in recorded_scores(folder).items()}
 
 
 class History:
@@ -102,6 +140,8 @@ class History:
         self.spent = 0.0  # full-set-equivalent evaluations behind every record
         self.partial_spent = 0.0  # ... behind the screening records alone
         self._offset = 0  # bytes of the file already read
+        self.lines = 0  # history lines accepted (remeasure lines included): the next line's "n"
+        self.flat = 0  # full-set points in a row, to the last, that did not move the front beyond the noise
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.refresh()
 
@@ -147,18 +187,92 @@ class History:
     def hypervolume(self) -> float:
         return hypervolume([self.normalised(r) for r in self._front])
 
+    # ---- the noise
+
+    def without_noise(self) -> list[dict]:
+        """Full-set records without per-record values of every quality objective (no noise estimate)."""
+        quality = [o.name for o in self.objectives if not o.is_size]
+        return [r for r in self.full_records() if any(per_record(r, name) is None for name in quality)]
+
+    def advantage(self, record: dict, other: dict):
+        """How much better `record` is than `other` in quality, paired over the same records: the
+        noise.Difference (oriented so that positive is better) of the quality objective where it is
+        most clearly better, or None when either lacks per-record values."""
+        best = None
+        for o in self.objectives:
+            if o.is_size:
+                continue
+            mine, theirs = per_record(record, o.name), per_record(other, o.name)
+            if mine is None or theirs is None:
+                return None
+            difference = paired(mine, theirs) if o.maximize else paired(theirs, mine)
+            if difference is None:
+                return None
+            if best is None or _z(difference) > _z(best):
+                best = difference
+        return best
+
+    def judge(self, record: dict) -> tuple[str, dict | None]:
+        """(front_moved, the paired comparison with its closest incumbent) of a full-set `record`
+        against the current front (see the module docstring)."""
+        point = self.minimised(record)
+        if any(all(x <= y for x, y in zip(self.minimised(r), point)) for r in self._front):
+            return "no", None
+        sizes = [i for i, o in enumerate(self.objectives) if o.is_size]
+        incumbents = [r for r in self._front if all(self.minimised(r)[i] <= point[i] for i in sizes)]
+        if not incumbents:
+            return "yes", None
+        closest = None
+        for incumbent in incumbents:
+            difference = self.advantage(record, incumbent)
+            if difference is None:
+                return "unknown", None
+            if closest is None or _z(difference) < _z(closest[1]):
+                closest = (incumbent, difference)
+        incumbent, difference = closest
+        comparison = {"against": incumbent.get("n"), "diff": round(difference.diff, 8), "se": round(difference.se, 8),
+                      "n": difference.n}
+        return ("yes" if difference.significant(Z) else "noise"), comparison
+
+    def front_noise(self) -> list[dict]:
+        """For each front point (in front() order): "se", each quality objective's standard error (None
+        without per-record values), and "vs_previous", how much better it is than the previous (smaller)
+        front point, paired ({"diff", "se", "n"}; None for the first, or without per-record values)."""
+        front, out = self.front(), []
+        for i, record in enumerate(front):
+            errors = {}
+            for o in self.objectives:
+                if not o.is_size:
+                    values = per_record(record, o.name)
+                    errors[o.name] = None if values is None else values.se()
+            difference = self.advantage(record, front[i - 1]) if i else None
+            out.append({"se": errors, "vs_previous": None if difference is None else
+                        {"diff": difference.diff, "se": difference.se, "n": difference.n}})
+        return out
+
     # ---- reading and appending
+
+    def _fill_noise(self, record: dict) -> None:
+        """A remeasure line: the per-record values of a full-set point recorded without them."""
+        known = self._by_config.get(canonical(record["config"]))
+        if known is not None and record.get("per_record") and not known.get("per_record"):
+            known["per_record"], known["se"] = record["per_record"], record.get("se")
 
     def _add(self, record: dict) -> None:
         key = canonical(record["config"])
         partial = fidelity(record) < 1.0
         slot = (key, int(record["n_examples"])) if partial else key
+        if record.get("remeasure"):
+            self.lines += 1
+            self._fill_noise(record)
+            return
         if slot in (self._partial if partial else self._by_config):  # first evaluation wins
             return
         missing = [o.name for o in self.objectives if o.name not in record.get("objectives", {})]
         if missing:
             raise ShearsError(f"{self.path} holds evaluations without {missing}: search with the objectives "
                               "it was made with, or move it aside to start a new search")
+        self.lines += 1
         self.records.append(record)
         self.spent += fidelity(record)
         if partial:
@@ -166,6 +280,13 @@ class History:
             self.partial_spent += fidelity(record)
             return
         self._by_config[key] = record
+        moved, comparison = self.judge(record)
+        record["front_moved"] = moved
+        if comparison is not None:
+            record["paired"] = comparison
+        else:
+            record.pop("paired", None)
+        self.flat = self.flat + 1 if moved in ("no", "noise") else 0
         point = self.minimised(record)
         if any(dominates(self.minimised(r), point) for r in self._front):
             return
@@ -193,10 +314,11 @@ class History:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 self._read_new(f)
-                record = score_record(config, values, seconds, backend, len(self.records), trial, label, **extra)
+                record = score_record(config, values, seconds, backend, self.lines, trial, label, **extra)
                 self._add(record)
-                record["front_size"] = len(self._front)
-                record["hypervolume"] = self.hypervolume()
+                if not record.get("remeasure"):
+                    record["front_size"] = len(self._front)
+                    record["hypervolume"] = self.hypervolume()
                 f.seek(0, os.SEEK_END)
                 if f.tell() > self._offset:  # a torn line at the end: start ours on a fresh line
                     f.write(b"\n")
@@ -215,16 +337,26 @@ def write_front(history: History, folder: str | os.PathLike) -> list[Path]:
     files = SearchFiles(Path(folder))
     front = history.front()
     names = [o.name for o in history.objectives]
+    quality = [o.name for o in history.objectives if not o.is_size]
     rows = [{"config": r["config"], "objectives": r["objectives"], "label": r.get("label"),
-             "trial": r.get("trial"), "backend": r.get("backend"), "n": r.get("n")} for r in front]
+             "trial": r.get("trial"), "backend": r.get("backend"), "n": r.get("n"),
+             "n_examples": r.get("n_examples"), **noise}
+            for r, noise in zip(front, history.front_noise())]
     json_path, csv_path = files.front_json, files.front_csv
     write_text(json_path, json.dumps({"objectives": names, "hypervolume": history.hypervolume(),
-                                        "evaluations": len(history), "front": rows}, indent=1) + "\n")
-    lines = [",".join([*names, "label", "n", "trial", "backend", "config"])]
+                                        "evaluations": len(history), "noise_z": Z, "front": rows}, indent=1) + "\n")
+
+    def number(value) -> str:
+        return "" if value is None else repr(float(value))
+
+    lines = [",".join([*names, *(f"{q}_se" for q in quality), "better_than_previous", "better_than_previous_se",
+                       "label", "n", "trial", "backend", "config"])]
     for r in rows:
         config = canonical(r["config"]).replace('"', '""')
         values = [repr(float(r["objectives"][n])) for n in names]
-        lines.append(",".join([*values, r["label"] or "", str(r["n"]), str(r["trial"]), r["backend"] or "",
-                               f'"{config}"']))
+        errors = [number(r["se"][q]) for q in quality]
+        previous = r["vs_previous"] or {}
+        lines.append(",".join([*values, *errors, number(previous.get("diff")), number(previous.get("se")),
+                               r["label"] or "", str(r["n"]), str(r["trial"]), r["backend"] or "", f'"{config}"']))
     write_text(csv_path, "\n".join(lines) + "\n")
     return [json_path, csv_path]

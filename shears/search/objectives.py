@@ -25,6 +25,7 @@ from peft import get_peft_model_state_dict
 from ..errors import ShearsError
 from ..scores import Scoring
 from ..search_space import Config
+from ..noise import PerRecord
 from ..squeeze import PEFT_PREFIX
 
 
@@ -147,16 +148,22 @@ def supernet_objective(supernet, tokenizer, scoring: Scoring, objectives: tuple[
         """Every objective of `config`, quality scored on the first `n_examples` records (or all)."""
         supernet.activate(config)
         values: dict[str, Any] = {}
+        per_task: dict[str, dict] = {}  # quality objective -> the evaluation result that measured it
         if "accuracy" in quality:
             values.update(run(scoring.task, n_examples))
+            per_task["accuracy"] = values
         if "loss" in quality and values.get("loss") is None:
-            values.update(run("loss", n_examples))
+            values = {**values, **run("loss", n_examples)}
+            per_task["loss"] = values
         for name in quality:
             if values.get(name) is None:
                 raise ShearsError(f"evaluation task {scoring.task!r} gives no {name}: use --objectives loss,... or a "
                                   "recipe whose evaluation.task is math or choice")
-        out = {name: float(values[name]) for name in quality}
+        out: dict[str, Any] = {name: float(values[name]) for name in quality}
         out.update({o.name: sizes[o.name](config) for o in objectives if o.is_size})
+        # each quality's per-record values: the noise behind the score (shears/noise.py)
+        out["per_record"] = {name: PerRecord.from_result(per_task[name]) for name in quality
+                             if per_task.get(name, {}).get("per_record")}
         return out
 
     return measure

@@ -203,9 +203,10 @@ class StudyWorker:
         done = {t.user_attrs.get("config") for t in self.trials(TrialState.COMPLETE)}
         return (done - {None}) | self.history.configs()
 
-    def finished(self) -> bool:  # screening on slices (multi-fidelity) spends budget too
+    def finished(self) -> bool:  # screening on slices (multi-fidelity) spends budget too; the stop rule ends it
         evaluated = len(self.evaluated())
-        return evaluated >= self.problem.size or evaluated + self.history.partial_spent >= self.budget
+        return (evaluated >= self.problem.size or evaluated + self.history.partial_spent >= self.budget
+                or self.evaluator.front_is_flat())
 
     def wait_for_room(self, me: int) -> bool:
         """Block while configs in flight in other trials fill the budget; False once it is done."""

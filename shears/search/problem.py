@@ -11,6 +11,11 @@ equivalent evaluations are spent in total (history included: a re-run with a lar
 Without multi-fidelity screening that is `budget` distinct configs; with it, a config scored on n of N
 examples costs n / N. A backend calls `evaluator.screen(config)` before `evaluator.evaluate(config)`:
 with rungs (fidelity.py) a config is first scored on slices and only the promising reach the full set.
+
+An objective function may also return "per_record": {quality objective: shears.noise.PerRecord or its JSON}
+-- the value on each record behind the score -- which the history keeps with the standard error, so
+that the front is judged against the paired noise (history.py) and the stop rule can end a search
+whose last K evaluations moved nothing beyond it (`stop_when_flat`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from ..errors import ShearsError
 from ..search_space import ANCHORS, Config, canonical, heuristic_choice  # anchors: evaluated first, in this order
-from .history import History
+from .history import History, fidelity
+from ..noise import PerRecord
 from .objectives import Objective
 
 if TYPE_CHECKING:
@@ -87,12 +93,20 @@ class SearchProblem:
         key = canonical(config)
         return next((name for name, anchor in self.anchors.items() if canonical(anchor) == key), None)
 
-    def measure(self, config: Config, n_examples: int | None = None) -> dict[str, float]:
+    def measure(self, config: Config, n_examples: int | None = None) -> tuple[dict[str, float], dict[str, PerRecord]]:
+        """(every objective's value, the quality objectives' per-record values the function returned)."""
         values = self.objective_fn(config) if n_examples is None else self.objective_fn(config, n_examples=n_examples)
         missing = [o.name for o in self.objectives if o.name not in values]
         if missing:
             raise ShearsError(f"the objective function returned no {missing}: it must return every objective")
-        return {o.name: float(values[o.name]) for o in self.objectives}
+        noise = {name: item if isinstance(item, PerRecord) else PerRecord.from_json(item)
+                 for name, item in (values.get("per_record") or {}).items()
+                 if name in {o.name for o in self.objectives if not o.is_size}}
+        return {o.name: float(values[o.name]) for o in self.objectives}, {k: v for k, v in noise.items() if v is not None}
+
+
+# what the progress bar says of the last full-set point (history.py's front_moved)
+MOVED = {"yes": "yes", "noise": "within noise", "no": "no", "unknown": "no noise estimate"}
 
 
 class Progress(Protocol):  # a tqdm bar, or anything with these
@@ -109,9 +123,11 @@ class Evaluator:
     backend: str  # recorded in every history line, e.g. "optuna:tpe"
     progress: Progress | None = None
     rungs: "Rungs | None" = None  # multi-fidelity screening before a full evaluation (fidelity.py)
+    stop_when_flat: int | None = None  # stop once this many full-set points in a row moved the front by noise only
     fresh: int = field(default=0)  # evaluations run by this evaluator
     seconds: float = field(default=0.0)  # and the time they took (the bar's s/eval)
     postfix: dict = field(default_factory=dict)  # what a backend adds to the progress bar (e.g. tau)
+    shown: tuple | None = field(default=None)  # the state the bar last drew (show() skips a repeat)
 
     def evaluate(self, config: Config, trial: int | None = None, n_examples: int | None = None,
                  **extra: Any) -> dict:
@@ -123,19 +139,38 @@ class Evaluator:
         record = self.history.get(config, n_examples)
         if record is not None:
             return record
-        start = time.perf_counter()
-        values = self.problem.measure(config, n_examples)
-        seconds = time.perf_counter() - start
-        record = self.history.append(config, values, seconds, self.backend, trial,
-                                     label=self.problem.label(config), scorer=self.problem.scorer,
-                                     precision=self.problem.precision,
-                                     n_examples=n_examples if n_examples is not None else full,
-                                     fidelity=round(n_examples / full, 6) if n_examples is not None else None,
-                                     **extra)
+        record = self.measure(config, trial, n_examples, **extra)
         self.fresh += 1
-        self.seconds += seconds
         self.show()
         return record
+
+    def measure(self, config: Config, trial: int | None = None, n_examples: int | None = None, **extra: Any) -> dict:
+        """Score `config` now and append the record (with its per-record values and standard errors)."""
+        full = self.problem.examples
+        start = time.perf_counter()
+        values, noise = self.problem.measure(config, n_examples)
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        return self.history.append(config, values, seconds, self.backend, trial,
+                                   label=self.problem.label(config), scorer=self.problem.scorer,
+                                   precision=self.problem.precision,
+                                   n_examples=n_examples if n_examples is not None else full,
+                                   fidelity=round(n_examples / full, 6) if n_examples is not None else None,
+                                   per_record={k: v.to_json() for k, v in noise.items()} or None,
+                                   se={k: round(v.se(), 8) for k, v in noise.items()} or None, **extra)
+
+    def remeasure(self, config: Config) -> dict:
+        """Score a full-set point recorded without per-record values again, for them alone: a
+        `remeasure` line, which fills them in and costs no budget (history.py)."""
+        return self.measure(config, remeasure=True)
+
+    def front_is_flat(self) -> bool:
+        """Has the stop rule fired: `stop_when_flat` full-set points in a row moved the front by noise only?"""
+        return self.stop_when_flat is not None and self.history.flat >= self.stop_when_flat
+
+    def budget_left(self, budget: float) -> bool:
+        """May a backend start another candidate: budget left, configs left, and the front not flat?"""
+        return self.history.spent < budget and len(self.history) < self.problem.size and not self.front_is_flat()
 
     def screen(self, config: Config, trial: int | None = None) -> bool:
         """Should `config` be scored on the full set? Without rungs, or once it has been, yes; else it
@@ -160,12 +195,23 @@ class Evaluator:
         return 1.0 + sum(n / full for n in rungs if self.history.get(config, n) is None)
 
     def show(self) -> None:
-        if self.progress is not None:
-            self.progress.n = round(self.history.spent, 2)
-            speed = {"s/eval": f"{self.seconds / self.fresh:.1f}"} if self.fresh else {}
-            self.progress.set_postfix(front=len(self.history.front()), hv=f"{self.history.hypervolume():.4f}",
-                                      **speed, **self.postfix)
-            self.progress.refresh()
+        """Put the search's state on the bar; redraw only when it changed (a backend's callback may show the
+        state an evaluation just showed, and in a log every redraw is a line: shears.progress)."""
+        if self.progress is None:
+            return
+        speed = {"s/eval": f"{self.seconds / self.fresh:.1f}"} if self.fresh else {}
+        last = next((r for r in reversed(self.history.records) if fidelity(r) >= 1.0), None)
+        moved = {"moved": MOVED[last["front_moved"]]} if last is not None else {}
+        flat = {"flat": f"{self.history.flat}/{self.stop_when_flat}"} if self.stop_when_flat else {}
+        postfix = {"front": len(self.history.front()), "hv": f"{self.history.hypervolume():.4f}", **moved, **flat,
+                   **speed, **self.postfix}
+        state = (round(self.history.spent, 2), postfix)
+        if state == self.shown:
+            return
+        self.shown = state
+        self.progress.n = state[0]
+        self.progress.set_postfix(**postfix, refresh=False)
+        self.progress.refresh()
 
 
 class Backend(Protocol):

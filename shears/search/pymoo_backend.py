@@ -82,7 +82,7 @@ class PymooBackend:
         algorithm.setup(space, termination=NoTermination(), seed=self.seed + len(history))
         idle = 0
         rng = np.random.default_rng(self.seed + 7919 * len(history))
-        while history.spent < budget and len(history) < problem.size:
+        while evaluator.budget_left(budget):
             population = algorithm.ask()
             before = evaluator.fresh
             scores = []
@@ -94,8 +94,8 @@ class PymooBackend:
                     if row is not None:
                         rows[i] = row
                         config = problem.decode(row)
-                if config not in history and (history.spent >= budget or len(history) >= problem.size):
-                    return  # the budget is spent mid-generation: stop without telling a partial one
+                if config not in history and not evaluator.budget_left(budget):
+                    return  # the budget is spent (or the front flat) mid-generation: stop without telling a partial one
                 if evaluator.screen(config, trial=algorithm.n_gen):
                     scores.append(history.normalised(evaluator.evaluate(config, trial=algorithm.n_gen)))
                 else:

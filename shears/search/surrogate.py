@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.stats import kendalltau
 
 from ..search_space import canonical
 from .history import History, hypervolume
@@ -80,15 +81,10 @@ def loo_error(x: np.ndarray, y: np.ndarray, alpha: float) -> float:
 
 def kendall_tau(a, b) -> float | None:
     """Kendall's tau-b of two sequences (None for fewer than 3 values or no variation)."""
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if len(a) < 3:
         return None
-    da = np.sign(a[:, None] - a[None, :])
-    db = np.sign(b[:, None] - b[None, :])
-    upper = np.triu_indices(len(a), 1)
-    da, db = da[upper], db[upper]
-    denominator = math.sqrt(float((da != 0).sum()) * float((db != 0).sum()))
-    return float((da * db).sum() / denominator) if denominator else None
+    tau = kendalltau(a, b).statistic  # tau-b, scipy's default; nan when either side has no variation
+    return None if math.isnan(tau) else float(tau)
 
 
 @dataclass
@@ -120,7 +116,7 @@ class SurrogateBackend:
 
         def spend(config: Config, **extra) -> bool:
             """Screen and evaluate `config`; False once the budget is spent."""
-            if history.spent >= budget or len(history) >= problem.size:
+            if not evaluator.budget_left(budget):
                 return False
             if evaluator.screen(config, trial=len(history)):
                 evaluator.evaluate(config, trial=len(history), **extra)

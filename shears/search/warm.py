@@ -65,7 +65,7 @@ def import_history(history: History, problem: SearchProblem, source: str | Path)
             values.update({n: v for n, v in problem.sizes(config).items() if n in names and n not in values})
         if len(values) < len(names):
             continue
-        extra = {k: record.get(k) for k in ("n_examples", "fidelity", "predicted", "precision")}
+        extra = {k: record.get(k) for k in ("n_examples", "fidelity", "predicted", "precision", "per_record", "se")}
         history.append(config, {n: values[n] for n in names}, 0.0, record.get("backend") or "",
                        label=problem.label(config), scorer=problem.scorer, source=str(path), **extra)
         imported += 1

@@ -1,7 +1,7 @@
-"""Issue 12: does one sparse super-network match separately trained LoRAs? SmolLM2-135M, real data.
+"""Does one sparse super-network match separately trained LoRAs? SmolLM2-135M, real data.
 
-    python benchmarks/paper_medium.py                      # the whole experiment (hours; resumable)
-    python benchmarks/paper_medium.py --pilot              # the signal check that must come first
+    python benchmarks/experiment_compression.py          # the whole experiment (hours; resumable)
+    python benchmarks/experiment_compression.py --pilot  # the signal check that must come first
 
 Task: LLM-Adapters ARC-Easy + OpenBookQA in the *content* answer format (data.answer_format=content):
 the prompt is the question, the response is the chosen option's text, and a test question is scored
@@ -26,12 +26,22 @@ Rows (arms), in the order they run, so that a partial run answers the first ques
   lora_r32_s50            stock LoRA r=32 on the sparse base
   nls_2of4 (+_heuristic)  the same on a 2:4 Wanda base
   nls_s40, nls_s25, nls_s0 (+_heuristic)    the sparsity sweep of the heuristic subnet
+  nls_s50_q8_ptq, nls_s50_q4_ptq           nls_s50's sparse base quantized after training (Q8_0 / Q4_0), heuristic
+  qa_nls_s50_q4 (+_heuristic)               50% Wanda base quantized to Q4_0 first, NLS on its dequantized weights
+  qa_sparse_s50_q4 (+_merged)               the same with QA-SparsePEFT; the heuristic merged into one Q4_0 folder
+  qa_nls_s0_q4, qa_nls_s25_q4 (+_heuristic) dense and 25% Wanda bases, Q4_0 QA-NLS
+  winning back what compression costs (each a super-network, read at its heuristic subnet):
+  nls_s50_kd_logit / _kd_squarehead         50% Wanda + NLS with logit KD / SquareHead from the dense base
+  sparsegpt50 (+ sparsegpt50_kd)            50% SparseGPT + NLS (+ the KD of lower validation loss)
+  nls_s50_inplace                           50% Wanda + NLS, sandwich with in-place distillation
+  best_s40, best_2of4                       the method of lowest validation loss at 40% and at 2:4
 
 Every arm writes benchmarks/results/<name>/arms/<arm>.json (metrics, commands, times) and
 .../predictions/<arm>.jsonl (one line per test question) atomically when it finishes; a re-run skips
 finished arms, and a killed training resumes from its last checkpoint under runs/<name>/ (adapters,
 sparse bases, checkpoints: heavy, git-ignored). Each run ends by printing the table with paired
-bootstrap 95% CIs and McNemar p-values (written to .../table.md) and drawing .../tradeoff.png.
+bootstrap 95% CIs and McNemar p-values (written to .../table.md) and drawing .../tradeoff.png and
+.../bytes.png (test accuracy against the bytes of the deployed model, base + adapter).
 """
 
 from __future__ import annotations
@@ -40,7 +50,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import subprocess
 import sys
@@ -53,6 +62,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from scipy import stats  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from shears import precision  # noqa: E402
@@ -80,7 +90,7 @@ PILOT_ARMS = ("dense_base", "lora_r32_dense")
 
 @dataclass
 class Settings:
-    name: str = "paper_medium"  # results in benchmarks/results/<name>/, heavy artifacts in runs/<name>/
+    name: str = "compression"  # results in benchmarks/results/<name>/, heavy artifacts in runs/<name>/
     data_dir: str = os.environ.get("SHEARS_DATA_DIR", str(REPO.parent / "shared" / "data" / "llm-adapters"))
     steps: int = 300  # optimizer steps of every trained arm ...
     batch_size: int = 16  # ... of this many examples: 4,800 examples seen
@@ -303,17 +313,20 @@ def lora_arm(ex: Experiment, source: str, rank: int, label: str, arm: str) -> di
     return {"label": label, "base": source, "base_nonzero": base_nonzero, "adapter_params": peft_folder_params(adapter),
             "adapter": str(adapter), "train_s": round(train_s, 1), "train_loss": loss,
             "resumed_from": checkpoints[-1].name if checkpoints else None,
-            "command": f"in-process (benchmarks/paper_medium.py lora_arm): peft.get_peft_model(LoraConfig(r={rank}, "
+            "command": f"in-process (benchmarks/experiment_compression.py lora_arm): peft.get_peft_model(LoraConfig(r={rank}, "
                        f"lora_alpha={2 * rank}, lora_dropout={LORA_DROPOUT}, target_modules={list(TARGETS)})) + "
                        f"transformers.Trainer, the recipe's training section",
             **ex.measure(model, tokenizer)}
 
 
-def supernet_arm(ex: Experiment, arm: str, sparsity: float, pattern: str = "unstructured") -> dict:
-    """Train a super-network with the CLI (it prunes first, into RUN/sparse_base); resumes a killed run."""
+def supernet_arm(ex: Experiment, arm: str, sparsity: float, pattern: str = "unstructured",
+                 extra: dict | None = None) -> dict:
+    """Train a super-network with the CLI (it prunes first, into RUN/sparse_base); resumes a killed run.
+    `extra`: recipe overrides on top of the experiment's (e.g. training.distill.*)."""
     run_dir = RunDir(ex.runs / arm)
     recipe_path = ex.runs / "recipes" / f"{arm}.yaml"
-    save_recipe(ex.recipe(sparsity=sparsity, pattern=pattern), recipe_path)
+    save_recipe(load_recipe(BASE_RECIPE, {**ex.recipe_overrides(sparsity=sparsity, pattern=pattern), **(extra or {})}),
+                recipe_path)
     write_text(ex.results / "recipes" / f"{arm}.yaml", recipe_path.read_text())  # committed: the exact recipe
     resume = run_dir.recipe.is_file()
     command = python_module("shears.train_supernet", "--recipe", recipe_path.relative_to(REPO), "--output",
@@ -419,29 +432,32 @@ def correctness(ex: Experiment, arm: str) -> dict[str, np.ndarray] | None:
 
 def mcnemar_p(b: int, c: int) -> float:
     """Exact two-sided McNemar p: under H0 the b + c discordant questions split Binomial(b + c, 1/2)."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
+    return 1.0 if b + c == 0 else float(stats.binomtest(b, b + c, 0.5).pvalue)
+
+
+def task_average(*differences: np.ndarray, axis: int = -1) -> np.ndarray:
+    """The unweighted mean over tasks of each task's mean paired difference (along `axis`)."""
+    return sum(d.mean(axis=axis) for d in differences) / len(differences)
 
 
 def paired_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray], seed: int = 0) -> dict:
     """Difference of task-average accuracy a - b on the same questions: point estimate, paired bootstrap
-    95% CI (questions resampled within each task, the same draw for both rows), McNemar p over all questions."""
-    rng = np.random.default_rng(seed)
-    point, boot, discordant = 0.0, np.zeros(BOOTSTRAP), [0, 0]
+    95% CI (percentile; questions resampled within each task, the same draw for both rows), McNemar p
+    over all questions.
+
+    The pairing is in the per-question difference a - b, so resampling it draws both rows of a question
+    together; each task is one sample of scipy's bootstrap, resampled on its own (the tasks differ in
+    size, which `paired=True` would refuse)."""
+    differences = []
     for task in TEST_FILES:
         if len(a[task]) != len(b[task]):
             raise ShearsError(f"rows were scored on different {task} slices: re-run with the same settings")
-        d = a[task] - b[task]
-        point += d.mean() / len(TEST_FILES)
-        boot += d[rng.integers(0, len(d), size=(BOOTSTRAP, len(d)))].mean(axis=1) / len(TEST_FILES)
-        discordant[0] += int((d > 0).sum())
-        discordant[1] += int((d < 0).sum())
-    low, high = np.percentile(boot, [2.5, 97.5])
-    return {"diff": float(point), "low": float(low), "high": float(high), "p": mcnemar_p(*discordant),
-            "better": discordant[0], "worse": discordant[1]}
+        differences.append(a[task] - b[task])
+    interval = stats.bootstrap(differences, task_average, n_resamples=BOOTSTRAP, method="percentile",
+                               random_state=np.random.default_rng(seed)).confidence_interval
+    better, worse = (sum(int((sign * d > 0).sum()) for d in differences) for sign in (1, -1))
+    return {"diff": float(task_average(*differences)), "low": float(interval.low), "high": float(interval.high),
+            "p": mcnemar_p(better, worse), "better": better, "worse": worse}
 
 
 # --------------------------------------------------------------------------- the table
@@ -569,6 +585,7 @@ def plot(ex: Experiment) -> Path | None:
                              label=r["label"], zorder=3)
     loss_ax.set(xlabel="adapter parameters (M)", ylabel="validation loss (answer span)", title="selection signal")
     acc_ax.set(xlabel="adapter parameters (M)", ylabel="test accuracy, task average (%)", title="test")
+    plot_recovery(ex, sweep_ax)
     sweep_ax.set(xlabel="base non-zero parameters (M)", ylabel="test accuracy, task average (%)", title="sparsity")
     for ax in (loss_ax, acc_ax, sweep_ax):
         ax.grid(alpha=0.3)
@@ -591,11 +608,241 @@ def commands(ex: Experiment) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- quantized bases (Q8_0 / Q4_0)
+# A base quantized to llama.cpp's Q8_0/Q4_0 (python -m shears.quantize): after training (PTQ of nls_s50's
+# sparse base, no training), or before it (quantization-aware NLS, QA-SparsePEFT). Rows compare with the
+# same subnet unquantized; bytes.png puts every row's test accuracy against the bytes of its deployed model.
+
+QUANT_SCHEMES = ("q8_0", "q4_0")
+# (training arm, sparsity, QA-SparsePEFT): each trains the recipe with quantization.scheme=q4_0
+QA_RUNS = (("qa_nls_s50_q4", 0.5, False), ("qa_sparse_s50_q4", 0.5, True), ("qa_nls_s0_q4", 0.0, False),
+           ("qa_nls_s25_q4", 0.25, False))
+QUANTIZED_ROWS = [
+    ("nls_s50_q8_ptq", "nls_s50_heuristic", "PTQ"),
+    ("nls_s50_q4_ptq", "nls_s50_heuristic", "PTQ"),
+    ("qa_nls_s50_q4_heuristic", "nls_s50_heuristic", "QA-NLS (target: within 1 point)"),
+    ("qa_nls_s50_q4_heuristic", "nls_s50_q4_ptq", "QA-NLS - PTQ"),
+    ("qa_sparse_s50_q4_merged", "qa_nls_s50_q4_heuristic", "QA-SparsePEFT, one merged Q4_0 file"),
+    ("qa_nls_s0_q4_heuristic", "nls_s0_heuristic", "quantization alone"),
+    ("qa_nls_s0_q4_heuristic", "nls_s50_heuristic", "quantization instead of sparsity"),
+    ("qa_nls_s25_q4_heuristic", "nls_s25_heuristic", "25% + Q4_0"),
+]
+ROWS.extend(QUANTIZED_ROWS)
+
+
+class QuantizedRecipes:
+    """The experiment, with recipes that quantize the base (and merge onto it, for QA-SparsePEFT), so that
+    supernet_arm trains exactly as for every other row but on RUN/quantized_base."""
+
+    def __init__(self, ex: Experiment, scheme: str, qa_sparse: bool):
+        self._ex, self._extra = ex, {"quantization.scheme": scheme, "training.qa_sparse_adapter": qa_sparse}
+
+    def __getattr__(self, name):
+        return getattr(self._ex, name)
+
+    def recipe(self, **sparsity):
+        return load_recipe(BASE_RECIPE, {**self._ex.recipe_overrides(**sparsity), **self._extra})
+
+
+def weights_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
+def fp32_base_bytes(ex: Experiment) -> int:
+    """The bytes of the recipe model's fp32 folder: 4 per parameter (a tied output layer counted once)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from shears.models import resolve_model_path
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(ex.recipe().model)))
+    return 4 * sum(p.numel() for p in model.parameters())
+
+
+def deployed_bytes(ex: Experiment, row: dict) -> int:
+    """Base + adapter as deployed: recorded by the quantized rows; for the others the fp32 base folder (a pruned
+    one stores its zeros) plus the fp32 adapter."""
+    if "deployed_bytes" in row:
+        return row["deployed_bytes"]
+    return fp32_base_bytes(ex) + 4 * row["adapter_params"]
+
+
+def ptq_arm(ex: Experiment, run_arm: str, scheme: str) -> dict:
+    """The trained super-network's heuristic subnet on its sparse base quantized after training (no training)."""
+    from shears.elastic import SuperNet
+
+    run_dir = RunDir(ex.runs / run_arm)
+    out = ex.runs / f"{run_arm}_{scheme}_base"
+    command = python_module("shears.quantize", "--model", run_dir.sparse_base, "--scheme", scheme, "--output", out,
+                            "--force")
+    quantize_s = round(run_command(command, ex.s), 1)
+    net = SuperNet.load(run_dir.supernet, load_model(out))
+    net.model.eval()
+    config = net.heuristic()
+    net.activate(config)
+    adapter_params = net.adapter_params(config)
+    return {"label": f"50% Wanda + NLS heuristic, base {scheme.upper()} after training (PTQ)", "base": str(out),
+            "base_nonzero": nonzero_params(net.model.get_base_model()), "adapter_params": adapter_params,
+            "config": config, "deployed_bytes": weights_bytes(out) + 4 * adapter_params,
+            "command": " ".join(map(str, command)), "quantize_s": quantize_s,
+            **ex.measure(net, load_tokenizer(out))}
+
+
+def qa_subnet_arm(ex: Experiment, run_arm: str, label: str) -> dict:
+    """The heuristic subnet of a super-network trained on a quantized base, its adapter kept separate."""
+    base = RunDir(ex.runs / run_arm).quantized_base
+    net = ex.loaded_run(run_arm).supernet
+    config = net.heuristic()
+    extra = {"deployed_bytes": weights_bytes(base) + 4 * net.adapter_params(config)}
+    return subnet_arm(ex, run_arm, config, label, extra)
+
+
+def qa_merged_arm(ex: Experiment, run_arm: str, label: str) -> dict:
+    """QA-SparsePEFT's heuristic subnet as one merged Q4_0 folder (python -m shears.export --merge): no adapter."""
+    out = ex.runs / run_arm / "export"
+    command = python_module("shears.export", "--run", ex.runs / run_arm, "--subnet", "heuristic", "--merge",
+                            "--output", out, "--force")
+    export_s = round(run_command(command, ex.s), 1)
+    merged = out / "heuristic" / "merged"
+    model = load_model(merged)
+    return {"label": label, "base": str(merged), "base_nonzero": nonzero_params(model), "adapter_params": 0,
+            "deployed_bytes": weights_bytes(merged), "command": " ".join(map(str, command)), "export_s": export_s,
+            **ex.measure(model, load_tokenizer(merged))}
+
+
+def run_quantized_arms(ex: Experiment) -> None:
+    if RunDir(ex.runs / "nls_s50").has_supernet():
+        for scheme in QUANT_SCHEMES:
+            ex.arm(f"nls_s50_{scheme[:2]}_ptq", lambda scheme=scheme: ptq_arm(ex, "nls_s50", scheme))
+    for arm, sparsity, qa_sparse in QA_RUNS:
+        recipes = QuantizedRecipes(ex, "q4_0", qa_sparse)
+        if ex.arm(arm, lambda arm=arm, sparsity=sparsity, recipes=recipes: {
+                **supernet_arm(recipes, arm, sparsity), "quantization": "q4_0", "qa_sparse_adapter": qa_sparse}) is None:
+            continue
+        described = f"{sparsity:.0%} Wanda" if sparsity else "dense"
+        if qa_sparse:
+            ex.arm(f"{arm}_merged", lambda arm=arm, described=described: qa_merged_arm(
+                ex, arm, f"{described} + Q4_0 QA-SparsePEFT, heuristic merged (one Q4_0 folder)"))
+        else:
+            ex.arm(f"{arm}_heuristic", lambda arm=arm, described=described: qa_subnet_arm(
+                ex, arm, f"{described} + Q4_0 QA-NLS, heuristic subnet"))
+
+
+def plot_bytes(ex: Experiment) -> Path | None:
+    """Test accuracy (task average) against the bytes of the deployed model, base + adapter: one point per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {arm: ex.done(arm) for arm, _, _ in ROWS}
+    rows = {arm: r for arm, r in rows.items() if r is not None and "tests" in r}
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for arm, r in rows.items():
+        quantized = arm in {a for a, _, _ in QUANTIZED_ROWS}
+        x = deployed_bytes(ex, r) / 2**20
+        ax.scatter([x], [100 * r["average"]], c="C3" if quantized else "C0", marker="s" if quantized else "o",
+                   s=36, zorder=3)
+        ax.annotate(arm, (x, 100 * r["average"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    ax.scatter([], [], c="C0", marker="o", label="fp32 base folder (+ fp32 adapter)")
+    ax.scatter([], [], c="C3", marker="s", label="Q8_0 / Q4_0 base (+ fp32 adapter)")
+    ax.set(xlabel="deployed model: base + adapter (MiB)", ylabel="test accuracy, task average (%)",
+           title="accuracy against the bytes a user ships")
+    ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, ex.results / "bytes.png")
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write a figure atomically (a temporary sibling renamed over `path`) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------- winning back what compression costs
+# Distillation from the dense base (training.distill), in-place distillation (training.inplace_distill) and a
+# pruner that reconstructs (sparsity.method: sparsegpt), each a super-network of its own on the same data,
+# steps and questions, read at its heuristic subnet -- the Shears row whose gap to dense LoRA r=32 the
+# methods try to halve. Choices between methods use validation loss only, never the test questions. The
+# step-time ratio of each method to plain NLS, measured side by side, is benchmarks/bench_distill.py's.
+
+KD_LOGIT = {"training.distill.logit_weight": 1.0, "training.distill.temperature": 2.0}
+KD_SQUAREHEAD = {"training.distill.squarehead_weight": 1.0}
+INPLACE = {"training.strategy": "sandwich", "training.inplace_distill": True}
+SPARSEGPT = {"sparsity.method": "sparsegpt"}
+RECOVERY = {  # run arm -> (recipe overrides, what it adds to 50% Wanda + NLS)
+    "nls_s50_kd_logit": (KD_LOGIT, "logit KD (T=2) from the dense base"),
+    "nls_s50_kd_squarehead": (KD_SQUAREHEAD, "SquareHead from the dense base"),
+    "sparsegpt50": (SPARSEGPT, "SparseGPT instead of Wanda"),
+    "nls_s50_inplace": (INPLACE, "sandwich + in-place distillation"),
+}
+RECOVERY_ROWS = [
+    ("nls_s50_kd_logit_heuristic", "nls_s50_heuristic", "Q5 logit KD"),
+    ("nls_s50_kd_squarehead_heuristic", "nls_s50_heuristic", "Q5 SquareHead"),
+    ("sparsegpt50_heuristic", "nls_s50_heuristic", "Q5 SparseGPT"),
+    ("sparsegpt50_kd_heuristic", "sparsegpt50_heuristic", "Q5 SparseGPT + KD"),
+    ("nls_s50_inplace_heuristic", "nls_s50_heuristic", "Q5 in-place"),
+    ("best_s40_heuristic", "nls_s40_heuristic", "Q5 best at 40%"),
+    ("best_2of4_heuristic", "nls_2of4_heuristic", "Q5 best at 2:4"),
+]
+ROWS.extend(RECOVERY_ROWS)
+
+
+def recovery_arm(ex: Experiment, arm: str, overrides: dict, what: str, sparsity: float = 0.5,
+                 pattern: str = "unstructured") -> None:
+    """Train `arm`'s super-network with `overrides`, then its heuristic subnet row."""
+    described = "2:4" if pattern == "2:4" else f"{sparsity:.0%}"
+    if ex.arm(arm, lambda: {**supernet_arm(ex, arm, sparsity, pattern, overrides), "method": what,
+                            "overrides": overrides}) is not None:
+        ex.arm(f"{arm}_heuristic", lambda: subnet_arm(ex, arm, ex.loaded_run(arm).supernet.heuristic(),
+                                                      f"{described} + NLS, {what}, heuristic subnet"))
+
+
+def heuristic_validation_loss(ex: Experiment, arm: str) -> float:
+    row = ex.done(f"{arm}_heuristic")
+    return row["validation_loss"] if row is not None else math.inf
+
+
+def run_recovery(ex: Experiment) -> None:
+    for arm, (overrides, what) in RECOVERY.items():
+        recovery_arm(ex, arm, overrides, what)
+    kd_losses = {arm: heuristic_validation_loss(ex, arm) for arm in ("nls_s50_kd_logit", "nls_s50_kd_squarehead")}
+    if not all(math.isfinite(v) for v in kd_losses.values()):
+        return  # the KD rows come first: the rest needs their comparison
+    kd = min(kd_losses, key=kd_losses.get)
+    methods = {**RECOVERY, "sparsegpt50_kd": ({**SPARSEGPT, **RECOVERY[kd][0]}, f"SparseGPT + {RECOVERY[kd][1]}")}
+    recovery_arm(ex, "sparsegpt50_kd", *methods["sparsegpt50_kd"])
+    scored = {arm: heuristic_validation_loss(ex, arm) for arm in methods}
+    if all(math.isfinite(v) for v in scored.values()):
+        best = min(scored, key=scored.get)
+        overrides, what = methods[best]
+        for arm, sparsity, pattern in (("best_s40", 0.4, "unstructured"), ("best_2of4", 0.5, "2:4")):
+            recovery_arm(ex, arm, overrides, f"{what} (best at 50% by validation loss)", sparsity, pattern)
+
+
+def plot_recovery(ex: Experiment, sweep_ax) -> None:
+    """The new methods' heuristic subnets on the sparsity panel."""
+    for (arm, _, question), marker in zip(RECOVERY_ROWS, "vP^XhpH"):
+        r = ex.done(arm)
+        if r is not None:
+            sweep_ax.scatter([r["base_nonzero"] / 1e6], [100 * r["average"]], marker=marker, s=45, zorder=3,
+                             label=question.removeprefix("Q5 "))
+
+
 # --------------------------------------------------------------------------- main
 
 def parse_args(argv) -> Settings:
     defaults = Settings()
-    p = argparse.ArgumentParser(prog="python benchmarks/paper_medium.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python benchmarks/experiment_compression.py", description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(Settings):
         value = getattr(defaults, f.name)
         if isinstance(value, bool):
@@ -656,6 +903,8 @@ def run_all(ex: Experiment) -> None:
             described = "2:4" if pattern == "2:4" else f"{sparsity:.0%}"
             ex.arm(f"{arm}_heuristic", lambda arm=arm, described=described: subnet_arm(
                 ex, arm, ex.loaded_run(arm).supernet.heuristic(), f"{described} Wanda + NLS, heuristic subnet"))
+    run_quantized_arms(ex)
+    run_recovery(ex)
 
 
 @cli_errors
@@ -673,9 +922,11 @@ def main(argv=None) -> None:
                         "## Commands the arms ran", "```\n" + commands(ex) + "\n```"])
     write_text(ex.results / "table.md", text + "\n")
     picture = plot(ex)
+    accuracy_vs_bytes = plot_bytes(ex)
     print("\n" + text)
     print(f"\nwrote {ex.results}/arms/<arm>.json and predictions/<arm>.jsonl (one per finished arm), "
-          f"{ex.results / 'table.md'}" + (f", {picture}" if picture else "") + f"; heavy artifacts under {ex.runs}")
+          f"{ex.results / 'table.md'}" + (f", {picture}" if picture else "")
+          + (f", {accuracy_vs_bytes}" if accuracy_vs_bytes else "") + f"; heavy artifacts under {ex.runs}")
 
 
 if __name__ == "__main__":
