@@ -680,7 +680,7 @@ def print_plan(recipe: Recipe, device_memory: int | None) -> None:
             try:
                 refuse_unless_fits(recipe, plan, (need.stage,))
             except ShearsError as err:
-                print(f"will not fit: {err}")
+                print(f"will not fit: {str(err).split('; python -m')[0]}")
 
 
 def check_memory(recipe: Recipe, device_memory: int | None) -> None:
