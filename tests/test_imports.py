@@ -21,7 +21,8 @@ FLOORS = [
     {"evaluate", "scores"},  # measuring a subnet: training scores its anchors as the search will
     {"train_supernet"},
     {"search", "lm_eval_tasks"},  # the whole package shears/search/; lm-eval's hooks call data and evaluate
-    {"export"},  # reads the search's files through search.history
+    {"export", "gguf_export", "llama_cpp_rows"},  # reads the search's files through search.history; the GGUF
+    # export beside it (llama_cpp_rows runs inside llama.cpp's converter and imports nothing of shears)
 ]
 
 
