@@ -49,6 +49,7 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not ins
 REPO = Path(__file__).resolve().parents[1]
 TOL_F32 = 1e-4
 TOL_Q = 2e-3
+TOL_REAL = 2e-2  # see test_real_smollm2_with_a_subnet_adapter_agrees_with_pytorch
 VOCAB = 384
 TOKENS = [[1, 40, 77, 300, 12, 290, 5, 99, 260, 33, 17, 350], [1, 270, 271, 272, 9, 8, 300, 301, 3, 44]]
 
@@ -313,3 +314,95 @@ def test_a_killed_export_leaves_no_gguf(tiny_run, tmp_path, converters):
     export_gguf(run, {"maximal": MAXIMAL}, out, dtype="float32")  # ... which the next write removes
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".gguf.")) == []
     assert (out / "maximal" / ADAPTER_GGUF).is_file()
+
+
+# --------------------------------------------------------------------------- elastic width
+
+def test_a_uniform_width_subnet_is_a_stock_smaller_gguf_and_per_block_widths_are_refused(tmp_path, converters):
+    from test_width_export import MIXED as PER_BLOCK, UNIFORM, WIDTH_SPACE
+
+    root = tmp_path / "width"
+    recipe = load_recipe(tiny_recipe(tiny_llama_dir(root / "tiny-llama"), root),
+                         {"search_space": WIDTH_SPACE, "training.max_steps": 3, "width.nsamples": 4, "width.seqlen": 32})
+    train_supernet(recipe, root / "run")
+    randomise_adapter(root / "run", seed=7)
+    run = load_run(root / "run")
+    with pytest.raises(ShearsError, match="keeps different widths in different blocks") as caught:
+        export_gguf(run, {"uniform": UNIFORM, "per-block": PER_BLOCK}, tmp_path / "refused")
+    assert "\n" not in str(caught.value) and not (tmp_path / "refused").exists()
+
+    out = tmp_path / "gguf"
+    export_gguf(run, {"uniform": UNIFORM}, out, dtype="float32")
+    assert not (out / BASE_GGUF).exists() and not (out / "uniform" / ADAPTER_GGUF).exists()
+    reader = read_gguf(out / "uniform" / MERGED_GGUF)
+    assert reader.fields["llama.feed_forward_length"].contents() == 32
+    merged = load_llama(out / "uniform" / MERGED_GGUF)
+    for tokens in TOKENS:
+        close(engine_logits(merged, tokens), subnet_logits(root / "run", UNIFORM, tokens), TOL_F32)
+    merged.close()
+
+
+# --------------------------------------------------------------------------- the real model
+
+def rounded_input(kind: str):
+    """A forward pre-hook rounding a linear's input as llama.cpp's CPU matmul does for weights of `kind`:
+    float16 for F16 weights, Q8_0 blocks for Q8_0/Q4_0 weights."""
+    def hook(module, args):
+        x = module.unrounded = args[0]  # the LoRA path reads x itself (llama.cpp: float32 adapter tensors)
+        if kind == "f16":
+            return (x.half().float(),)
+        return q8_0_activations(module, args)
+    return hook
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("scheme", [None, "q4_0"])
+def test_real_smollm2_with_a_subnet_adapter_agrees_with_pytorch(tmp_path, converters, scheme):
+    """smollm2-135m, f16 GGUF or a qformat Q4_0 base, + per-module-rank LoRA: llama.cpp's next-token logits vs
+    PyTorch's on the weights the GGUF holds, over 512 positions of validation prompts."""
+    from shears.data import format_example, load_records
+    from shears.gguf_export import convert_adapter, convert_model, fold_scales
+    from shears.models import load_model, load_tokenizer, resolve_model_path
+
+    source = Path(resolve_model_path("smollm2-135m"))
+    folder = quantize_folder(source, tmp_path / "q4_0", scheme) if scheme else source
+    convert_model(folder, tmp_path / "base.gguf", "f16", converters, tmp_path / "scratch-base")
+    model = load_model(source)
+    quantized = qformat.load_quantized_state(folder).quantized if scheme else {}
+    g = torch.Generator().manual_seed(0)
+    factors, hooks, lora_alpha, r_max = {}, [], 32.0, 16
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # the weights the GGUF holds: f16, or the Q4_0 blocks'
+            if p.dim() == 2:
+                p.copy_(quantized[name].dequantize() if name in quantized else p.half().float())
+        for i, (name, module) in enumerate(model.named_modules()):
+            if isinstance(module, torch.nn.Linear):
+                hooks.append(module.register_forward_pre_hook(
+                    rounded_input("q8_0" if f"{name}.weight" in quantized else "f16")))
+            if name.endswith(("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")):
+                r = (4, 8, 16)[i % 3]  # per-module ranks, as a searched subnet has
+                A = torch.randn(r, module.in_features, generator=g) / module.in_features ** 0.5
+                B = torch.randn(module.out_features, r, generator=g) * 0.05
+                factors[name] = (A, B)
+                hooks.append(module.register_forward_hook(
+                    lambda mod, args, out, A=A, B=B: out + (lora_alpha / r_max) * (mod.unrounded @ A.T) @ B.T))
+    alpha = lora_alpha * 8 / r_max  # the GGUF's one alpha: any value, each module's B is folded against it
+    convert_adapter(fold_scales(factors, lora_alpha / r_max, alpha), alpha, folder, tmp_path / "adapter.gguf",
+                    converters, tmp_path / "scratch-adapter")
+    tokenizer = load_tokenizer(source)
+    text = "".join("".join(format_example(r)) for r in load_records("builtin:arithmetic?n=64&seed=5"))
+    tokens = tokenizer(text).input_ids[:512]
+    assert len(tokens) == 512
+    want = torch_logits(model, tokens)
+    for hook in hooks:
+        hook.remove()
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "base.gguf"), lora_path=str(tmp_path / "adapter.gguf"), n_ctx=512,
+                          n_batch=512, logits_all=True, verbose=False, n_threads=2, type_k=0, type_v=0, flash_attn=False)
+    got = engine_logits(llm, tokens)
+    llm.close()
+    agree = float((got.argmax(-1) == want.argmax(-1)).mean())
+    err = np.abs(got - want).max()
+    print(f"{scheme or 'f16'}: top-1 agreement {agree:.4f} over 512 positions, max |logit difference| {err:.4f} "
+          f"(logits up to {np.abs(want).max():.1f})")
+    assert agree >= 0.99
+    assert err <= TOL_REAL * np.abs(want).max()
