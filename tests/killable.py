@@ -100,10 +100,13 @@ def arm(point: str, ready_file: str) -> None:
             return save(obj, f, *args, **kwargs)
 
         torch.save = torn_save
-    elif kind == "export":
-        import shears.export as export
+    elif kind in ("export", "gguf"):  # just after the N-th call of the function that writes a subnet's weights
+        import shears.export
+        import shears.gguf_export
 
-        write, count = export.write_subnet_adapter, [0]
+        owner, name = {"export": (shears.export, "write_subnet_adapter"),
+                       "gguf": (shears.gguf_export, "convert_adapter")}[kind]
+        write, count = getattr(owner, name), [0]
 
         def parked_write(*args, **kwargs):
             write(*args, **kwargs)
@@ -111,19 +114,7 @@ def arm(point: str, ready_file: str) -> None:
             if count[0] == target:
                 park(ready_file, point)
 
-        export.write_subnet_adapter = parked_write
-    elif kind == "gguf":
-        import shears.gguf_export as gguf_export
-
-        convert, count = gguf_export.convert_adapter, [0]
-
-        def parked_convert(*args, **kwargs):
-            convert(*args, **kwargs)
-            count[0] += 1
-            if count[0] == target:
-                park(ready_file, point)
-
-        gguf_export.convert_adapter = parked_convert
+        setattr(owner, name, parked_write)
     elif kind == "eval":
         from shears.search.problem import SearchProblem
 
