@@ -56,7 +56,7 @@ TOKENS = [[1, 40, 77, 300, 12, 290, 5, 99, 260, 33, 17, 350], [1, 270, 271, 272,
 
 def llama_tokenizer():
     """A Llama-style tokenizer (BPE with byte fallback, as llama.cpp's converter reads Llama tokenizers), small
-    enough for the tiny models: 3 specials, 256 byte tokens, the printable characters."""
+    enough for the tiny models: 3 specials, 256 byte tokens, the printable characters, fillers up to VOCAB."""
     from tokenizers import Tokenizer, decoders, models, normalizers
     from transformers import PreTrainedTokenizerFast
 
@@ -64,6 +64,8 @@ def llama_tokenizer():
     vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
     for c in ["▁"] + [c for c in string.printable if c not in " \t\n\r\x0b\x0c"]:
         vocab.setdefault(c, len(vocab))
+    for i in range(VOCAB - len(vocab)):  # llama.cpp wants one token per embedding row
+        vocab[f"<extra_{i}>"] = len(vocab)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>", fuse_unk=True))
     backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
