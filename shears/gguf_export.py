@@ -485,7 +485,9 @@ def run_cli(run_dir, args, settings, front: bool, subnets: list[str] | None) -> 
     from .export import front_subnets, named_subnets, read_front
     from .run import load_run
 
-    llama_cpp_version()  # before minutes of loading: a missing extra is the first thing said
+    llama_cpp_version()  # before minutes of loading: a missing extra, or an existing output, is said first
+    output = Path(args.output) if args.output else run_dir.gguf.folder
+    refuse_existing(output, args.force)
     run = load_run(run_dir)
     objectives = None
     if front:
@@ -494,7 +496,6 @@ def run_cli(run_dir, args, settings, front: bool, subnets: list[str] | None) -> 
         objectives = {name: row.get("objectives") for name, row in zip(configs, rows["front"])}
     else:
         configs = named_subnets(run.supernet, subnets)
-    output = Path(args.output) if args.output else run_dir.gguf.folder
     exported = export_gguf(run, configs, output, args.dtype, settings.merge, settings.squeeze, settings.energy,
                            args.force, objectives)
     files = [p for p in sorted(exported.folder.rglob("*.gguf"))]

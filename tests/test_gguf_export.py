@@ -409,3 +409,35 @@ def test_real_smollm2_with_a_subnet_adapter_agrees_with_pytorch(tmp_path, conver
           f"(logits up to {np.abs(want).max():.1f})")
     assert agree >= 0.99
     assert err <= TOL_REAL * np.abs(want).max()
+
+
+# --------------------------------------------------------------------------- the CLI, the front, the demo's hint
+
+def test_front_cli_writes_the_gguf_folder_that_the_peft_export_points_to(tiny_run, tmp_path, capsys, converters):
+    import re
+    import shutil
+
+    from shears.export import main
+    from test_export import TinyRun, write_search
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints", "gguf-*"))
+    heuristic = {"qv.0": 4, "qv.1": 4, "up": 2}
+    front = write_search(TinyRun(run, run), [(MINIMAL, 0.2), (heuristic, 0.5), (MAXIMAL, 0.7)])
+    main(["--run", str(run), "--front"])  # the PEFT export, as make demo ends
+    hint = capsys.readouterr().out.strip().splitlines()[-2:]
+    best = next(folder for folder in (run / "export").iterdir() if folder.name.startswith("front-2-"))
+    assert hint[0].startswith(f"best subnet: {best.name}; ") and "--front --format gguf" in hint[0]
+    main(["--run", str(run), "--front", "--format", "gguf", "--dtype", "float32"])
+    printed = capsys.readouterr().out
+    assert f"wrote 4 GGUF file(s) for 3 subnet(s)" in printed
+    command = re.search(r"llama-cli -m (\S+) --lora (\S+)", hint[1])
+    assert Path(command.group(1)) == run / "gguf" / BASE_GGUF and Path(command.group(2)).is_file()
+    manifest = json.loads((run / "gguf" / "manifest.json").read_text())
+    assert [s["objectives"] for s in manifest["subnets"]] == [row["objectives"] for row in front["front"]]
+    readme = (run / "gguf" / "README.md").read_text()
+    for subnet in manifest["subnets"]:
+        assert f"--lora ./{subnet['folder']}/{ADAPTER_GGUF}" in readme
+    with pytest.raises(SystemExit):  # an existing export without --force: one line, exit 2
+        main(["--run", str(run), "--front", "--format", "gguf"])
+    assert capsys.readouterr().err.strip() == f"error: {run / 'gguf'} already exists: pass --force to replace it, or choose another output"
