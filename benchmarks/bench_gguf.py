@@ -1,7 +1,7 @@
 """Serving a subnet on a CPU: llama.cpp (Q4_0 and f16 base + LoRA GGUF) vs transformers + PEFT (bf16, fp32).
 
     flock /work/locks/heavy.lock python benchmarks/bench_gguf.py [--rounds 3] [--prompt-tokens 128]
-                                  [--new-tokens 64] [--threads 2] [--out runs/bench_gguf]
+                                  [--new-tokens 64] [--threads 1] [--out runs/bench_gguf]
 
 The model is smollm2-135m with a LoRA the size of a searched subnet (rank 16 on q/k/v/up/down of every block,
 B random so the adapter is really applied), written by shears' own code paths: the PEFT folder as
@@ -158,7 +158,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="runs/bench_gguf")
     p.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one engine in a subprocess
     args = p.parse_args()

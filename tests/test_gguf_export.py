@@ -441,3 +441,25 @@ def test_front_cli_writes_the_gguf_folder_that_the_peft_export_points_to(tiny_ru
     with pytest.raises(SystemExit):  # an existing export without --force: one line, exit 2
         main(["--run", str(run), "--front", "--format", "gguf"])
     assert capsys.readouterr().err.strip() == f"error: {run / 'gguf'} already exists: pass --force to replace it, or choose another output"
+
+
+def test_a_sparse_adapter_is_served_exactly_by_its_merged_gguf(tmp_path, converters):
+    """SparsePEFT masks the update by the base's zeros; a LoRA adapter cannot, merged.gguf does."""
+    root = tmp_path / "sparse"
+    overrides = {"training.max_steps": 2, "training.save_steps": 100, "sparsity.sparsity": 0.5,
+                 "sparsity.nsamples": 2, "sparsity.seqlen": 64, "training.sparse_adapter": True}
+    train_supernet(load_recipe(tiny_recipe(tiny_llama_dir(root / "tiny-llama"), root), overrides), root / "run")
+    randomise_adapter(root / "run", seed=5)
+    run = load_run(root / "run")
+    out = tmp_path / "gguf"
+    export_gguf(run, {"mixed": MIXED}, out, dtype="float32", merge=True)
+    base = {t.name: np.array(t.data) for t in read_gguf(out / BASE_GGUF).tensors}
+    merged = {t.name: np.array(t.data) for t in read_gguf(out / "mixed" / MERGED_GGUF).tensors}
+    zeros = base["blk.0.attn_q.weight"] == 0
+    assert zeros.mean() > 0.4 and np.all(merged["blk.0.attn_q.weight"][zeros] == 0)
+    assert np.any(merged["blk.0.attn_q.weight"] != base["blk.0.attn_q.weight"])
+    llm = load_llama(out / "mixed" / MERGED_GGUF)
+    for tokens in TOKENS:
+        close(engine_logits(llm, tokens), subnet_logits(root / "run", MIXED, tokens), TOL_F32)
+    llm.close()
+    assert "only `merged.gguf`" in (out / "README.md").read_text()
