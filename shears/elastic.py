@@ -75,14 +75,20 @@ class ElasticLoraLinear(LoraLinear):
         if self.fan_in_fan_out:  # nn.Linear stores W as (out, in), the layout of B @ A: no transpose anywhere
             raise ShearsError("elastic LoRA adapts nn.Linear modules: set fan_in_fan_out=False")
         self.active_rank: int = self.r[adapter_name]
-        # (base weight != 0), set by enable_sparse_mask(); not saved: it is recomputed from the base
-        self.register_buffer("sparse_mask", None, persistent=False)
+        self.sparse = False  # SparsePEFT, set by enable_sparse_mask()
         # QA-SparsePEFT: the quantized base's float32 block scales [out, in / 32] and scheme (enable_grid_merge)
         self.register_buffer("grid_scales", None, persistent=False)
         self.grid_scheme: str | None = None
 
     def enable_sparse_mask(self) -> None:
-        self.sparse_mask = self.get_base_layer().weight.detach() != 0
+        self.sparse = True
+
+    @property
+    def sparse_mask(self) -> torch.Tensor | None:
+        """(base weight != 0) under SparsePEFT, else None: derived from the weight at each use, never stored,
+        so a model holds no mask beside its weights (it would cost half a bf16 model) and a mask cannot go
+        stale when the base's channels are permuted."""
+        return self.get_base_layer().weight.detach() != 0 if self.sparse else None
 
     def enable_grid_merge(self, blocks: QuantizedTensor) -> None:
         """QA-SparsePEFT: merge the masked update onto the frozen grid of `blocks`, the base's quantized weight."""
@@ -146,7 +152,7 @@ class ElasticLoraLinear(LoraLinear):
         for key in VARIANT_KWARG_KEYS:
             kwargs.pop(key, None)
         adapters = [a for a in self.active_adapters if a in self.lora_A]
-        if self.sparse_mask is not None:
+        if self.sparse:
             return self._sparse_forward(x, adapters, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         result_dtype = result.dtype
@@ -197,17 +203,20 @@ def _autocast_output(base_output: torch.Tensor, x: torch.Tensor) -> bool:
 
 def lora_delta(A: torch.Tensor, B: torch.Tensor, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The LoRA update scale * B @ A, masked by `mask` (SparsePEFT: the base weight's non-zeros) when given.
-    The one definition: training's forward, PEFT's merge and the export's merged/ all add this to W."""
-    delta = (B @ A) * scale
-    return delta * mask if mask is not None else delta
+    The one definition: training's forward, PEFT's merge and the export's merged/ all add this to W.
+    Scaled and masked in place (autograd needs neither B @ A nor the scaled product), so the update of
+    an out x in matrix costs one out x in tensor, not three."""
+    delta = (B @ A).mul_(scale)
+    return delta.mul_(mask) if mask is not None else delta
 
 
 def merged_weight(base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, sparse_adapter: bool) -> torch.Tensor:
     """W + lora_delta, masked by W's non-zeros for a SparsePEFT adapter, in W's dtype: what merging a
     subnet's factors into the base gives (its zeros stay exactly zero under SparsePEFT). Computed in float64
-    and rounded once, so the stored weight is the correctly rounded sum (fp32 would round product and sum)."""
+    and rounded once, so the stored weight is the correctly rounded sum (fp32 would round product and sum).
+    W is added into the float64 update in place: one float64 matrix at a time, no float64 copy of W."""
     mask = base != 0 if sparse_adapter else None
-    return (base.double() + lora_delta(A.double(), B.double(), scale, mask)).to(base.dtype)
+    return lora_delta(A.double(), B.double(), scale, mask).add_(base).to(base.dtype)
 
 
 def grid_merged_weight(base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, d: torch.Tensor,

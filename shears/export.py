@@ -66,8 +66,9 @@ from safetensors.torch import save_file
 from . import flags
 from .elastic import SCALING_RULE, SuperNet, grid_merged_weight, lora_config, merged_weight
 from .errors import ShearsError, cli_errors
+from .memory import MERGED_SHARD_BYTES
 from .model_card import CardContext, rank_summary, subnet_card
-from .models import WIDTH_FILE, load_model, model_id, save_sliced_model, slice_linears
+from .models import WIDTH_FILE, decoder_layers, linear_names, load_model, model_id, save_sliced_model, slice_linears
 from .qformat import load_quantized_state
 from .quantize import write_on_grid
 from .progress import progress
@@ -198,17 +199,89 @@ def merge_into(target: torch.nn.Module, supernet: SuperNet, factors: Factors, sc
     return zeros_kept
 
 
-def write_merged(folder: Path, target: torch.nn.Module, tokenizer) -> None:
-    target.save_pretrained(str(folder), safe_serialization=True)
+def base_tensors(supernet: SuperNet):
+    """(name, tensor) of the super-network's base as save_pretrained would name them, in state-dict order,
+    no adapter tensors: PEFT's `.base_layer.` dropped, a tensor tied to an earlier one (a tied output
+    layer) left out, as save_pretrained leaves it out."""
+    seen = set()
+    for key, tensor in supernet.model.get_base_model().state_dict().items():
+        if ".lora_" in key:
+            continue
+        storage = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if storage in seen:
+            continue
+        seen.add(storage)
+        yield key.replace(".base_layer.", "."), tensor
+
+
+def block_linear_weights(supernet: SuperNet) -> set[str]:
+    """Tensor names of the decoder-block linears' weights: what sparsity_report counts."""
+    base = supernet.model.get_base_model()
+    layers_name, blocks = decoder_layers(base)
+    return {f"{layers_name}.{i}.{name.replace('.base_layer', '')}.weight"
+            for i, block in enumerate(blocks) for name in linear_names(block) if "lora_" not in name}
+
+
+def _zeros_summary(zeros: int, params: int) -> dict:
+    return {"total": zeros / max(params, 1), "zeros": zeros, "params": params}
+
+
+@torch.no_grad()
+def stream_merged(folder: Path, supernet: SuperNet, factors: Factors, scale: float, tokenizer,
+                 shard_bytes: int = MERGED_SHARD_BYTES) -> dict:
+    """merged/: the super-network's base with `factors` merged (elastic.merged_weight), as an HF folder,
+    computed one matrix at a time and written a shard at a time; the base itself is never changed, so
+    it serves every subnet. A finished shard's merged matrices are freed before the next are computed, so
+    this costs the base plus one shard of `shard_bytes` and one matrix's float64 merge, never two models.
+    Returns the sparsity of the decoder-block linears before and after, and whether every zero of the
+    base stayed exactly zero."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    base = supernet.model.get_base_model()
+    folder.mkdir(parents=True)
+    config = copy.deepcopy(base.config)
+    config.architectures = [type(base).__name__]
+    config.save_pretrained(str(folder))
+    if getattr(base, "generation_config", None) is not None and base.can_generate():
+        base.generation_config.save_pretrained(str(folder))
+    tensors = dict(base_tensors(supernet))
+    plan = split_torch_state_dict_into_shards(tensors, max_shard_size=shard_bytes)
+    counted = block_linear_weights(supernet)
+    zeros_before = zeros_after = params = 0
+    zeros_kept = True
+    for file, names in progress(plan.filename_to_tensors.items(), desc="writing merged shards", unit="shard"):
+        shard = {}
+        for name in names:
+            tensor = tensors[name]
+            module = name.removesuffix(".weight")
+            if name.endswith(".weight") and module in factors:
+                A, B = factors[module]
+                merged = merged_weight(tensor, A, B, scale, supernet.sparse_adapter)
+                zeros_kept &= not bool(merged.ne(0).logical_and_(tensor == 0).any())
+            else:
+                merged = tensor
+            if name in counted:
+                zeros_before += tensor.numel() - int(torch.count_nonzero(tensor))
+                zeros_after += merged.numel() - int(torch.count_nonzero(merged))
+                params += tensor.numel()
+            shard[name] = merged.contiguous()
+        save_file(shard, str(folder / file), metadata={"format": "pt"})
+        del shard
+    if plan.is_sharded:
+        index = {"metadata": {"total_size": plan.metadata["total_size"]}, "weight_map": plan.tensor_to_filename}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
+    return {"sparsity_before": _zeros_summary(zeros_before, params),
+            "sparsity_after": _zeros_summary(zeros_after, params), "base_zeros_kept": zeros_kept}
 
 
 # --------------------------------------------------------------------------- the stage
 
 @dataclass
 class MergeTarget:
-    """A plain copy of the base model that every merged/ folder is written from."""
+    """A plain copy of the base model that a width subnet's smaller merged/ model is cut from, or that a quantized
+    (QA-SparsePEFT) merge is requantized from."""
     model: torch.nn.Module
     sparsity_before: dict  # of the base, measured before any merge
 
@@ -262,7 +335,8 @@ def base_record(run: Run) -> dict:
 
 
 def export_one(run: Run, name: str, config: Config, folder: Path, objectives: dict | None,
-               squeeze: bool, energy: float | None, target: MergeTarget | None, uniform_rank: bool = False) -> dict:
+               squeeze: bool, energy: float | None, merge: bool, target: MergeTarget | None = None,
+               uniform_rank: bool = False) -> dict:
     """Write one subnet into the fresh temporary `folder`; returns its shears.json record."""
     supernet, space = run.supernet, run.supernet.space
     scale = space.space.lora_alpha / space.r_max
@@ -282,19 +356,20 @@ def export_one(run: Run, name: str, config: Config, folder: Path, objectives: di
     if not space.sites:
         write_subnet_adapter(folder, written, adapter)
     merge_record = None
-    if target is not None:
+    if merge and (space.sites or supernet.qa_scheme):  # into a copy of the base, then cut or requantized
         zeros_kept = merge_into(target.model, supernet, factors, scale)
         width_record = None
         if space.sites:
             width_record = write_sliced(folder / MERGED, target.model, space, config, run.tokenizer)
-        elif supernet.qa_scheme:
+        else:
             write_on_grid(folder / MERGED, target.model, load_quantized_state(run.base_source), run.tokenizer,
                           Path(run.base_source))
-        else:
-            write_merged(folder / MERGED, target.model, run.tokenizer)
         merge_record = {"folder": MERGED, "sparsity_before": target.sparsity_before,
                         "sparsity_after": sparsity_summary(target.model), "base_zeros_kept": zeros_kept,
                         "width": width_record, "quantized": supernet.qa_scheme}
+    elif merge:
+        merge_record = {"folder": MERGED, **stream_merged(folder / MERGED, supernet, factors, scale, run.tokenizer),
+                        "width": None, "quantized": None}
     record = {
         "format": EXPORT_FORMAT, "name": name, "config": config,
         "adapter_params": supernet.adapter_params(config),
@@ -346,13 +421,13 @@ def export_subnets(run: Run | str | Path, configs: dict[str, Config], output: st
     scores = recorded_scores(run.dir.search.folder)
     card = card_context(run)
     merge = merge or bool(run.supernet.space.sites)  # a width subnet exists only as a smaller model
-    target = load_merge_target(run) if merge else None
+    target = load_merge_target(run) if run.supernet.space.sites or run.supernet.qa_scheme else None
     files.folder.mkdir(parents=True, exist_ok=True)
     written = []
     for name, config in progress(configs.items(), desc="export", unit="subnet"):
         score = scores.get(canonical(config), {})
         with atomic_folder(files.subnet(name), force) as tmp:
-            record = export_one(run, name, config, tmp, score.get("objectives"), squeeze, energy, target,
+            record = export_one(run, name, config, tmp, score.get("objectives"), squeeze, energy, merge, target,
                                 uniform_rank)
             (tmp / README).write_text(subnet_card(record, card, score.get("n_examples")))
         written.append(Exported(files.subnet(name), record))

@@ -434,6 +434,13 @@ def load_search_space(name_or_path: str | Path) -> SearchSpace:
     return SearchSpace.from_dict(data, source=str(path))
 
 
+def recipe_search_space(spec: str | Path | dict) -> SearchSpace:
+    """A recipe's `search_space:`: a name in search_spaces/, a path, or the space inline (a dict)."""
+    if isinstance(spec, dict):
+        return SearchSpace.from_dict(spec, source="recipe.search_space")
+    return load_search_space(spec)
+
+
 # ----------------------------------------------------------------------------- bound to a model
 
 

@@ -22,6 +22,11 @@ pruned blocks < i:
      ||X_j||^2 in fp32, score, mask, zero the weights, then run it again so the next block sees
      the pruned outputs.
 
+Memory: beside the weights, pruning holds the calibration's hidden states (nsamples x seqlen x
+hidden, each batch's output replacing its input) and, while one matrix is pruned, the scores of a
+few of its rows at a time. No whole-model mask is kept: once a block is pruned its zeros are the
+mask (`wanda_prune(..., return_masks=True)` still collects them for callers that want them).
+
 Nothing is architecture specific: the blocks come from `models.decoder_layers` and are called
 with exactly the arguments the model itself gave them (minus any KV cache). Hidden states live
 on `offload_device` (CPU by default); memory grows with nsamples * seqlen, never with the
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import gc
 import hashlib
 import json
 import os
@@ -46,6 +52,7 @@ from torch import nn
 
 from .atomic import atomic_folder
 from .errors import ShearsError
+from .memory import SCORE_CHUNK
 from .recipe import PruneMethod, SparsityConfig
 from .models import decoder_layers, linear_names
 from .precision import autocast, bf16_weights, precision_name
@@ -85,10 +92,19 @@ def keep_mask(score: torch.Tensor, sparsity: float, nm: tuple[int, int] | None) 
     N:M: the group is M consecutive inputs of a row, N pruned per group. Ties go to the lower index."""
     rows, cols = score.shape
     if nm is None:
-        groups, n_pruned = score, int(cols * sparsity)
-    else:
-        n_pruned, m = nm
-        groups = score.reshape(rows, cols // m, m)
+        n_pruned = int(cols * sparsity)
+        if n_pruned == 0:
+            return torch.ones_like(score, dtype=torch.bool)
+        # A row's n-th smallest score (a selection, ~2x faster than sorting the row): everything below it
+        # is pruned, and of the scores equal to it the lowest-index ones, as many as are still to prune --
+        # the same mask a stable sort gives.
+        nth = score.kthvalue(n_pruned, dim=-1, keepdim=True).values
+        below = score < nth
+        tied = score == nth
+        room = n_pruned - below.sum(dim=-1, keepdim=True)
+        return ~below.logical_or_(tied.logical_and_(tied.cumsum(dim=-1) <= room))
+    n_pruned, m = nm
+    groups = score.reshape(rows, cols // m, m)
     keep = torch.ones(groups.shape, dtype=torch.bool, device=score.device)
     lowest = groups.argsort(dim=-1, stable=True)[..., :n_pruned]
     keep.scatter_(-1, lowest, False)
@@ -130,10 +146,26 @@ def _check_divisible(targets: list[dict[str, nn.Linear]], nm: tuple[int, int] | 
                                   f"{linear.in_features}: use another pattern or --exclude it")
 
 
-def _prune_linear(linear: nn.Linear, score: torch.Tensor, sparsity: float, nm) -> torch.Tensor:
-    mask = keep_mask(score, sparsity, nm)
-    linear.weight.data.masked_fill_(~mask.to(linear.weight.device), 0)
-    return mask.cpu()
+def _prune_linear(linear: nn.Linear, column_scale: torch.Tensor | None, sparsity: float, nm,
+                  return_mask: bool = False) -> torch.Tensor | None:
+    """Zero the pruned weights of `linear`, scoring S = |W| * column_scale (|W| without one) a few rows
+    at a time; every comparison group lies within a row, so chunks of rows give the whole matrix's mask.
+    Returns the keep mask (on CPU) only when asked: afterwards the zeros are the mask. (The scores, their
+    sort and its int64 indices cost ~22 bytes an entry: a whole 11008 x 4096 matrix would add ~1 GB
+    beside the weights, SCORE_CHUNK entries ~90 MB.)"""
+    weight = linear.weight.data
+    rows = max(1, SCORE_CHUNK // max(weight.shape[1], 1))
+    kept = []
+    for start in range(0, weight.shape[0], rows):
+        part = weight[start:start + rows]
+        score = part.float().abs()
+        if column_scale is not None:
+            score.mul_(column_scale.to(score.device).unsqueeze(0))
+        mask = keep_mask(score, sparsity, nm)
+        part.masked_fill_(~mask, 0)
+        if return_mask:
+            kept.append(mask.cpu())
+    return torch.cat(kept) if return_mask else None
 
 
 def _reconstruct_linear(linear: nn.Linear, hessian: torch.Tensor, sparsity: float, nm) -> torch.Tensor:
@@ -235,15 +267,20 @@ def _to(value: Any, device: torch.device) -> Any:
 
 
 def run_block(block: nn.Module, hidden: list[torch.Tensor], inputs: list[BlockInputs],
-              offload_device: str | torch.device = "cpu", keep_outputs: bool = True) -> list[torch.Tensor]:
-    """The block's output hidden states for every batch (no cache: each batch is a fresh sequence)."""
+              offload_device: str | torch.device = "cpu", keep_outputs: bool = True,
+              in_place: bool = False) -> list[torch.Tensor]:
+    """The block's output hidden states for every batch (no cache: each batch is a fresh sequence).
+    `in_place`: each output replaces its input in `hidden` (returned), so the calibration's hidden
+    states are held once, not twice."""
     device = next(block.parameters()).device
-    outputs = []
-    for states, given in zip(hidden, inputs):
+    outputs = hidden if in_place else []
+    for index, (states, given) in enumerate(zip(hidden, inputs)):
         out = block(states.to(device), *_to(given.args, device), **_to(given.kwargs, device))
         if isinstance(out, (tuple, list)):  # older/other blocks return (hidden_states, ...)
             out = out[0]
-        if keep_outputs:
+        if in_place:
+            outputs[index] = out.to(offload_device)
+        elif keep_outputs:
             outputs.append(out.to(offload_device))
     return outputs
 
@@ -281,13 +318,15 @@ def _max_positions(config) -> int | None:
 def wanda_prune(model: nn.Module, calibration_input_ids: torch.Tensor | None = None, sparsity: float = 0.5,
                 pattern: str = "unstructured", method: str = "wanda", exclude: Sequence[str] = (),
                 batch_size: int = 1, offload_device: str | torch.device = "cpu",
-                bf16: bool = False) -> dict[str, torch.Tensor]:
+                bf16: bool = False, return_masks: bool = True) -> dict[str, torch.Tensor] | None:
     """Prune the decoder-block linears of `model` in place.
 
     `bf16` runs the calibration forward under bf16 autocast; the activation statistics are still
     accumulated in fp32 and the scores computed from the fp32 weights.
 
-    Returns {qualified module name: BoolTensor mask of weight's shape (on CPU)}, True = weight kept.
+    Returns {qualified module name: BoolTensor mask of weight's shape (on CPU)}, True = weight kept;
+    with `return_masks=False`, None: the masks then never outlive their block (one byte per weight
+    of the whole model otherwise), and the pruned weights' zeros are the mask.
     `calibration_input_ids` ([nsamples, seqlen]) is needed for methods "wanda" and "sparsegpt", ignored for
     "magnitude"; it runs `batch_size` samples at a time. `exclude`: fnmatch patterns on names."""
     if method not in METHODS:
@@ -296,12 +335,18 @@ def wanda_prune(model: nn.Module, calibration_input_ids: torch.Tensor | None = N
     targets = target_linears(model, exclude)
     _check_divisible(targets, nm)
     masks: dict[str, torch.Tensor] = {}
+
+    def prune(name: str, linear: nn.Linear, column_scale: torch.Tensor | None) -> None:
+        mask = _prune_linear(linear, column_scale, sparsity, nm, return_masks)
+        if return_masks:
+            masks[name] = mask
+
     if method == "magnitude":
         with torch.no_grad():
             for block in progress(targets, desc="magnitude pruning", unit="block"):
                 for name, linear in block.items():
-                    masks[name] = _prune_linear(linear, linear.weight.detach().float().abs(), sparsity, nm)
-        return masks
+                    prune(name, linear, None)
+        return masks if return_masks else None
 
     ids = _check_calibration(calibration_input_ids, _max_positions(getattr(model, "config", None)))
     _, blocks = decoder_layers(model)
@@ -335,16 +380,17 @@ def wanda_prune(model: nn.Module, calibration_input_ids: torch.Tensor | None = N
                         handle.remove()
                 for name, linear in linears.items():
                     if method == "sparsegpt":
-                        masks[name] = _reconstruct_linear(linear, norms.pop(name).hessian(), sparsity, nm)
+                        mask = _reconstruct_linear(linear, norms.pop(name).hessian(), sparsity, nm)
+                        if return_masks:
+                            masks[name] = mask
                         continue
-                    score = linear.weight.detach().float().abs() * norms[name].sum_sq.sqrt().unsqueeze(0)
-                    masks[name] = _prune_linear(linear, score, sparsity, nm)
+                    prune(name, linear, norms[name].sum_sq.sqrt())
                 # The next block must be scored on what this block outputs once pruned.
                 with in_bf16(block):
-                    hidden = run_block(block, hidden, received[index], offload_device)
+                    run_block(block, hidden, received[index], offload_device, in_place=True)
     finally:
         model.train(was_training)
-    return masks
+    return masks if return_masks else None
 
 
 # --------------------------------------------------------------------------- reporting and saving
@@ -387,13 +433,23 @@ def _sha256(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()[:16]
 
 
-_SETTINGS = ("base_model", "method", "pattern", "sparsity", "exclude", "calibration", "precision")
+_SETTINGS = ("base_model", "method", "pattern", "sparsity", "exclude", "calibration", "precision", "dtype")
+
+
+def _dtype_name(dtype: str | torch.dtype | None) -> str:
+    from .models import as_dtype
+
+    return str(as_dtype(dtype) or "auto").removeprefix("torch.")
 
 
 def _recorded_settings(folder: Path) -> dict | None:
-    """The settings a folder's sparsity.json records (None if it has none)."""
+    """The settings a folder's sparsity.json records (None if it has none). A record from before the dtype
+    was recorded has the dtype its weights were written in (config.json's)."""
     try:
         record = json.loads((folder / SPARSITY_JSON).read_text())
+        if isinstance(record, dict) and "dtype" not in record:
+            config = json.loads((folder / "config.json").read_text())
+            record["dtype"] = config.get("dtype") or config.get("torch_dtype")
     except (OSError, ValueError):
         return None
     return {key: record.get(key) for key in _SETTINGS} if isinstance(record, dict) else None
@@ -409,7 +465,8 @@ def prune_to_folder(model_name_or_path: str | os.PathLike, output_dir: str | os.
     Calibration (methods "wanda" and "sparsegpt"): `calibration_input_ids` if given, else `config.nsamples` windows
     of min(config.seqlen, max_position_embeddings) tokens from `calibration_records` (default: the records
     of builtin:arithmetic). `calibration_source` names the records in sparsity.json. `bf16`: the
-    calibration forward under bf16 autocast (resolved by shears.precision)."""
+    calibration forward under bf16 autocast (resolved by shears.precision). `dtype`: what the weights
+    are loaded, pruned and written in (the recipe's dtype; the Wanda scores read these weights)."""
     from transformers import AutoConfig
 
     from . import data
@@ -438,7 +495,7 @@ def prune_to_folder(model_name_or_path: str | os.PathLike, output_dir: str | os.
                            "sha256": _sha256(json.dumps(records, sort_keys=True, default=str).encode())}
     settings = {"base_model": str(model_name_or_path), "method": c.method, "pattern": c.pattern,
                 "sparsity": float(c.sparsity), "exclude": list(c.exclude), "calibration": calibration,
-                "precision": precision_name(bf16) if c.method in CALIBRATED else None}
+                "precision": precision_name(bf16) if c.method in CALIBRATED else None, "dtype": _dtype_name(dtype)}
     if out.exists() and not force:
         if _recorded_settings(out) == settings:
             return out
@@ -451,5 +508,8 @@ def prune_to_folder(model_name_or_path: str | os.PathLike, output_dir: str | os.
     if records is not None:
         ids = data.calibration_input_ids(tokenizer, records, calibration["nsamples"], calibration["seqlen"], c.seed)
     wanda_prune(model, ids, sparsity=c.sparsity, pattern=c.pattern, method=c.method, exclude=c.exclude,
-                batch_size=c.batch_size, bf16=bf16)
-    return save_pruned(model, tokenizer, out, settings, force=True)
+                batch_size=c.batch_size, bf16=bf16, return_masks=False)
+    written = save_pruned(model, tokenizer, out, settings, force=True)
+    del model  # the caller loads the written folder next: never two copies of the weights at once
+    gc.collect()
+    return written

@@ -1,6 +1,7 @@
 """Train an elastic-LoRA super-network once (Neural Low-rank adapter Search), on HF Trainer.
 
     python -m shears.train_supernet [--recipe recipes/X.yaml] [key=value ...] [--output RUN] [--resume]
+    python -m shears.train_supernet --recipe recipes/X.yaml --plan [--device-memory 24GiB]   # memory per stage
 
 The run: (1) prune the base when the recipe asks (cached in RUN/sparse_base), then quantize it when the
 recipe's `quantization.scheme` asks (RUN/quantized_base; training runs on its dequantized weights, loaded
@@ -53,6 +54,7 @@ from .distill import Distillation, build_distillation, labelled_logits
 from .elastic import SuperNet
 from .errors import ShearsError, cli_errors
 from .evaluate import scored_positions
+from .memory import make_plan, parse_memory, refuse_unless_fits
 from .models import load_model, load_tokenizer
 from .precision import precision_name, resolve_bf16
 from .qformat import QuantizedTensor, load_quantized_state
@@ -63,7 +65,7 @@ from .run import recipe_splits
 from .rundir import RunDir
 from .noise import PerRecord
 from .scores import run_scoring, score_record, write_history
-from .search_space import WIDTH_KINDS, BoundSpace, SearchSpace, canonical, load_search_space
+from .search_space import WIDTH_KINDS, BoundSpace, SearchSpace, canonical, recipe_search_space
 from .sparsity import prune_to_folder
 from .squeeze import squeeze_lora_layer
 from .width import ChannelOrder, width_order
@@ -283,19 +285,18 @@ class NLSTrainer(Trainer):
 # --------------------------------------------------------------------------- the run
 
 def resolve_search_space(recipe: Recipe) -> SearchSpace:
-    if isinstance(recipe.search_space, dict):
-        return SearchSpace.from_dict(recipe.search_space, source="recipe.search_space")
-    return load_search_space(recipe.search_space)
+    return recipe_search_space(recipe.search_space)
 
 
 def prepare_base(recipe: Recipe, run_dir: RunDir, train_records: list[dict], bf16: bool = False):
     """The frozen base: the recipe's model, pruned into RUN/sparse_base first when sparsity > 0
     (its Wanda calibration forward in the training precision, `bf16`), then quantized into
-    RUN/quantized_base when quantization.scheme is set, and loaded (dequantized, once)."""
+    RUN/quantized_base when quantization.scheme is set, and loaded (dequantized, once). Loading, and the
+    pruning's writing, keep the recipe's dtype: a bf16 base is never upcast."""
     source = recipe.model
     if recipe.sparsity.sparsity > 0:
         source = str(prune_to_folder(recipe.model, run_dir.sparse_base, recipe.sparsity,
-                                     calibration_records=train_records, bf16=bf16))
+                                     calibration_records=train_records, dtype=recipe.dtype, bf16=bf16))
     if recipe.quantization.scheme != "none":
         source = str(quantize_to_folder(source, run_dir.quantized_base, recipe.quantization))
     return load_model(source, dtype=recipe.dtype), load_tokenizer(source), source
@@ -645,6 +646,10 @@ def build_parser() -> argparse.ArgumentParser:
     flags.add_dtype(parser, "default: the recipe's dtype")
     flags.add_bf16(parser, "training and Wanda calibration; default: the recipe's training.bf16")
     flags.add_seed(parser, "training: subnet sampling, data order, initialisation (default: training.seed)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print what each stage will need in memory and exit (reads config.json only)")
+    parser.add_argument("--device-memory", type=parse_memory, metavar="SIZE",
+                        help="memory of the device training runs on, e.g. 24GiB (default: detected)")
     return parser
 
 
@@ -659,7 +664,35 @@ def main(argv: list[str] | None = None) -> None:
     recipe = load_recipe(args.recipe, overrides)
     if args.output:
         recipe.output_dir = args.output
+    if args.plan:
+        print_plan(recipe, args.device_memory)
+        return
+    check_memory(recipe, args.device_memory)
     train_supernet(recipe, recipe.output_dir, resume=args.resume, force=args.force)
+
+
+def print_plan(recipe: Recipe, device_memory: int | None) -> None:
+    """--plan: every stage's estimate, and the setting that makes a stage fit where one does not."""
+    plan = make_plan(recipe, device_memory)
+    print(plan.format())
+    for need in plan.needs:
+        if not plan.fits(need):
+            try:
+                refuse_unless_fits(recipe, plan, (need.stage,))
+            except ShearsError as err:
+                print(f"will not fit: {str(err).split('; python -m')[0]}")
+
+
+def check_memory(recipe: Recipe, device_memory: int | None) -> None:
+    """Refuse, before anything is loaded or written, a run whose pruning or training cannot fit its device.
+    A model whose config cannot be read here is left to load_model, which says why."""
+    try:
+        plan = make_plan(recipe, device_memory)
+    except ShearsError:
+        return
+    run_dir = RunDir(recipe.output_dir)  # a finished pruning or quantization is reused, not redone
+    done = {"prune": run_dir.sparse_base.exists(), "quantize": run_dir.quantized_base.exists()}
+    refuse_unless_fits(recipe, plan, tuple(s for s in ("prune", "quantize", "train") if not done.get(s)))
 
 
 if __name__ == "__main__":

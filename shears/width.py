@@ -142,8 +142,9 @@ def expand_order(perm: torch.Tensor, unit: int) -> torch.Tensor:
 
 @torch.no_grad()
 def permute_channels(model: nn.Module, sites: Iterable[WidthSite], order: ChannelOrder) -> None:
-    """Apply `order` in place: producers' rows (weight, bias, LoRA B, sparse mask) and consumers'
-    columns (weight, LoRA A, sparse mask). The dense function of the model is unchanged."""
+    """Apply `order` in place: producers' rows (weight, bias, LoRA B) and consumers' columns (weight,
+    LoRA A); a SparsePEFT mask is read from the weights, so it follows. The dense function of the model
+    is unchanged."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for site in sites:
         perm = order[site.name]
@@ -159,8 +160,6 @@ def permute_channels(model: nn.Module, sites: Iterable[WidthSite], order: Channe
                 linear.bias.copy_(linear.bias[perm_here])
             for lora_B in getattr(module, "lora_B", {}).values():
                 lora_B.weight.copy_(lora_B.weight[perm_here])
-            if getattr(module, "sparse_mask", None) is not None:
-                module.sparse_mask = module.sparse_mask[perm_here]
         for name in site.columns:
             module = base.get_submodule(name)
             linear = _base_linear(module)
@@ -168,8 +167,6 @@ def permute_channels(model: nn.Module, sites: Iterable[WidthSite], order: Channe
             linear.weight.copy_(linear.weight[:, perm_here])
             for lora_A in getattr(module, "lora_A", {}).values():
                 lora_A.weight.copy_(lora_A.weight[:, perm_here])
-            if getattr(module, "sparse_mask", None) is not None:
-                module.sparse_mask = module.sparse_mask[:, perm_here]
 
 
 def inverse_order(order: ChannelOrder) -> ChannelOrder:

@@ -13,7 +13,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "shears"
 FLOORS = [
     {"errors", "atomic", "rundir", "flags", "qformat", "progress", "__init__"},  # imported by everything, import nothing of shears but errors
     {"models", "precision"},
-    {"data", "recipe", "search_space", "width", "sparsegpt"},  # sparsegpt: the OBS math sparsity calls
+    {"data", "recipe", "search_space", "width", "sparsegpt", "memory"},  # sparsegpt: the OBS math sparsity calls;
+    # memory: the plan, from a recipe and a config
     {"sparsity", "prune", "quantize"},  # prune.py is sparsity's CLI; quantize runs after it, on its output
     {"squeeze"},
     {"elastic"},
