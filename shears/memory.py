@@ -23,7 +23,9 @@ dtype, a = the same for activations, which live in the weights' dtype; B x S = b
               forward + the float32 copy of the output layer that float32 logits read
               (+ bf16 copies of the frozen linears when float32 weights evaluate in bf16)
     export    the adapter; the base is memory-mapped and never read when it is stored in the dtype it
-              loads in (transformers >= 5 maps safetensors it does not convert), else the weights
+              loads in (transformers >= 5 maps safetensors it does not convert), else the weights.
+              (A conversion also keeps the stored file mapped while it loads; those pages count in RSS but
+              are clean file pages the kernel reclaims under pressure, so the plan does not count them.)
     export --merge  weights (every tensor is read) + one shard of merged matrices (MERGED_SHARD_BYTES)
               + one matrix's float64 merge
 
