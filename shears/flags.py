@@ -47,6 +47,16 @@ def add_recipe(parser) -> argparse.Action:
     return parser.add_argument("--recipe", help=MEANINGS["--recipe"])
 
 
+def recipe_section_parser(module: str, doc: str, model_note: str) -> argparse.ArgumentParser:
+    """The parser of a stage that takes one section of a recipe (prune, quantize): --recipe with its
+    key=value overrides, and --model; the stage adds the flags that override its section's keys."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.splitlines()[0],
+                                     epilog=OVERRIDES_EPILOG)
+    add_recipe(parser)
+    add_model(parser, model_note)
+    return parser
+
+
 def add_run(parser, **kwargs) -> argparse.Action:
     return parser.add_argument("--run", **kwargs, help=MEANINGS["--run"])
 

@@ -27,10 +27,7 @@ from .sparsity import CALIBRATED, DEFAULT_CALIBRATION, METHODS, SPARSITY_JSON, p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m shears.prune", description=__doc__.splitlines()[0],
-                                     epilog=flags.OVERRIDES_EPILOG)
-    flags.add_recipe(parser)
-    flags.add_model(parser, "default: the recipe's model")
+    parser = flags.recipe_section_parser("shears.prune", __doc__, "default: the recipe's model")
     # each of these overrides the recipe's sparsity.<same name>
     parser.add_argument("--sparsity", type=float, help="fraction of weights pruned per row (N:M: defaults to N/M)")
     parser.add_argument("--pattern", help="unstructured | 2:4 | 4:8 (any N:M)")

@@ -259,10 +259,7 @@ def check(folder: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m shears.quantize", description=__doc__.splitlines()[0],
-                                     epilog=flags.OVERRIDES_EPILOG)
-    flags.add_recipe(parser)
-    flags.add_model(parser, "default: the recipe's model; RUN/sparse_base after pruning")
+    parser = flags.recipe_section_parser("shears.quantize", __doc__, "default: the recipe's model; RUN/sparse_base after pruning")
     # each of these overrides the recipe's quantization.<same name>
     parser.add_argument("--scheme", choices=SCHEMES, help="llama.cpp block format (default: quantization.scheme)")
     parser.add_argument("--embeddings", action=argparse.BooleanOptionalAction,

@@ -17,6 +17,8 @@ and nowhere else:
     RUN/search/              history.jsonl, front.json/.csv/.png, study.db (search)
     RUN/export/              one stock-PEFT folder per subnet, each with its model card README.md
                              [+ manifest.json, README.md of the front] (export)
+    RUN/gguf/                base.gguf + one folder per subnet (adapter.gguf [+ merged.gguf]) for llama.cpp
+                             (export --format gguf)
 
 Which file inside a stage's folder holds what is for the folder's writer to say; the names of the
 files that another stage reads (the search's front, an export's records) are here too. This module
@@ -160,6 +162,11 @@ class RunDir:
     def export(self) -> ExportFiles:
         return ExportFiles(self.root / "export")
 
+    @property
+    def gguf(self) -> ExportFiles:
+        """The GGUF export for llama.cpp (its files are named by shears.gguf_export, which writes it whole)."""
+        return ExportFiles(self.root / "gguf")
+
     # ---- what depends on what
 
     def has_base(self) -> bool:
@@ -177,7 +184,7 @@ class RunDir:
         """What training writes (besides recipe.yaml and the reusable sparse_base and quantized_base) and everything that
         is derived from it: starting training over makes all of these stale."""
         return [self.supernet, self.channel_order, self.checkpoints, self.train_summary, self.warm_start,
-                self.trace, self.search.folder, self.export.folder]
+                self.trace, self.search.folder, self.export.folder, self.gguf.folder]
 
     def holds_training(self) -> bool:
         return self.supernet.exists() or self.checkpoints.exists()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,3 +119,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def train_two_processes(recipe: Path, run: Path) -> Path:
+    """`python -m shears.train_supernet` under torch.distributed.run with two CPU processes (DDP on gloo);
+    fails the test with the end of stderr when it does not finish cleanly. Returns the run directory."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run(  # --standalone: a free rendezvous port, so concurrent test runs do not collide
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "shears.train_supernet", "--recipe", str(recipe), "--output", str(run)],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run

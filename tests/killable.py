@@ -7,6 +7,7 @@ POINT says where the process parks itself (it writes READY_FILE, then sleeps unt
   save:N    half-way through writing the N-th optimizer.pt of a Trainer checkpoint (a torn file)
   export:N  inside the N-th exported subnet's folder, after its weights and before its shears.json
   eval:N    inside the N-th subnet evaluation of a search, before its result is recorded
+  gguf:N    inside a GGUF export, just after the N-th subnet's adapter.gguf is written
 
 Only the timing is arranged here; the kill itself is a real SIGKILL from outside (`kill_at`, the
 tests' side), so nothing in the process gets to clean up -- exactly what a crash, an OOM kill or a
@@ -99,10 +100,13 @@ def arm(point: str, ready_file: str) -> None:
             return save(obj, f, *args, **kwargs)
 
         torch.save = torn_save
-    elif kind == "export":
-        import shears.export as export
+    elif kind in ("export", "gguf"):  # just after the N-th call of the function that writes a subnet's weights
+        import shears.export
+        import shears.gguf_export
 
-        write, count = export.write_subnet_adapter, [0]
+        owner, name = {"export": (shears.export, "write_subnet_adapter"),
+                       "gguf": (shears.gguf_export, "convert_adapter")}[kind]
+        write, count = getattr(owner, name), [0]
 
         def parked_write(*args, **kwargs):
             write(*args, **kwargs)
@@ -110,7 +114,7 @@ def arm(point: str, ready_file: str) -> None:
             if count[0] == target:
                 park(ready_file, point)
 
-        export.write_subnet_adapter = parked_write
+        setattr(owner, name, parked_write)
     elif kind == "eval":
         from shears.search.problem import SearchProblem
 

@@ -5,12 +5,10 @@ bad input, and kill -9 + --resume / DDP of a distilled run."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import train_two_processes
 import torch
 import torch.nn.functional as F
 import yaml
@@ -20,7 +18,6 @@ from shears.errors import ShearsError
 from shears.recipe import DistillConfig, load_recipe
 from test_train_supernet import TINY_SPACE, WIDTH_HEADS_SPACE, tiny_recipe
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- the losses
@@ -304,12 +301,7 @@ def test_a_distilled_run_killed_then_resumed_equals_an_uninterrupted_one(tiny_mo
 def test_a_distilled_two_process_ddp_run_trains_the_same_subnets(tiny_model_dir, tmp_path):
     recipe = distilled_recipe(tiny_model_dir, tmp_path, WIDTH_HEADS_SPACE, max_steps=3)
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "shears.train_supernet", "--recipe", str(recipe), "--output", str(run)],
-        env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_two_processes(recipe, run)
     rank0 = (run / "trace" / "rank0.jsonl").read_text().splitlines()
     assert len(rank0) == 9 and rank0 == (run / "trace" / "rank1.jsonl").read_text().splitlines()  # 3 x sandwich
     losses = json.loads((run / "train_summary.json").read_text())["validation"]

@@ -22,7 +22,9 @@ FLOORS = [
     {"evaluate", "scores", "noise", "distill"},  # the whole package shears/evaluate/; training scores its anchors as the search will
     {"train_supernet"},
     {"search", "lm_eval_tasks"},  # the whole package shears/search/; lm-eval's hooks call data and evaluate
-    {"export", "model_card"},  # reads the search's files through search.history; model_card: its READMEs
+    {"export", "model_card", "gguf_export", "llama_cpp_rows"},  # reads the search's files through search.history;
+    # model_card: its READMEs; the GGUF export beside it (llama_cpp_rows runs inside llama.cpp's converter and
+    # imports nothing of shears)
 ]
 
 

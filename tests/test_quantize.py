@@ -6,10 +6,7 @@ dequantize(requantize(...)) for the frozen grid, and models built by hand from t
 from __future__ import annotations
 
 import json
-import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +16,7 @@ import yaml
 from gguf import GGMLQuantizationType, quants
 from safetensors.torch import load_file
 
-from conftest import make_tiny_model, make_tiny_tokenizer, one_line_error
+from conftest import train_two_processes, make_tiny_model, make_tiny_tokenizer, one_line_error
 from shears import qformat
 from shears.errors import ShearsError
 from shears.models import load_model, save_sliced_model, slice_linears
@@ -339,11 +336,6 @@ def test_two_process_ddp_qa_sparse_peft(tiny_model_dir, tmp_path):
     recipe = tiny_recipe(tiny_model_dir, tmp_path, qa_sparse_adapter=True)
     recipe.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), "quantization": {"scheme": "q4_0"}}))
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "shears.train_supernet", "--recipe", str(recipe), "--output", str(run)],
-        env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_two_processes(recipe, run)
     assert (run / "trace" / "rank0.jsonl").read_text() == (run / "trace" / "rank1.jsonl").read_text()
     assert json.loads((run / "supernet" / "shears.json").read_text())["qa_scheme"] == "q4_0"

@@ -37,6 +37,9 @@ EXPENSIVE = {
     "torchrun": "multi-process training",
     "pip install": "changes the environment",
     "lm_eval": "needs lm-eval and the LLM-Adapters data",
+    "python -m shears.export --run runs/": "exports a trained run (make demo writes runs/default)",
+    "llama-cli": "llama.cpp's command-line tool, built apart from the Python package",
+    "llama-server": "llama.cpp's server, built apart from the Python package",
 }
 # a `python -m shears.<stage>` command not run here must still name a stage and flags that exist
 STAGE = re.compile(r"python -m shears\.(\w+)")

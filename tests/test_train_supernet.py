@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import train_two_processes
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -231,12 +229,7 @@ def test_two_process_ddp_trains_the_same_configs(tiny_model_dir, tmp_path):
     recipe.write_text(yaml.safe_dump({**data, "search_space": WIDTH_HEADS_SPACE,
                                       "width": {"nsamples": 4, "seqlen": 32}}))
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run(  # --standalone: a free rendezvous port, so concurrent test runs do not collide
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "shears.train_supernet", "--recipe", str(recipe), "--output", str(run)],
-        env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_two_processes(recipe, run)
     rank0 = (run / "trace" / "rank0.jsonl").read_text().splitlines()
     rank1 = (run / "trace" / "rank1.jsonl").read_text().splitlines()
     assert len(rank0) == 4 and rank0 == rank1
