@@ -180,14 +180,6 @@ def requantize(weight: torch.Tensor, packed: torch.Tensor, scheme: str) -> torch
     return _pack(d16, _codes(blocks, _reciprocal(d16.to(torch.float32)), scheme), scheme)
 
 
-def fake_quantize(weight: torch.Tensor, packed: torch.Tensor, scheme: str) -> torch.Tensor:
-    """dequantize(requantize(weight)) with a straight-through gradient: forward sees the quantized
-    weight, backward passes the gradient to `weight` unchanged (Bengio et al. 2013)."""
-    quantized = dequantize(requantize(weight, packed, scheme), scheme, weight.dtype)
-    # weight - weight.detach() is exactly 0 forward, so the output is exactly the quantized weight
-    return quantized + (weight - weight.detach())
-
-
 def round_to_grid(weight: torch.Tensor, d: torch.Tensor, scheme: str) -> torch.Tensor:
     """The nearest point of `weight` [rows, cols] on the grid of the frozen block scales `d` [rows, cols / 32]
     (float32, as `scales` returns them), in float32: exactly dequantize(requantize(weight, packed)) for
@@ -203,8 +195,10 @@ def round_to_grid(weight: torch.Tensor, d: torch.Tensor, scheme: str) -> torch.T
 
 
 def fake_quantize_on_scales(weight: torch.Tensor, d: torch.Tensor, scheme: str) -> torch.Tensor:
-    """`fake_quantize` given the block scales `d = scales(packed)` instead of the blocks: forward the
-    nearest grid point (round_to_grid, in weight's dtype), backward the gradient straight through."""
+    """Quantization with a straight-through gradient (Bengio et al. 2013) on the frozen block scales
+    `d = scales(packed)`: forward the nearest grid point (round_to_grid, in weight's dtype), backward the
+    gradient to `weight` unchanged. weight - weight.detach() is exactly 0 forward, so the output is exactly
+    the grid point."""
     return round_to_grid(weight, d, scheme).to(weight.dtype) + (weight - weight.detach())
 
 

@@ -96,7 +96,7 @@ def test_fake_quantize_passes_the_gradient_straight_through():
     packed = qformat.quantize(hard_weights(7), "q4_0")
     # as in training: the dequantized base (plus an update) is snapped back onto the frozen grid
     w = qformat.dequantize(packed, "q4_0").requires_grad_(True)
-    out = qformat.fake_quantize(w, packed, "q4_0")
+    out = qformat.fake_quantize_on_scales(w, qformat.scales(packed, "q4_0"), "q4_0")
     assert torch.equal(out.detach(), qformat.dequantize(packed, "q4_0"))
     (out * 3).sum().backward()
     assert torch.equal(w.grad, torch.full_like(w, 3.0))
