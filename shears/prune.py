@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 from . import flags
+from .atomic import refuse_existing
 from .errors import ShearsError, cli_errors
 from .precision import resolve_bf16
 from .recipe import SparsityConfig, load_recipe
@@ -92,8 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     recipe = load_recipe(args.recipe, overrides)
     settings = sparsity_settings(recipe.sparsity, args)
     output = Path(args.output)
-    if output.exists() and not args.force:
-        raise ShearsError(f"{output} already exists: choose another --output or pass --force")
+    refuse_existing(output, args.force, "choose another --output or pass --force")  # before loading the model
     records = None
     if settings.method in CALIBRATED:
         from .data import load_records

@@ -37,7 +37,7 @@ from torch import nn
 from .progress import progress
 
 from . import flags
-from .atomic import atomic_folder
+from .atomic import atomic_folder, refuse_existing
 from .errors import ShearsError, cli_errors
 from .models import WIDTH_FILE, decoder_layers, linear_names, load_model, load_tokenizer, resolve_model_path
 from .qformat import (BLOCK_SIZE, QUANT_FILE, SCHEMES, QuantizedState, QuantizedTensor, check_scheme,
@@ -289,8 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.output:
         raise ShearsError("pass --output DIR (or --check DIR)")
     output = Path(args.output)
-    if output.exists() and not args.force:
-        raise ShearsError(f"{output} already exists: choose another --output or pass --force")
+    refuse_existing(output, args.force, "choose another --output or pass --force")  # before loading the model
     path = quantize_to_folder(args.model or recipe.model, output, settings, force=True)
     report = json.loads((path / QUANT_FILE).read_text())
     r = report["report"]
