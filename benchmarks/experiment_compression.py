@@ -631,20 +631,6 @@ QUANTIZED_ROWS = [
 ROWS.extend(QUANTIZED_ROWS)
 
 
-class QuantizedRecipes:
-    """The experiment, with recipes that quantize the base (and merge onto it, for QA-SparsePEFT), so that
-    supernet_arm trains exactly as for every other row but on RUN/quantized_base."""
-
-    def __init__(self, ex: Experiment, scheme: str, qa_sparse: bool):
-        self._ex, self._extra = ex, {"quantization.scheme": scheme, "training.qa_sparse_adapter": qa_sparse}
-
-    def __getattr__(self, name):
-        return getattr(self._ex, name)
-
-    def recipe(self, **sparsity):
-        return load_recipe(BASE_RECIPE, {**self._ex.recipe_overrides(**sparsity), **self._extra})
-
-
 def weights_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
 
@@ -716,9 +702,11 @@ def run_quantized_arms(ex: Experiment) -> None:
         for scheme in QUANT_SCHEMES:
             ex.arm(f"nls_s50_{scheme[:2]}_ptq", lambda scheme=scheme: ptq_arm(ex, "nls_s50", scheme))
     for arm, sparsity, qa_sparse in QA_RUNS:
-        recipes = QuantizedRecipes(ex, "q4_0", qa_sparse)
-        if ex.arm(arm, lambda arm=arm, sparsity=sparsity, recipes=recipes: {
-                **supernet_arm(recipes, arm, sparsity), "quantization": "q4_0", "qa_sparse_adapter": qa_sparse}) is None:
+        # the base quantized to Q4_0 after pruning (and, for QA-SparsePEFT, the adapter merged onto its grid)
+        quantized = {"quantization.scheme": "q4_0", "training.qa_sparse_adapter": qa_sparse}
+        if ex.arm(arm, lambda arm=arm, sparsity=sparsity, quantized=quantized: {
+                **supernet_arm(ex, arm, sparsity, extra=quantized), "quantization": "q4_0",
+                "qa_sparse_adapter": qa_sparse}) is None:
             continue
         described = f"{sparsity:.0%} Wanda" if sparsity else "dense"
         if qa_sparse:
