@@ -429,27 +429,33 @@ def _described(changes: dict[str, object]) -> str:
     return text
 
 
+def fit_advice(recipe: Recipe, plan: Plan, need: Need) -> tuple[str, bool]:
+    """Why `need` does not fit its device and the recipe setting(s) -- dtype, gradient checkpointing, batch
+    size, calibration samples -- that would make it fit (each suggested change lowers the need; they are
+    tried in that order). Returns (one line, whether some setting fits)."""
+    available = plan.memory[need.device]
+    where = f"the {need.device} has {available / 2 ** 30:.1f} GiB"
+    changes: dict[str, object] = {}
+    lowest = need.total
+    for step in _fix_steps(recipe, need.stage):
+        after = next(n for n in estimate(_with(recipe, {**changes, **step}), plan.count, plan.train_device)
+                     if n.stage == need.stage).total
+        if after >= lowest:
+            continue
+        changes, lowest = {**changes, **step}, after
+        if lowest <= available:
+            return (f"{need.stage} needs ~{gb(need.total)} in {plan.dtype} but {where}: set "
+                    f"{_described(changes)} (then ~{gb(lowest)})"), True
+    return (f"{need.stage} needs ~{gb(need.total)} in {plan.dtype} but {where}, more than any setting "
+            "saves: use a device with more memory or a smaller model (--plan shows every term)"), False
+
+
 def refuse_unless_fits(recipe: Recipe, plan: Plan, stages: tuple[str, ...] = ("prune", "quantize", "train")) -> None:
-    """A one-line ShearsError when one of `stages` needs more than its device has, naming the recipe
-    setting(s) -- dtype, gradient checkpointing, batch size, calibration samples -- that would make it fit
-    (each suggested change lowers the need; they are tried in that order)."""
+    """A one-line ShearsError when one of `stages` needs more than its device has (fit_advice says why and
+    what would fit)."""
     for stage in stages:
         need = plan.need(stage)
         if need is None or plan.fits(need):
             continue
-        available = plan.memory[need.device]
-        where = f"the {need.device} has {available / 2 ** 30:.1f} GiB"
-        changes: dict[str, object] = {}
-        lowest = need.total
-        for step in _fix_steps(recipe, stage):
-            after = next(n for n in estimate(_with(recipe, {**changes, **step}), plan.count, plan.train_device)
-                         if n.stage == stage).total
-            if after >= lowest:
-                continue
-            changes, lowest = {**changes, **step}, after
-            if lowest <= available:
-                raise ShearsError(f"{stage} needs ~{gb(need.total)} in {plan.dtype} but {where}: set "
-                                  f"{_described(changes)} (then ~{gb(lowest)}); "
-                                  "python -m shears.train_supernet --plan shows every stage")
-        raise ShearsError(f"{stage} needs ~{gb(need.total)} in {plan.dtype} but {where}, more than any setting "
-                          "saves: use a device with more memory or a smaller model (--plan shows every term)")
+        advice, fixable = fit_advice(recipe, plan, need)
+        raise ShearsError(advice + ("; python -m shears.train_supernet --plan shows every stage" if fixable else ""))

@@ -54,7 +54,7 @@ from .distill import Distillation, build_distillation, labelled_logits
 from .elastic import SuperNet
 from .errors import ShearsError, cli_errors
 from .evaluate import scored_positions
-from .memory import make_plan, parse_memory, refuse_unless_fits
+from .memory import fit_advice, make_plan, parse_memory, refuse_unless_fits
 from .models import load_model, load_tokenizer
 from .precision import precision_name, resolve_bf16
 from .qformat import QuantizedTensor, load_quantized_state
@@ -677,10 +677,7 @@ def print_plan(recipe: Recipe, device_memory: int | None) -> None:
     print(plan.format())
     for need in plan.needs:
         if not plan.fits(need):
-            try:
-                refuse_unless_fits(recipe, plan, (need.stage,))
-            except ShearsError as err:
-                print(f"will not fit: {str(err).split('; python -m')[0]}")
+            print(f"will not fit: {fit_advice(recipe, plan, need)[0]}")
 
 
 def check_memory(recipe: Recipe, device_memory: int | None) -> None:
