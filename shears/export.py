@@ -183,6 +183,11 @@ def sparsity_summary(model: torch.nn.Module) -> dict:
 
 
 @torch.no_grad()
+def keeps_zeros(merged: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether every zero of the base is still exactly zero in the merged weight."""
+    return not bool(merged.ne(0).logical_and_(base == 0).any())
+
+
 def merge_into(target: torch.nn.Module, supernet: SuperNet, factors: Factors, scale: float) -> bool:
     """target's adapted weights := the super-network's untouched base merged with `factors` (elastic.merged_weight),
     so one target serves every subnet. Returns whether every zero of the base stayed exactly zero."""
@@ -194,7 +199,7 @@ def merge_into(target: torch.nn.Module, supernet: SuperNet, factors: Factors, sc
             merged = grid_merged_weight(base, A, B, scale, layer.grid_scales, layer.grid_scheme).to(base.dtype)
         else:
             merged = merged_weight(base, A, B, scale, supernet.sparse_adapter)
-        zeros_kept &= not bool(merged.ne(0).logical_and_(base == 0).any())
+        zeros_kept &= keeps_zeros(merged, base)
         target.get_submodule(module).weight.copy_(merged)
     return zeros_kept
 
@@ -257,7 +262,7 @@ def stream_merged(folder: Path, supernet: SuperNet, factors: Factors, scale: flo
             if name.endswith(".weight") and module in factors:
                 A, B = factors[module]
                 merged = merged_weight(tensor, A, B, scale, supernet.sparse_adapter)
-                zeros_kept &= not bool(merged.ne(0).logical_and_(tensor == 0).any())
+                zeros_kept &= keeps_zeros(merged, tensor)
             else:
                 merged = tensor
             if name in counted:
