@@ -182,12 +182,12 @@ def sparsity_summary(model: torch.nn.Module) -> dict:
     return {key: report[key] for key in ("total", "zeros", "params")}
 
 
-@torch.no_grad()
 def keeps_zeros(merged: torch.Tensor, base: torch.Tensor) -> bool:
     """Whether every zero of the base is still exactly zero in the merged weight."""
     return not bool(merged.ne(0).logical_and_(base == 0).any())
 
 
+@torch.no_grad()
 def merge_into(target: torch.nn.Module, supernet: SuperNet, factors: Factors, scale: float) -> bool:
     """target's adapted weights := the super-network's untouched base merged with `factors` (elastic.merged_weight),
     so one target serves every subnet. Returns whether every zero of the base stayed exactly zero."""
