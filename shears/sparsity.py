@@ -335,17 +335,11 @@ def wanda_prune(model: nn.Module, calibration_input_ids: torch.Tensor | None = N
     targets = target_linears(model, exclude)
     _check_divisible(targets, nm)
     masks: dict[str, torch.Tensor] = {}
-
-    def prune(name: str, linear: nn.Linear, column_scale: torch.Tensor | None) -> None:
-        mask = _prune_linear(linear, column_scale, sparsity, nm, return_masks)
-        if return_masks:
-            masks[name] = mask
-
     if method == "magnitude":
         with torch.no_grad():
             for block in progress(targets, desc="magnitude pruning", unit="block"):
                 for name, linear in block.items():
-                    prune(name, linear, None)
+                    masks[name] = _prune_linear(linear, None, sparsity, nm, return_masks)
         return masks if return_masks else None
 
     ids = _check_calibration(calibration_input_ids, _max_positions(getattr(model, "config", None)))
@@ -381,10 +375,10 @@ def wanda_prune(model: nn.Module, calibration_input_ids: torch.Tensor | None = N
                 for name, linear in linears.items():
                     if method == "sparsegpt":
                         mask = _reconstruct_linear(linear, norms.pop(name).hessian(), sparsity, nm)
-                        if return_masks:
-                            masks[name] = mask
-                        continue
-                    prune(name, linear, norms[name].sum_sq.sqrt())
+                    else:
+                        mask = _prune_linear(linear, norms[name].sum_sq.sqrt(), sparsity, nm, return_masks)
+                    if return_masks:
+                        masks[name] = mask
                 # The next block must be scored on what this block outputs once pruned.
                 with in_bf16(block):
                     run_block(block, hidden, received[index], offload_device, in_place=True)
