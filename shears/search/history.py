@@ -117,11 +117,6 @@ def _z(difference) -> float:
     return math.inf if difference.diff > 0 else (0.0 if difference.diff == 0 else -math.inf)
 
 
-def recorded_objectives(folder: str | os.PathLike) -> dict[str, dict]:
-    """canonical(config) -> objectives of every full-set evaluation of a search's `folder` (recorded_scores)."""
-    return {key: record["objectives"] for key, record in recorded_scores(folder).items()}
-
-
 class History:
     """The evaluations in `path` (a JSON-lines file), as a cache keyed by canonical config.
 

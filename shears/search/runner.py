@@ -22,7 +22,7 @@ from ..errors import ShearsError
 from ..progress import progress as progress_bar  # `progress` is search()'s flag
 from ..rundir import SearchFiles
 from .fidelity import Rungs
-from .history import History, fidelity, per_record, write_front
+from .history import History, fidelity, write_front
 from ..noise import Z, Difference
 from .plot import plot_front
 from .problem import Backend, Evaluator, SearchProblem
@@ -68,9 +68,9 @@ def flat_stop(history: History, k: int, budget: int) -> FlatStop:
     return FlatStop(k, round(history.spent, 4), budget, within, sum(r["front_moved"] == "no" for r in last))
 
 
-def no_noise_note(history: History, remeasure: bool) -> str | None:
-    """The line that says which points have no noise estimate (None when every point has one)."""
-    missing = history.without_noise()
+def no_noise_note(history: History, missing: list[dict], remeasure: bool) -> str | None:
+    """The line that says which points (`missing`: history.without_noise()) have no noise estimate (None
+    when every point has one)."""
     if not missing:
         return None
     on_front = sum(1 for r in history.front() if r in missing)
@@ -112,17 +112,17 @@ def search(problem: SearchProblem, out_dir: str | Path, budget: int, backend: Ba
     history = History(files.history, problem.objectives)
     check_scorer(history, problem)
     imported = {str(source): import_history(history, problem, source) for source in warm_start}
-    notes = [note for note in [no_noise_note(history, remeasure_noise)] if note]
-    for note in notes:
+    missing = history.without_noise()
+    note = no_noise_note(history, missing, remeasure_noise)
+    notes = [note] if note else []
+    if note:
         print(note, flush=True)
     with progress_bar(total=budget, initial=min(round(history.spent, 2), budget), desc=f"search {backend.name}",
                       unit="eval", disable=not progress) as bar:
         evaluator = Evaluator(problem, history, backend.name, bar, rungs=rungs, stop_when_flat=stop_when_flat)
         if remeasure_noise:
-            quality = [o.name for o in problem.objectives if not o.is_size]
-            for record in history.front():
-                if any(per_record(record, name) is None for name in quality):
-                    evaluator.remeasure(record["config"])
+            for record in [r for r in history.front() if r in missing]:
+                evaluator.remeasure(record["config"])
         evaluator.show()
         backend.run(problem, evaluator, budget)
     history.refresh()
