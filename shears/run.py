@@ -17,7 +17,7 @@ from .data import load_records, split_validation, to_answer_format
 from .elastic import SuperNet
 from .errors import ShearsError
 from .models import load_model, load_tokenizer
-from .qformat import load_quantized_state
+from .qformat import QuantizedTensor, load_quantized_state
 from .recipe import Recipe, load_recipe
 from .rundir import RunDir
 from .search_space import ANCHORS
@@ -52,6 +52,11 @@ def recipe_splits(recipe: Recipe) -> tuple[list[dict], list[dict]]:
     return split_validation(to_answer_format(records, d.answer_format), d.val_size, d.val_seed)
 
 
+def grid_blocks(recipe: Recipe, source: str) -> dict[str, QuantizedTensor] | None:
+    """The quantized base's blocks, which QA-SparsePEFT merges onto (None unless training.qa_sparse_adapter)."""
+    return load_quantized_state(source).quantized if recipe.training.qa_sparse_adapter else None
+
+
 def base_source(run_dir: RunDir, recipe: Recipe) -> str:
     """Where the run's base model loads from: RUN/quantized_base when the recipe quantizes, else RUN/sparse_base
     when the run pruned, else the recipe's model."""
@@ -82,8 +87,7 @@ def load_run(run_dir: str | Path | RunDir, dtype: str | None = None, device: str
                           f"`python -m shears.train_supernet --output {run_dir} --resume` first")
     source = base_source(run_dir, recipe)
     base = load_model(source, dtype=dtype or recipe.dtype, device=device)
-    quantized = load_quantized_state(source).quantized if recipe.training.qa_sparse_adapter else None
-    supernet = SuperNet.load(run_dir.supernet, base, quantized)
+    supernet = SuperNet.load(run_dir.supernet, base, grid_blocks(recipe, source))
     supernet.model.eval()
     return Run(run_dir, recipe, supernet, load_tokenizer(source), source)
 

@@ -57,11 +57,11 @@ from .evaluate import scored_positions
 from .memory import fit_advice, make_plan, parse_memory, refuse_unless_fits
 from .models import load_model, load_tokenizer
 from .precision import precision_name, resolve_bf16
-from .qformat import QuantizedTensor, load_quantized_state
+from .qformat import QuantizedTensor
 from .quantize import quantize_to_folder
 from .progress import interactive
 from .recipe import Recipe, Strategy, load_recipe, parse_overrides, save_recipe
-from .run import recipe_splits
+from .run import grid_blocks, recipe_splits
 from .rundir import RunDir
 from .noise import PerRecord
 from .scores import run_scoring, score_record, write_history
@@ -300,11 +300,6 @@ def prepare_base(recipe: Recipe, run_dir: RunDir, train_records: list[dict], bf1
     if recipe.quantization.scheme != "none":
         source = str(quantize_to_folder(source, run_dir.quantized_base, recipe.quantization))
     return load_model(source, dtype=recipe.dtype), load_tokenizer(source), source
-
-
-def grid_blocks(recipe: Recipe, source: str) -> dict[str, QuantizedTensor] | None:
-    """The quantized base's blocks, which QA-SparsePEFT merges onto (None unless training.qa_sparse_adapter)."""
-    return load_quantized_state(source).quantized if recipe.training.qa_sparse_adapter else None
 
 
 @dataclass
