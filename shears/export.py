@@ -68,7 +68,8 @@ from .elastic import SCALING_RULE, SuperNet, grid_merged_weight, lora_config, me
 from .errors import ShearsError, cli_errors
 from .memory import MERGED_SHARD_BYTES
 from .model_card import CardContext, rank_summary, subnet_card
-from .models import WIDTH_FILE, decoder_layers, linear_names, load_model, model_id, save_sliced_model, slice_linears
+from .models import (WIDTH_FILE, decoder_layers, linear_names, load_model, model_id, save_config, save_sliced_model,
+                     slice_linears)
 from .qformat import load_quantized_state
 from .quantize import write_on_grid
 from .progress import progress
@@ -244,11 +245,7 @@ def stream_merged(folder: Path, supernet: SuperNet, factors: Factors, scale: flo
 
     base = supernet.model.get_base_model()
     folder.mkdir(parents=True)
-    config = copy.deepcopy(base.config)
-    config.architectures = [type(base).__name__]
-    config.save_pretrained(str(folder))
-    if getattr(base, "generation_config", None) is not None and base.can_generate():
-        base.generation_config.save_pretrained(str(folder))
+    save_config(base, folder)
     tensors = dict(base_tensors(supernet))
     plan = split_torch_state_dict_into_shards(tensors, max_shard_size=shard_bytes)
     counted = block_linear_weights(supernet)

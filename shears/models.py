@@ -287,6 +287,19 @@ def slice_linears(model: nn.Module, spec: list[dict]) -> None:
             setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
+def save_config(model: nn.Module, folder: str | os.PathLike) -> None:
+    """What save_pretrained writes beside the weights, for a folder whose weights are written otherwise
+    (streamed shards, quantized blocks): config.json naming the model's class, as save_pretrained does, and
+    generation_config.json for a model that generates."""
+    import copy
+
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(str(folder))
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(str(folder))
+
+
 def save_sliced_model(model: nn.Module, spec: list[dict], folder: str | os.PathLike, tokenizer=None,
                       stock_config: dict | None = None) -> bool:
     """Save `model`, already cut by `slice_linears(model, spec)`, as an HF folder. When `stock_config`

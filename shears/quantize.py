@@ -39,7 +39,8 @@ from .progress import progress
 from . import flags
 from .atomic import atomic_folder, refuse_existing
 from .errors import ShearsError, cli_errors
-from .models import WIDTH_FILE, decoder_layers, linear_names, load_model, load_tokenizer, resolve_model_path
+from .models import (WIDTH_FILE, decoder_layers, linear_names, load_model, load_tokenizer, resolve_model_path,
+                     save_config)
 from .qformat import (BLOCK_SIZE, QUANT_FILE, SCHEMES, QuantizedState, QuantizedTensor, check_scheme,
                       is_quantized_folder, load_quantized_state, read_quantization_record, requantize,
                       save_quantized_folder)
@@ -149,9 +150,7 @@ def write_quantized_folder(folder: Path, model: nn.Module, quantized: dict[str, 
     are, into the existing (temporary) `folder`: config, generation config, tokenizer, the records of the
     source folder that still hold (its widths, its sparsity), model.safetensors and quantization.json."""
     folder.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(str(folder))
-    if getattr(model, "generation_config", None) is not None and model.can_generate():
-        model.generation_config.save_pretrained(str(folder))
+    save_config(model, folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
     for name in COPIED:
