@@ -156,7 +156,7 @@ def main(argv=None) -> None:
         for i, batch in enumerate(batches[1:]):
             rows, columns = (batch["labels"][:, 1:] != -100).nonzero(as_tuple=True)
             start = time.perf_counter()
-            distillation.prepare(net.model, batch, rows, columns)
+            distillation.prepare(batch, rows, columns)
             forward_s.append(time.perf_counter() - start)
             t = distillation.targets
             cached = {"logits": t.logits.to(torch.bfloat16),

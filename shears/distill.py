@@ -216,7 +216,7 @@ class Distillation:
     def wants_blocks(self) -> bool:
         return self.teacher is not None and self.config.squarehead_weight > 0
 
-    def prepare(self, model: nn.Module, inputs: dict, rows: torch.Tensor, columns: torch.Tensor) -> None:
+    def prepare(self, inputs: dict, rows: torch.Tensor, columns: torch.Tensor) -> None:
         """The teacher's outputs on this micro-batch (nothing without a teacher)."""
         self.targets, self.soft_labels = None, None
         if self.teacher is None:
@@ -260,7 +260,7 @@ class Distillation:
 
 def build_distillation(config: DistillConfig, inplace: bool, supernet: SuperNet, model_source: str, tokenizer,
                        dtype: str, bf16: bool) -> Distillation | None:
-    """The run's Distillation (None when the recipe asks for none); prints what the teacher holds."""
+    """The run's Distillation (None when the recipe asks for none)."""
     if not config.enabled and not inplace:
         return None
     teacher = None

@@ -240,7 +240,7 @@ class NLSTrainer(Trainer):
         mask = inputs.get("attention_mask")
         tokens = int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         if self.distillation is not None:  # the teacher once per micro-batch, for every subnet of the step
-            self._prepare_distillation(model, inputs)
+            self._prepare_distillation(inputs)
         for index, config in enumerate(configs):
             self.supernet.activate(config)
             self._tokens += tokens
@@ -260,10 +260,10 @@ class NLSTrainer(Trainer):
         self._last_params = self.supernet.adapter_params(configs[-1])
         return total / len(configs)
 
-    def _prepare_distillation(self, model, inputs) -> None:
+    def _prepare_distillation(self, inputs) -> None:
         inputs = self._prepare_inputs(inputs)
         rows, columns = (inputs["labels"][:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
-        self.distillation.prepare(self.accelerator.unwrap_model(model), inputs, rows, columns)
+        self.distillation.prepare(inputs, rows, columns)
 
     def stage_trained(self) -> list[tuple[int, str]]:
         """Every (step, config) of this stage. Steps before a resume were trained by the killed process;
