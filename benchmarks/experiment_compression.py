@@ -26,6 +26,8 @@ Rows (arms), in the order they run, so that a partial run answers the first ques
   lora_r32_s50            stock LoRA r=32 on the sparse base
   nls_2of4 (+_heuristic)  the same on a 2:4 Wanda base
   nls_s40, nls_s25, nls_s0 (+_heuristic)    the sparsity sweep of the heuristic subnet
+  nls_s50_rerun_heuristic                  the heuristic subnet of the super-network in runs/<name>/nls_s50 now
+                                           (PTQ's peer; a retraining when that folder was made again)
   nls_s50_q8_ptq, nls_s50_q4_ptq           nls_s50's sparse base quantized after training (Q8_0 / Q4_0), heuristic
   qa_nls_s50_q4 (+_heuristic)               50% Wanda base quantized to Q4_0 first, NLS on its dequantized weights
   qa_sparse_s50_q4 (+_merged)               the same with QA-SparsePEFT; the heuristic merged into one Q4_0 folder
@@ -76,7 +78,7 @@ from shears.recipe import load_recipe, save_recipe  # noqa: E402
 from shears.run import recipe_splits  # noqa: E402
 from shears.rundir import RunDir  # noqa: E402
 from shears.search_space import canonical  # noqa: E402
-from shears.squeeze import SQUEEZE_RECORD  # noqa: E402
+from shears.squeeze import ADAPTER_WEIGHTS, SQUEEZE_RECORD  # noqa: E402
 
 BASE_RECIPE = REPO / "recipes" / "smollm2-commonsense.yaml"
 TRAIN_FILES = ("{data_dir}/commonsense/arc-easy_train.json", "{data_dir}/commonsense/openbookqa_train.json")
@@ -341,9 +343,19 @@ def supernet_arm(ex: Experiment, arm: str, sparsity: float, pattern: str = "unst
             "sparsity": json.loads(sparse.read_text()) if sparse.is_file() else None}
 
 
+def trained_weights_sha1(ex: Experiment, run_arm: str) -> str:
+    """The identity of a trained super-network: its weights. Run folders are not kept in git, and retraining
+    the same recipe under later code is not bit-identical, so a measurement belongs to the weights it saw."""
+    digest = hashlib.sha1()
+    with open(RunDir(ex.runs / run_arm).supernet / ADAPTER_WEIGHTS, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
 def subnet_arm(ex: Experiment, run_arm: str, config: dict, label: str, extra: dict | None = None) -> dict:
-    """A subnet of a trained super-network (a config measured before on the same run is reused)."""
-    key = hashlib.sha1(f"{run_arm}:{canonical(config)}".encode()).hexdigest()[:12]
+    """A subnet of a trained super-network (a config measured before on the same weights is reused)."""
+    key = hashlib.sha1(f"{run_arm}:{trained_weights_sha1(ex, run_arm)}:{canonical(config)}".encode()).hexdigest()[:12]
     for other in sorted((ex.results / "arms").glob("*.json")):
         previous = json.loads(other.read_text())
         if previous.get("config_sha1") == key and "tests" in previous:
@@ -619,9 +631,11 @@ QUANT_SCHEMES = ("q8_0", "q4_0")
 QA_RUNS = (("qa_nls_s50_q4", 0.5, False), ("qa_sparse_s50_q4", 0.5, True), ("qa_nls_s0_q4", 0.0, False),
            ("qa_nls_s25_q4", 0.25, False))
 QUANTIZED_ROWS = [
-    ("nls_s50_q8_ptq", "nls_s50_heuristic", "PTQ"),
-    ("nls_s50_q4_ptq", "nls_s50_heuristic", "PTQ"),
+    ("nls_s50_rerun_heuristic", "nls_s50_heuristic", "retraining the same recipe"),
+    ("nls_s50_q8_ptq", "nls_s50_rerun_heuristic", "PTQ"),
+    ("nls_s50_q4_ptq", "nls_s50_rerun_heuristic", "PTQ"),
     ("qa_nls_s50_q4_heuristic", "nls_s50_heuristic", "QA-NLS (target: within 1 point)"),
+    ("qa_nls_s50_q4_heuristic", "nls_s50_rerun_heuristic", "QA-NLS (target: within 1 point)"),
     ("qa_nls_s50_q4_heuristic", "nls_s50_q4_ptq", "QA-NLS - PTQ"),
     ("qa_sparse_s50_q4_merged", "qa_nls_s50_q4_heuristic", "QA-SparsePEFT, one merged Q4_0 file"),
     ("qa_nls_s0_q4_heuristic", "nls_s0_heuristic", "quantization alone"),
@@ -699,6 +713,13 @@ def qa_merged_arm(ex: Experiment, run_arm: str, label: str) -> dict:
 
 def run_quantized_arms(ex: Experiment) -> None:
     if RunDir(ex.runs / "nls_s50").has_supernet():
+        # PTQ's peer: the heuristic subnet of the very weights PTQ quantizes, unquantized. The folder may hold a
+        # retraining of the super-network the nls_s50 rows measured (they differ: trained_weights_sha1), and
+        # then this row also measures what retraining alone moves.
+        ex.arm("nls_s50_rerun_heuristic", lambda: {
+            **subnet_arm(ex, "nls_s50", ex.loaded_run("nls_s50").supernet.heuristic(),
+                         "50% Wanda + NLS heuristic, the super-network PTQ quantizes (fp32 base)"),
+            "training": json.loads(RunDir(ex.runs / "nls_s50").train_summary.read_text())["validation"]})
         for scheme in QUANT_SCHEMES:
             ex.arm(f"nls_s50_{scheme[:2]}_ptq", lambda scheme=scheme: ptq_arm(ex, "nls_s50", scheme))
     for arm, sparsity, qa_sparse in QA_RUNS:
@@ -730,7 +751,7 @@ def plot_bytes(ex: Experiment) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(9, 6))
     for arm, r in rows.items():
-        quantized = arm in {a for a, _, _ in QUANTIZED_ROWS}
+        quantized = "deployed_bytes" in r  # recorded by the rows whose base is quantized
         x = deployed_bytes(ex, r) / 2**20
         ax.scatter([x], [100 * r["average"]], c="C3" if quantized else "C0", marker="s" if quantized else "o",
                    s=36, zorder=3)
