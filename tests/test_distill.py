@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import train_two_processes
 import torch
 import torch.nn.functional as F
 import yaml
 
+from conftest import train_two_processes
 from shears.distill import Distillation, DenseTeacher, logit_kl, squarehead
 from shears.errors import ShearsError
 from shears.recipe import DistillConfig, load_recipe

@@ -16,7 +16,7 @@ import yaml
 from gguf import GGMLQuantizationType, quants
 from safetensors.torch import load_file
 
-from conftest import train_two_processes, make_tiny_model, make_tiny_tokenizer, one_line_error
+from conftest import make_tiny_model, make_tiny_tokenizer, one_line_error, train_two_processes
 from shears import qformat
 from shears.errors import ShearsError
 from shears.models import load_model, save_sliced_model, slice_linears
@@ -24,7 +24,6 @@ from shears.quantize import main, quantize_to_folder
 from shears.recipe import QuantizationConfig, load_recipe
 from test_train_supernet import TINY_SPACE, kill_at_step, tiny_recipe
 
-REPO = Path(__file__).resolve().parents[1]
 GGML = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}
 
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import train_two_processes
 import torch
 import yaml
 from safetensors.torch import load_file
 
+from conftest import train_two_processes
 from shears.elastic import ElasticLoraLinear
 from shears.errors import ShearsError
 from shears.recipe import load_recipe
