@@ -36,7 +36,8 @@ Rows (arms), in the order they run, so that a partial run answers the first ques
   nls_s50_kd_logit / _kd_squarehead         50% Wanda + NLS with logit KD / SquareHead from the dense base
   sparsegpt50 (+ sparsegpt50_kd)            50% SparseGPT + NLS (+ the KD of lower validation loss)
   nls_s50_inplace                           50% Wanda + NLS, sandwich with in-place distillation
-  best_s40, best_2of4                       the method of lowest validation loss at 40% and at 2:4
+  best_s40, best_2of4                       the method of lowest validation loss at 40% and at 2:4,
+                                            among those within 1.5x plain NLS's step time
 
 Every arm writes benchmarks/results/<name>/arms/<arm>.json (metrics, commands, times) and
 .../predictions/<arm>.jsonl (one line per test question) atomically when it finishes; a re-run skips
@@ -795,6 +796,7 @@ RECOVERY = {  # run arm -> (recipe overrides, what it adds to 50% Wanda + NLS)
     "sparsegpt50": (SPARSEGPT, "SparseGPT instead of Wanda"),
     "nls_s50_inplace": (INPLACE, "sandwich + in-place distillation"),
 }
+OVER_STEP_BUDGET = {"nls_s50_inplace"}
 RECOVERY_ROWS = [
     ("nls_s50_kd_logit_heuristic", "nls_s50_heuristic", "Q5 logit KD"),
     ("nls_s50_kd_squarehead_heuristic", "nls_s50_heuristic", "Q5 SquareHead"),
@@ -831,7 +833,11 @@ def run_recovery(ex: Experiment) -> None:
     kd = min(kd_losses, key=kd_losses.get)
     methods = {**RECOVERY, "sparsegpt50_kd": ({**SPARSEGPT, **RECOVERY[kd][0]}, f"SparseGPT + {RECOVERY[kd][1]}")}
     recovery_arm(ex, "sparsegpt50_kd", *methods["sparsegpt50_kd"])
-    scored = {arm: heuristic_validation_loss(ex, arm) for arm in methods}
+    # The best method is chosen among those within the target's step-time budget (1.5x plain NLS). The sandwich
+    # rule that in-place distillation needs runs three subnets per step, 3.1x plain NLS in bench_distill.py, so
+    # it is reported at 50% but is not a candidate for 40% and 2:4.
+    candidates = {arm: spec for arm, spec in methods.items() if arm not in OVER_STEP_BUDGET}
+    scored = {arm: heuristic_validation_loss(ex, arm) for arm in candidates}
     if all(math.isfinite(v) for v in scored.values()):
         best = min(scored, key=scored.get)
         overrides, what = methods[best]
