@@ -750,13 +750,27 @@ def plot_bytes(ex: Experiment) -> Path | None:
     rows = {arm: r for arm, r in rows.items() if r is not None and "tests" in r}
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(9, 6))
-    for arm, r in rows.items():
-        quantized = "deployed_bytes" in r  # recorded by the rows whose base is quantized
-        x = deployed_bytes(ex, r) / 2**20
-        ax.scatter([x], [100 * r["average"]], c="C3" if quantized else "C0", marker="s" if quantized else "o",
-                   s=36, zorder=3)
-        ax.annotate(arm, (x, 100 * r["average"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(9, 7))
+    points = {arm: (deployed_bytes(ex, r) / 2**20, 100 * r["average"]) for arm, r in rows.items()}
+    for arm, (x, y) in points.items():
+        quantized = "deployed_bytes" in rows[arm]  # recorded by the rows whose base is quantized
+        ax.scatter([x], [y], c="C3" if quantized else "C0", marker="s" if quantized else "o", s=36, zorder=3)
+    # Rows of about one size (within 10%) form a column; its labels are spread apart vertically, keeping their
+    # order, with a leader line to each point. The largest sizes are at the right edge, so their labels go left.
+    columns: list[list[tuple[float, str, float]]] = []
+    for arm, (x, y) in sorted(points.items(), key=lambda item: item[1][0]):
+        if columns and x <= 1.1 * columns[-1][0][2]:
+            columns[-1].append((y, arm, x))
+        else:
+            columns.append([(y, arm, x)])
+    for column in columns:
+        column.sort()
+        label_ys = spread([y for y, _, _ in column], gap=0.32)
+        left = column is columns[-1]
+        for (y, arm, x), label_y in zip(column, label_ys):
+            ax.annotate(arm, (x, y), xytext=(min(x for _, _, x in column) * (0.92 if left else 1.1), label_y), textcoords="data", fontsize=6,
+                        va="center", ha="right" if left else "left",
+                        arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.6", "shrinkA": 0, "shrinkB": 3})
     ax.scatter([], [], c="C0", marker="o", label="fp32 base folder (+ fp32 adapter)")
     ax.scatter([], [], c="C3", marker="s", label="Q8_0 / Q4_0 base (+ fp32 adapter)")
     ax.set(xlabel="deployed model: base + adapter (MiB)", ylabel="test accuracy, task average (%)",
@@ -765,6 +779,17 @@ def plot_bytes(ex: Experiment) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, ex.results / "bytes.png")
+
+
+def spread(ys: list[float], gap: float) -> list[float]:
+    """Label heights for sorted point heights `ys`: at least `gap` apart, in order, centred on the points' mean
+    but never below the lowest point."""
+    out = list(ys)
+    for i in range(1, len(out)):
+        out[i] = max(out[i], out[i - 1] + gap)
+    shift = (sum(out) - sum(ys)) / len(out) if out else 0.0
+    shift = min(shift, out[0] - ys[0]) if out else 0.0  # never below the lowest point: it may sit on the axis
+    return [y - shift for y in out]
 
 
 def save_figure(fig, path: Path) -> Path:
