@@ -188,6 +188,23 @@ def test_the_stop_rule_counts_full_set_points_only_and_multi_fidelity_still_work
     assert all(r["front_moved"] in ("no", "noise") for r in full[-4:]) and full[-5]["front_moved"] == "yes"
 
 
+def test_the_cli_stops_by_the_recipe_default_and_0_spends_the_whole_budget(tmp_path, capsys):
+    from test_export import train_tiny_run
+
+    from shears.recipe import SearchConfig
+    from shears.search import main
+
+    assert SearchConfig().stop_when_flat == 10  # the default bench_search.py's real-space table chose
+    run = train_tiny_run(tmp_path, "llama").path
+    args = ["--run", str(run), "--budget", "12", "--backend", "pymoo", "--no-warm-start", "--no-progress"]
+    main([*args, "--stop-when-flat", "1"])
+    stopped = read(run / "search" / "history.jsonl")
+    assert len(stopped) < 12 and "saving" in capsys.readouterr().out
+    (run / "search").rename(run / "stopped")
+    main([*args, "--stop-when-flat", "0"])
+    assert len(read(run / "search" / "history.jsonl")) == 12 and "saving" not in capsys.readouterr().out
+
+
 def test_bad_stop_rule_settings_name_the_fix(tmp_path):
     from conftest import one_line_error
 

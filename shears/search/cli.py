@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="import no earlier scores, not even training's (default: the recipe's search.warm_start)")
     p.add_argument("--stop-when-flat", type=int, metavar="K",
                    help="end the search once K evaluations in a row moved the front by no more than 2 paired standard "
-                        "errors (default: the recipe's search.stop_when_flat; none: spend the whole budget)")
+                        "errors (default: the recipe's search.stop_when_flat, 10; 0: spend the whole budget)")
     p.add_argument("--remeasure-noise", action="store_true",
                    help="score again the front points recorded without per-record values (a history from before "
                         "they were kept), so that they get a noise estimate; costs no budget")
@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     rungs = Rungs.from_recipe([int(n) for n in args.rungs.split(",") if n.strip()] if args.rungs else cfg.rungs,
                               args.keep if args.keep is not None else cfg.keep, problem.examples)
     stop_when_flat = args.stop_when_flat if args.stop_when_flat is not None else cfg.stop_when_flat
+    stop_when_flat = None if stop_when_flat == 0 else stop_when_flat  # 0 on the command line: the rule is off
     result = search(problem, run_dir.search.folder, budget, backend, progress=not args.no_progress, rungs=rungs,
                     warm_start=sources, stop_when_flat=stop_when_flat, remeasure_noise=args.remeasure_noise)
     for source, count in result.imported.items():  # records scored another way are left out, silently
