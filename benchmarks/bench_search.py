@@ -31,14 +31,16 @@ re-scored on the next --rescore-records (512), so nobody wins by overfitting the
 the held-out hypervolume (mean and range over seeds), whether the best arm at half the budget reaches
 random search at the full one, Kendall tau between search-set and held-out losses, the paired-noise
 floor between neighbouring front points, and what the stop rule (--stop-k K values) would have saved,
-replayed on each search's verdicts. Resumable: per-record losses are cached in RUN/bench_search_cache,
-the searches' histories live there, and each arm's results are written to .../arms/<arm>.json the
-moment its seeds are searched and re-scored (a re-run skips finished arms).
+replayed on each search's verdicts. Resumable: per-record losses are cached in RUN/bench_search_cache/DIGEST
+(DIGEST names the search and held-out records, in order), the searches' histories live there, and each
+arm's results are written to .../arms/<arm>.json the moment its seeds are searched and re-scored (a re-run
+skips finished arms).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import math
@@ -150,6 +152,11 @@ class RecordLosses:
         self.loss(config, n)
         rows = self.rows[canonical(config)][:n]
         return PerRecord(tuple(s / t if t else 0.0 for s, t in rows), tuple(float(t) for _, t in rows))
+
+
+def records_digest(records: list[dict]) -> str:
+    """A short hash of `records`, in their order."""
+    return hashlib.sha1(json.dumps(records, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def loss_problem(space, losses: RecordLosses) -> SearchProblem:
@@ -384,7 +391,9 @@ def real(args) -> None:
         raise SystemExit(f"{args.run} has {len(records)} validation records; need search + rescore records")
     search_set = records[: args.search_records]
     rescore_set = records[args.search_records: args.search_records + args.rescore_records]
-    cache = Path(args.cache or Path(args.run) / "bench_search_cache")
+    # Cached losses belong to these records in this order (a slice's score is its first n records'), so
+    # the default folder is named for them: records chosen or ordered otherwise start a cache of their own.
+    cache = Path(args.cache or Path(args.run) / "bench_search_cache" / records_digest(search_set + rescore_set))
     cache.mkdir(parents=True, exist_ok=True)
     searched = RecordLosses(run.supernet, run.tokenizer, search_set, cutoff, args.bf16, cache / "search.jsonl",
                             args.eval_batch)
@@ -529,7 +538,7 @@ def main() -> None:
     # 4.4-5.4 s at batch 8, 6.9-8.7 s at 32). The cache is only valid for the batch size that filled it.
     parser.add_argument("--eval-batch", type=int, default=8, help="real: records per loss batch")
     parser.add_argument("--cache", help="real: folder of the per-record loss cache, the searches and each arm's "
-                                        "results (default RUN/bench_search_cache)")
+                                        "results (default RUN/bench_search_cache/DIGEST, named for the records)")
     args = parser.parse_args()
     toy_space = args.space == "toy"
     args.seeds = args.seeds or (5 if toy_space else 2)

@@ -362,7 +362,10 @@ class TokenizedDataset(torch.utils.data.Dataset):
 def split_validation(records: Sequence[dict], val_size: int | float, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Deterministically carve a validation set out of training records: (train, val).
 
-    `val_size` is a count, or a fraction when below 1. Both parts keep the records' original order."""
+    `val_size` is a count, or a fraction when below 1. The training part keeps the records' original
+    order (the trainer shuffles it); the validation part is in the seeded random order that chose it, so
+    any prefix of it -- what search.eval_limit, the multi-fidelity rungs and training.val_limit score -- is
+    a random sample of the split, not the first training file's records."""
     n = len(records)
     if val_size < 0 or (val_size > 1 and val_size != int(val_size)):
         raise ShearsError(f"validation size {val_size} is neither a count nor a fraction below 1: "
@@ -370,9 +373,10 @@ def split_validation(records: Sequence[dict], val_size: int | float, seed: int =
     count = int(round(val_size * n)) if 0 < val_size < 1 else int(val_size)
     if count >= n:
         raise ShearsError(f"validation size {val_size} leaves no training data out of {n} records: lower data.val_size")
-    chosen = set(np.random.default_rng(seed).permutation(n)[:count].tolist())
+    picked = np.random.default_rng(seed).permutation(n)[:count].tolist()
+    chosen = set(picked)
     train = [r for i, r in enumerate(records) if i not in chosen]
-    val = [r for i, r in enumerate(records) if i in chosen]
+    val = [records[i] for i in picked]
     return train, val
 
 

@@ -9,6 +9,7 @@ import csv
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_model, make_tiny_tokenizer, one_line_error
@@ -369,13 +370,24 @@ def ids(records):
     return [int(r["answer"]) for r in records]
 
 
+def test_a_prefix_of_the_validation_split_samples_every_file_not_the_first():
+    # two "files" back to back, as load_records joins them: a prefix of the split (eval_limit, rungs)
+    # must hold both, in about their shares, where the files' order would give the first file only
+    first, second = numbered(300), [{**r, "answer": str(1000 + int(r["answer"]))} for r in numbered(300)]
+    _, val = split_validation(first + second, 200, seed=0)
+    prefix = ids(val[:50])
+    from_second = sum(i >= 1000 for i in prefix)
+    assert 10 <= from_second <= 40, prefix  # binomial(50, 1/2): outside [10, 40] has probability < 1e-5
+
+
 def test_split_validation_sizes_disjoint_ordered():
     records = numbered(50)
     train, val = split_validation(records, 10, seed=3)
     assert len(train) == 40 and len(val) == 10
     assert set(ids(train)).isdisjoint(ids(val))
     assert sorted(ids(train) + ids(val)) == list(range(50))
-    assert ids(train) == sorted(ids(train)) and ids(val) == sorted(ids(val))  # original order kept
+    assert ids(train) == sorted(ids(train))  # training keeps the files' order
+    assert ids(val) == np.random.default_rng(3).permutation(50)[:10].tolist()  # validation: the seeded draw's
     assert split_validation(records, 10, seed=3) == (train, val)
     assert ids(split_validation(records, 10, seed=4)[1]) != ids(val)
     assert len(split_validation(records, 0.2, seed=3)[1]) == 10  # a fraction below 1
