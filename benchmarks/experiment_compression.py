@@ -764,12 +764,12 @@ def plot_bytes(ex: Experiment) -> Path | None:
         else:
             columns.append([(y, arm, x)])
     for column in columns:
-        column.sort()
-        label_ys = spread([y for y, _, _ in column], gap=0.32)
         left = column is columns[-1]
-        for (y, arm, x), label_y in zip(column, label_ys):
-            ax.annotate(arm, (x, y), xytext=(min(x for _, _, x in column) * (0.92 if left else 1.1), label_y), textcoords="data", fontsize=6,
-                        va="center", ha="right" if left else "left",
+        label_x = column[0][2] * (0.92 if left else 1.1)  # the column's smallest size: it was built in size order
+        column.sort()
+        for (y, arm, x), label_y in zip(column, spread([y for y, _, _ in column], gap=0.32)):
+            ax.annotate(arm, (x, y), xytext=(label_x, label_y), textcoords="data", fontsize=6, va="center",
+                        ha="right" if left else "left",
                         arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.6", "shrinkA": 0, "shrinkB": 3})
     ax.scatter([], [], c="C0", marker="o", label="fp32 base folder (+ fp32 adapter)")
     ax.scatter([], [], c="C3", marker="s", label="Q8_0 / Q4_0 base (+ fp32 adapter)")
@@ -787,8 +787,10 @@ def spread(ys: list[float], gap: float) -> list[float]:
     out = list(ys)
     for i in range(1, len(out)):
         out[i] = max(out[i], out[i - 1] + gap)
-    shift = (sum(out) - sum(ys)) / len(out) if out else 0.0
-    shift = min(shift, out[0] - ys[0]) if out else 0.0  # never below the lowest point: it may sit on the axis
+    if not out:
+        return out
+    # centre on the points, but never below the lowest point: it may sit on the axis
+    shift = min((sum(out) - sum(ys)) / len(out), out[0] - ys[0])
     return [y - shift for y in out]
 
 
